@@ -1,0 +1,129 @@
+//! Starts the parts of Switchboard and owns their lifetime.
+//!
+//! Today the parts are the companion homeserver and the operational endpoints;
+//! the TURN relay, the SFU shards, the conference bot and the web demo join the
+//! same process as their issues land.
+
+use crate::config::Config;
+use crate::secrets;
+use anyhow::{Context, Result};
+use homeserver::store::SqliteStore;
+use homeserver::{Homeserver, HomeserverConfig};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use turn_config::SharedSecret;
+
+/// Which parts to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Everything, on localhost by default.
+    AllInOne,
+    /// Only the companion homeserver.
+    Homeserver,
+}
+
+/// A running instance.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the HTTP server listens.
+    pub http_addr: SocketAddr,
+    /// The base URL clients should use.
+    pub base_url: String,
+    pub homeserver: Arc<Homeserver>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// The URLs a person opens, one per line.
+    pub fn urls(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("Homeserver (Matrix Client-Server API)", self.base_url.clone()),
+            ("Health", format!("{}/healthz", self.base_url)),
+            ("Metrics", format!("{}/metrics", self.base_url)),
+        ]
+    }
+
+    /// Stops accepting requests and waits (briefly) for those in flight.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        // Long-polling syncs may hold connections open; give them a moment only.
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.server).await;
+    }
+
+    /// Waits until the server stops by itself (it only does on error).
+    pub async fn wait(&mut self) -> Result<()> {
+        (&mut self.server)
+            .await
+            .context("HTTP server task")?
+            .context("HTTP server")
+    }
+}
+
+/// Starts the parts of `mode` with `config`.
+pub async fn start(config: Config, mode: Mode) -> Result<Running> {
+    let started = Instant::now();
+    secrets::ensure_data_dir(&config.data_dir)?;
+    let turn_secret = if config.turn.static_auth_secret.is_empty() {
+        secrets::load_or_generate(&config.data_dir.join("turn_secret"))?
+    } else {
+        config.turn.static_auth_secret.clone()
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.http.bind).await.with_context(|| {
+        format!(
+            "binding the HTTP listener to {} (set http.bind or --bind)",
+            config.http.bind
+        )
+    })?;
+    let http_addr = listener.local_addr()?;
+    let base_url = if config.http.public_base_url.is_empty() {
+        let host = match http_addr.ip() {
+            ip if ip.is_unspecified() || ip.is_loopback() => "localhost".to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        format!("http://{host}:{}", http_addr.port())
+    } else {
+        config.http.public_base_url.trim_end_matches('/').to_string()
+    };
+
+    let db_path = config.data_dir.join("homeserver.sqlite");
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db_path))
+        .await?
+        .context("opening the homeserver database")?;
+    let hs = Homeserver::new(
+        HomeserverConfig {
+            server_name: config.server_name.clone(),
+            public_base_url: base_url.clone(),
+            registration_enabled: config.registration.enabled,
+            login_rate_per_second: config.rate_limit.login_per_second,
+            login_burst: config.rate_limit.login_burst,
+            turn_uris: config.turn.uris.clone(),
+            turn_secret: SharedSecret::new(turn_secret),
+            turn_ttl: Duration::from_secs(config.turn.credential_ttl_secs),
+        },
+        Box::new(store),
+    );
+
+    let app = crate::http::router(Arc::clone(&hs), started);
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                let _ = shutdown_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tracing::info!(?mode, %http_addr, server_name = %config.server_name, "switchboard started");
+    Ok(Running {
+        http_addr,
+        base_url,
+        homeserver: hs,
+        shutdown,
+        server,
+    })
+}

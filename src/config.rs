@@ -1,0 +1,371 @@
+//! Configuration: defaults ← TOML file ← `SWITCHBOARD_*` environment ← flags,
+//! merged as TOML tables, then deserialized into typed settings and validated.
+//! Every error names the key at fault.
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use toml::{Table, Value};
+
+/// Prefix of the environment variables that set config keys
+/// (`SWITCHBOARD_HTTP_BIND` sets `http.bind`).
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+/// Environment variables with the prefix that are not config keys.
+const ENV_NOT_KEYS: &[&str] = &["SWITCHBOARD_CONFIG"];
+const MASK: &str = "********";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The server name in Matrix ids (`@alice:<server_name>`).
+    pub server_name: String,
+    /// Holds the database and generated secrets; created if missing.
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub http: HttpConfig,
+    pub registration: RegistrationConfig,
+    pub rate_limit: RateLimitConfig,
+    pub turn: TurnConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `info,switchboard_homeserver=debug`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where the homeserver, `/metrics` and `/healthz` listen (port 0 picks a free port).
+    pub bind: SocketAddr,
+    /// The URL clients use to reach the homeserver; empty derives it from `bind`.
+    pub public_base_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Register and login requests per second per client address.
+    pub login_per_second: f64,
+    /// How many may come at once before the rate applies.
+    pub login_burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// TURN URIs handed out by `/voip/turnServer` (`turn:` or `turns:`).
+    pub uris: Vec<String>,
+    /// The TURN REST shared secret (coturn's `static-auth-secret`); empty means
+    /// generate one in the data directory and keep it there.
+    pub static_auth_secret: String,
+    /// Lifetime of minted credentials, in seconds.
+    pub credential_ttl_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".into(),
+            data_dir: PathBuf::from("switchboard-data"),
+            log: LogConfig {
+                format: LogFormat::Human,
+                level: "info".into(),
+            },
+            http: HttpConfig {
+                bind: SocketAddr::from(([127, 0, 0, 1], 8008)),
+                public_base_url: String::new(),
+            },
+            registration: RegistrationConfig { enabled: true },
+            // Generous: a demo or test registering dozens of users a minute never meets it.
+            rate_limit: RateLimitConfig {
+                login_per_second: 5.0,
+                login_burst: 100,
+            },
+            turn: TurnConfig {
+                uris: Vec::new(),
+                static_auth_secret: String::new(),
+                credential_ttl_secs: 86_400,
+            },
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Config::default().log
+    }
+}
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Config::default().http
+    }
+}
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Config::default().registration
+    }
+}
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Config::default().rate_limit
+    }
+}
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Config::default().turn
+    }
+}
+
+/// Where the config comes from, besides the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    /// `(name, value)` of the process environment.
+    pub env: Vec<(String, String)>,
+    /// `key=value` overrides from flags, applied last, in order.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Loads and validates the effective config.
+    pub fn load(sources: &Sources) -> Result<Self> {
+        let defaults = Table::try_from(Config::default()).context("serializing the defaults")?;
+        let keys = leaf_keys(&defaults);
+        let mut merged = defaults;
+        if let Some(path) = &sources.file {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+            let file: Table =
+                toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+            merge(&mut merged, file);
+        }
+        let env_keys: BTreeMap<String, &String> = keys
+            .keys()
+            .map(|k| (format!("{ENV_PREFIX}{}", k.replace('.', "_").to_uppercase()), k))
+            .collect();
+        for (name, value) in &sources.env {
+            if !name.starts_with(ENV_PREFIX) || ENV_NOT_KEYS.contains(&name.as_str()) {
+                continue;
+            }
+            let Some(key) = env_keys.get(name) else {
+                bail!("unknown environment variable {name}: no config key matches it");
+            };
+            set_key(&mut merged, key, value, &keys).with_context(|| format!("in {name}"))?;
+        }
+        for (key, value) in &sources.overrides {
+            if !keys.contains_key(key) {
+                bail!("unknown config key '{key}'");
+            }
+            set_key(&mut merged, key, value, &keys)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(Value::Table(merged))
+            .map_err(|e| anyhow::anyhow!("config key '{}': {}", e.path(), e.inner()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let name_ok = !self.server_name.is_empty()
+            && self.server_name.len() <= 230
+            && self
+                .server_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c));
+        if !name_ok {
+            bail!(
+                "config key 'server_name': '{}' is not a valid server name",
+                self.server_name
+            );
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            bail!("config key 'data_dir': must not be empty");
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| anyhow::anyhow!("config key 'log.level': {e}"))?;
+        let url = &self.http.public_base_url;
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("config key 'http.public_base_url': must start with http:// or https://");
+        }
+        if !(self.rate_limit.login_per_second > 0.0 && self.rate_limit.login_per_second.is_finite()) {
+            bail!("config key 'rate_limit.login_per_second': must be a positive number");
+        }
+        if self.rate_limit.login_burst == 0 {
+            bail!("config key 'rate_limit.login_burst': must be at least 1");
+        }
+        for uri in &self.turn.uris {
+            if !(uri.starts_with("turn:") || uri.starts_with("turns:")) {
+                bail!("config key 'turn.uris': '{uri}' is not a turn: or turns: URI");
+            }
+        }
+        if !(60..=7 * 86_400).contains(&self.turn.credential_ttl_secs) {
+            bail!("config key 'turn.credential_ttl_secs': must be between 60 and 604800");
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML, with secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.turn.static_auth_secret.is_empty() {
+            shown.turn.static_auth_secret = MASK.into();
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the config: {e}\n"))
+    }
+
+    /// A config for tests: a data directory of their own, a free port, quiet logs.
+    pub fn for_tests(data_dir: &Path) -> Self {
+        let mut config = Config {
+            data_dir: data_dir.to_path_buf(),
+            ..Config::default()
+        };
+        config.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.log.level = "warn".into();
+        config
+    }
+}
+
+/// Every leaf key of a table as a dotted path, with its default value.
+fn leaf_keys(table: &Table) -> BTreeMap<String, Value> {
+    let mut keys = BTreeMap::new();
+    for (name, value) in table {
+        match value {
+            Value::Table(inner) => {
+                for (sub, v) in leaf_keys(inner) {
+                    keys.insert(format!("{name}.{sub}"), v);
+                }
+            }
+            other => {
+                keys.insert(name.clone(), other.clone());
+            }
+        }
+    }
+    keys
+}
+
+fn merge(base: &mut Table, over: Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Sets a dotted key from a string: TOML syntax if it parses as such (numbers,
+/// booleans, arrays), a comma-separated list for list keys, else a string.
+fn set_key(table: &mut Table, key: &str, raw: &str, keys: &BTreeMap<String, Value>) -> Result<()> {
+    let value = match toml::from_str::<Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+    {
+        Some(v) if !matches!(v, Value::Table(_)) => v,
+        _ => match keys.get(key) {
+            Some(Value::Array(_)) => Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.into()))
+                    .collect(),
+            ),
+            _ => Value::String(raw.to_string()),
+        },
+    };
+    // Strings where the default is a string: `8008` for a bind address stays text.
+    let value = match (keys.get(key), value) {
+        (Some(Value::String(_)), v @ (Value::Integer(_) | Value::Float(_) | Value::Boolean(_))) => {
+            Value::String(v.to_string())
+        }
+        (_, v) => v,
+    };
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let leaf = parts.pop().context("empty config key")?;
+    let mut node = table;
+    for part in parts {
+        node = node
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Table(Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("config key '{key}': '{part}' is not a section"))?;
+    }
+    node.insert(leaf.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)], overrides: &[(&str, &str)], file: Option<&str>) -> Result<Config> {
+        let dir = std::env::temp_dir().join(format!("sb-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("c{}.toml", env.len() * 10 + overrides.len()));
+        let file = file.map(|text| {
+            std::fs::write(&path, text).expect("write config");
+            path.clone()
+        });
+        Config::load(&Sources {
+            file,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            overrides: overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        })
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let config = load(
+            &[
+                ("SWITCHBOARD_HTTP_BIND", "127.0.0.1:9000"),
+                ("SWITCHBOARD_TURN_URIS", "turn:a:1,turn:b:2"),
+            ],
+            &[("server_name", "example.org")],
+            Some("server_name = \"file.org\"\n[http]\nbind = \"127.0.0.1:1\"\n[rate_limit]\nlogin_burst = 7\n"),
+        )
+        .expect("valid");
+        assert_eq!(config.server_name, "example.org");
+        assert_eq!(config.http.bind.port(), 9000);
+        assert_eq!(config.rate_limit.login_burst, 7);
+        assert_eq!(config.turn.uris, vec!["turn:a:1", "turn:b:2"]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |r: Result<Config>| format!("{:#}", r.expect_err("must fail"));
+        assert!(err(load(&[], &[("http.bind", "nonsense")], None)).contains("http.bind"));
+        assert!(err(load(&[("SWITCHBOARD_NOPE", "1")], &[], None)).contains("SWITCHBOARD_NOPE"));
+        assert!(err(load(&[], &[("turn.uris", "stun:x")], None)).contains("turn.uris"));
+        assert!(err(load(&[], &[("rate_limit.login_burst", "0")], None)).contains("rate_limit.login_burst"));
+        assert!(err(load(&[], &[("log.format", "xml")], None)).contains("log.format"));
+        assert!(err(load(&[], &[], Some("[http]\nbnd = \"x\"\n"))).contains("http"));
+        assert!(err(load(&[], &[("no.such", "1")], None)).contains("no.such"));
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let config = load(&[], &[("turn.static_auth_secret", "hunter2")], None).expect("valid");
+        let shown = config.to_masked_toml();
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains(MASK));
+    }
+}

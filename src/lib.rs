@@ -1,0 +1,8 @@
+//! The `switchboard` binary's library: configuration, wiring and I/O around the
+//! protocol crates. `main.rs` is a thin CLI over [`app::start`].
+
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod secrets;
