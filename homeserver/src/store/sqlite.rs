@@ -152,7 +152,12 @@ impl SqliteStore {
 
     pub fn open_with(path: &Path, synchronous: Synchronous) -> StoreResult<Self> {
         let conn = Connection::open(path)?;
+        // One process owns the database: exclusive locking spares a file lock
+        // (two fcntl calls) per transaction and the WAL's shared-memory index.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Keep query plans stable so rebinding a parameter never re-prepares a statement.
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
         conn.pragma_update(
             None,
             "synchronous",
@@ -163,6 +168,8 @@ impl SqliteStore {
         )?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every statement of this module stays prepared (the default cache holds 16).
+        conn.set_prepared_statement_cache_capacity(64);
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version == 0 {
             conn.execute_batch(&format!(
@@ -194,10 +201,17 @@ impl Store for SqliteStore {
     }
 
     fn create_user(&mut self, user: &UserRecord) -> StoreResult<bool> {
-        let inserted = self.conn.execute(
-            "INSERT OR IGNORE INTO users (user_id, password_hash, displayname, avatar_url) VALUES (?1, ?2, ?3, ?4)",
-            params![user.user_id, user.password_hash, user.displayname, user.avatar_url],
-        )?;
+        let inserted = self
+            .conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO users (user_id, password_hash, displayname, avatar_url) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                user.user_id,
+                user.password_hash,
+                user.displayname,
+                user.avatar_url
+            ])?;
         Ok(inserted == 1)
     }
 
@@ -218,23 +232,20 @@ impl Store for SqliteStore {
     }
 
     fn set_profile(&mut self, user_id: &str, displayname: Option<&str>, avatar_url: Option<&str>) -> StoreResult<()> {
-        self.conn.execute(
-            "UPDATE users SET displayname = ?2, avatar_url = ?3 WHERE user_id = ?1",
-            params![user_id, displayname, avatar_url],
-        )?;
+        self.conn
+            .prepare_cached("UPDATE users SET displayname = ?2, avatar_url = ?3 WHERE user_id = ?1")?
+            .execute(params![user_id, displayname, avatar_url])?;
         Ok(())
     }
 
     fn create_session(&mut self, session: &Session, token_hash: &[u8], display_name: Option<&str>) -> StoreResult<()> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "DELETE FROM sessions WHERE user_id = ?1 AND device_id = ?2",
-            params![session.user_id, session.device_id],
-        )?;
-        tx.execute(
+        tx.prepare_cached("DELETE FROM sessions WHERE user_id = ?1 AND device_id = ?2")?
+            .execute(params![session.user_id, session.device_id])?;
+        tx.prepare_cached(
             "INSERT INTO sessions (token_hash, user_id, device_id, display_name) VALUES (?1, ?2, ?3, ?4)",
-            params![token_hash, session.user_id, session.device_id, display_name],
-        )?;
+        )?
+        .execute(params![token_hash, session.user_id, session.device_id, display_name])?;
         tx.commit()?;
         Ok(())
     }
@@ -258,19 +269,20 @@ impl Store for SqliteStore {
             return Ok(());
         };
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM sessions WHERE token_hash = ?1", [token_hash])?;
-        tx.execute(
-            "DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2",
-            params![session.user_id, session.device_id],
-        )?;
+        tx.prepare_cached("DELETE FROM sessions WHERE token_hash = ?1")?
+            .execute([token_hash])?;
+        tx.prepare_cached("DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2")?
+            .execute(params![session.user_id, session.device_id])?;
         tx.commit()?;
         Ok(())
     }
 
     fn delete_all_sessions(&mut self, user_id: &str) -> StoreResult<()> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM sessions WHERE user_id = ?1", [user_id])?;
-        tx.execute("DELETE FROM to_device WHERE user_id = ?1", [user_id])?;
+        tx.prepare_cached("DELETE FROM sessions WHERE user_id = ?1")?
+            .execute([user_id])?;
+        tx.prepare_cached("DELETE FROM to_device WHERE user_id = ?1")?
+            .execute([user_id])?;
         tx.commit()?;
         Ok(())
     }
@@ -299,43 +311,39 @@ impl Store for SqliteStore {
                         |r| r.get(0),
                     )
                     .optional()?;
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT OR REPLACE INTO current_state (room_id, type, state_key, pos) VALUES (?1, ?2, ?3, ?4)",
-                    params![ev.room_id, ev.kind, state_key, pos],
-                )?;
+                )?
+                .execute(params![ev.room_id, ev.kind, state_key, pos])?;
                 if ev.kind == "m.room.member" {
                     let membership = serde_json::from_str::<serde_json::Value>(&ev.content)?
                         .get("membership")
                         .and_then(|m| m.as_str())
                         .and_then(Membership::parse)
                         .unwrap_or(Membership::Leave);
-                    tx.execute(
-                        "INSERT OR REPLACE INTO memberships (user_id, room_id, membership, pos) VALUES (?1, ?2, ?3, ?4)",
-                        params![state_key, ev.room_id, membership.as_str(), pos],
+                    tx.prepare_cached("INSERT OR REPLACE INTO memberships (user_id, room_id, membership, pos) VALUES (?1, ?2, ?3, ?4)")?.execute(params![state_key, ev.room_id, membership.as_str(), pos],
                     )?;
                 }
             }
-            tx.execute(
-                &format!("INSERT INTO events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-                params![
-                    pos,
-                    ev.event_id,
-                    ev.room_id,
-                    ev.sender,
-                    ev.kind,
-                    ev.state_key,
-                    ev.content,
-                    prev_content,
-                    ev.origin_server_ts as i64,
-                    ev.txn.as_ref().map(|t| &t.device_id),
-                    ev.txn.as_ref().map(|t| &t.txn_id),
-                ],
-            )?;
+            tx.prepare_cached(&format!(
+                "INSERT INTO events ({EVENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            ))?
+            .execute(params![
+                pos,
+                ev.event_id,
+                ev.room_id,
+                ev.sender,
+                ev.kind,
+                ev.state_key,
+                ev.content,
+                prev_content,
+                ev.origin_server_ts as i64,
+                ev.txn.as_ref().map(|t| &t.device_id),
+                ev.txn.as_ref().map(|t| &t.txn_id),
+            ])?;
             if let Some(txn) = &ev.txn {
-                tx.execute(
-                    "INSERT INTO txns (user_id, device_id, txn_id, event_id) VALUES (?1, ?2, ?3, ?4)",
-                    params![ev.sender, txn.device_id, txn.txn_id, ev.event_id],
-                )?;
+                tx.prepare_cached("INSERT INTO txns (user_id, device_id, txn_id, event_id) VALUES (?1, ?2, ?3, ?4)")?
+                    .execute(params![ev.sender, txn.device_id, txn.txn_id, ev.event_id])?;
             }
             stored.push(Event {
                 pos,
@@ -455,18 +463,16 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let mut pos = self.pos;
         let tx = self.conn.transaction()?;
-        let fresh = tx.execute(
-            "INSERT OR IGNORE INTO to_device_txns (user_id, device_id, txn_id) VALUES (?1, ?2, ?3)",
-            params![sender.user_id, sender.device_id, txn_id],
-        )? == 1;
+        let fresh = tx
+            .prepare_cached("INSERT OR IGNORE INTO to_device_txns (user_id, device_id, txn_id) VALUES (?1, ?2, ?3)")?
+            .execute(params![sender.user_id, sender.device_id, txn_id])?
+            == 1;
         if !fresh {
             return Ok(false);
         }
         for msg in messages {
             pos += 1;
-            tx.execute(
-                "INSERT INTO to_device (pos, user_id, device_id, sender, type, content) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![pos, msg.user_id, msg.device_id, sender.user_id, kind, msg.content],
+            tx.prepare_cached("INSERT INTO to_device (pos, user_id, device_id, sender, type, content) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![pos, msg.user_id, msg.device_id, sender.user_id, kind, msg.content],
             )?;
         }
         tx.commit()?;
@@ -502,10 +508,9 @@ impl Store for SqliteStore {
     }
 
     fn ack_to_device(&mut self, session: &Session, upto: StreamPos) -> StoreResult<()> {
-        self.conn.execute(
-            "DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2 AND pos <= ?3",
-            params![session.user_id, session.device_id, upto],
-        )?;
+        self.conn
+            .prepare_cached("DELETE FROM to_device WHERE user_id = ?1 AND device_id = ?2 AND pos <= ?3")?
+            .execute(params![session.user_id, session.device_id, upto])?;
         Ok(())
     }
 
@@ -517,9 +522,7 @@ impl Store for SqliteStore {
         content: &str,
     ) -> StoreResult<StreamPos> {
         let pos = self.pos + 1;
-        self.conn.execute(
-            "INSERT OR REPLACE INTO account_data (user_id, room_id, type, content, pos) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![user_id, room_id.unwrap_or(""), kind, content, pos],
+        self.conn.prepare_cached("INSERT OR REPLACE INTO account_data (user_id, room_id, type, content, pos) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![user_id, room_id.unwrap_or(""), kind, content, pos],
         )?;
         self.pos = pos;
         Ok(pos)
@@ -560,10 +563,8 @@ impl Store for SqliteStore {
             [user_id],
             |r| r.get(0),
         )?;
-        tx.execute(
-            "INSERT INTO filters (user_id, filter_id, filter) VALUES (?1, ?2, ?3)",
-            params![user_id, id, filter],
-        )?;
+        tx.prepare_cached("INSERT INTO filters (user_id, filter_id, filter) VALUES (?1, ?2, ?3)")?
+            .execute(params![user_id, id, filter])?;
         tx.commit()?;
         Ok(id.to_string())
     }

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs a benchmark: scripts/bench.sh homeserver [options]. Each prints its
+# figures beside a baseline measured in the same run (see PERFORMANCE notes in README).
+source "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+
+cargo build --release --locked --bin switchboard -p switchboard-bench >&2
+exec "$ROOT/target/release/switchboard-bench" "$@"

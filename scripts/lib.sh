@@ -1,0 +1,41 @@
+# Shared by the scripts: install what a fresh machine lacks, once.
+# A fresh machine has Rust, gcc, make, perl, pkg-config, libssl-dev, python3 and node.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+# Debian packages by name; `apt-get update` runs once, only if something is missing.
+ensure_apt() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        say "installing ${missing[*]}"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+ensure_rust_components() {
+    for component in rustfmt clippy; do
+        if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+            say "adding the Rust component $component"
+            rustup component add "$component"
+        fi
+    done
+}
+
+# Third-party clients the interop tests run (matrix-js-sdk), pinned by package-lock.json.
+ensure_interop_clients() {
+    local dir="$ROOT/tests/interop"
+    if [ ! -d "$dir/node_modules/matrix-js-sdk" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+        say "installing matrix-js-sdk for the interop tests"
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+}
