@@ -89,6 +89,12 @@ async fn discovery_cors_and_unknown_endpoints() {
         "errors carry CORS too"
     );
 
+    let alice = server.user("alice").await;
+    let (status, body) = alice.get("/room_keys/version").await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
+    let (status, body) = alice.get("/thirdparty/protocols").await;
+    assert_eq!((status, body), (200, json!({})));
+
     let (status, health) = client.get("/healthz").await;
     assert_eq!((status, health.as_str()), (200, Some("ok\n")));
 }

@@ -18,7 +18,11 @@ async fn matrix_js_sdk_registers_syncs_and_messages() {
     let server = TestServer::start().await;
     let output = tokio::time::timeout(
         std::time::Duration::from_secs(120),
-        tokio::process::Command::new("node").arg("js-sdk-smoke.mjs").arg(&server.base).current_dir(&dir).output(),
+        tokio::process::Command::new("node")
+            .arg("js-sdk-smoke.mjs")
+            .arg(&server.base)
+            .current_dir(&dir)
+            .output(),
     )
     .await
     .expect("the js-sdk script finished in time")
@@ -26,7 +30,10 @@ async fn matrix_js_sdk_registers_syncs_and_messages() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let verdict = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
-    assert!(output.status.success(), "js-sdk smoke failed: {verdict}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "js-sdk smoke failed: {verdict}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     let checks: serde_json::Value = serde_json::from_str(verdict).expect("a JSON verdict line");
     for check in ["joined", "message", "toDevice", "turn", "history", "members", "profile"] {
         assert_eq!(checks[check], true, "check {check} of {verdict}");

@@ -106,3 +106,13 @@ pub async fn turn_server(State(hs): State<Arc<Homeserver>>, auth: Auth) -> Json<
     Stats::inc(&hs.stats.turn_credentials);
     Json(json!({ "username": creds.username, "password": creds.password, "uris": config.turn_uris, "ttl": ttl }))
 }
+
+/// No bridges: no third-party protocols.
+pub async fn no_third_party_protocols(_auth: Auth) -> Json<Value> {
+    Json(json!({}))
+}
+
+/// No server-side key backup: `M_NOT_FOUND`, which clients read as "no backup yet".
+pub async fn no_key_backup(_auth: Auth) -> MatrixError {
+    MatrixError::not_found("No current backup version")
+}

@@ -83,7 +83,10 @@ pub fn router(hs: Arc<Homeserver>) -> Router {
         // Sync, to-device, VoIP.
         .route("/sync", get(sync::sync))
         .route("/sendToDevice/{kind}/{txn_id}", put(misc::send_to_device))
-        .route("/voip/turnServer", get(misc::turn_server));
+        .route("/voip/turnServer", get(misc::turn_server))
+        // Element Web asks for these; answer as a server without the features does.
+        .route("/thirdparty/protocols", get(misc::no_third_party_protocols))
+        .route("/room_keys/version", get(misc::no_key_backup));
 
     Router::new()
         .route("/_matrix/client/versions", get(account::versions))
