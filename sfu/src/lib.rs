@@ -1,4 +1,964 @@
-//! The selective forwarding unit core (sans-IO, on str0m).
+//! Switchboard's selective forwarding unit: a sans-IO core on str0m.
 //!
-//! Empty until the SFU issue lands; the crate exists so the workspace has its
-//! final shape. Nothing here pretends to work yet.
+//! One [`Sfu`] owns the WebRTC sessions of one shard (one UDP port). The
+//! driver feeds it datagrams and timeouts and drains what comes out:
+//!
+//! ```text
+//! handle_receive(now, src, dst, bytes) ─┐            ┌─> poll_transmit() -> Transmit (send it)
+//! handle_timeout(now) ──────────────────┼─> Sfu ─────┼─> poll_event()    -> SfuEvent (tell signalling)
+//! open_session / accept_answer / …  ────┘            └─> poll_timeout()  -> when to call handle_timeout
+//! ```
+//!
+//! The model:
+//! - A **session** is one participant's peer connection (a str0m `Rtc`, ICE-lite,
+//!   RTP mode). It belongs to one **room**.
+//! - What a participant sends us is a **track** (one per m-line it sends on).
+//!   Every other session in the room **subscribes** to it: the SFU adds a
+//!   send-only m-line to that session (labelled with the track's stream id) and
+//!   asks the signalling side to renegotiate ([`SfuEvent::NegotiationNeeded`],
+//!   then [`Sfu::create_offer`] and [`Sfu::accept_answer`]).
+//! - An RTP packet from a publisher is rewritten per subscriber by a
+//!   [`forwarder::Forwarder`] (SSRC by str0m, sequence number and timestamp by
+//!   us) and written to each subscriber's `Rtc`; the payload is shared (`Arc`),
+//!   never copied per subscriber.
+//! - Incoming datagrams are matched to a session by source address (fast path)
+//!   or, for STUN from a new address, by the ICE username fragment; anything
+//!   else is a counted drop ([`DropReason`]).
+//!
+//! Nothing here reads the clock, touches a socket or spawns: time comes in as `now`.
+
+mod codec;
+pub mod forwarder;
+mod stats;
+
+pub use stats::{DropReason, SessionStats, ShardStats};
+
+use forwarder::{Forwarder, InPacket, Skip};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use str0m::bwe::Bitrate;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::PayloadParams;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+
+pub use str0m::net::Transmit;
+
+/// A session (one participant's peer connection) in this shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+/// A published track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrackId(pub u64);
+
+/// A room (conference); the signalling side chooses the key, e.g. the Matrix room id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomId(pub String);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s{}", self.0)
+    }
+}
+
+/// Who a session belongs to; used to label the streams others receive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Participant {
+    pub user_id: String,
+    pub device_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SfuConfig {
+    /// The address put in answers as our ICE candidate (the shard's socket, or
+    /// the public address of a host behind NAT).
+    pub advertised_addr: SocketAddr,
+    /// A session that has not connected within this time is closed.
+    pub connect_timeout: Duration,
+    /// Minimum interval between keyframe requests to one publisher's track.
+    pub keyframe_request_interval: Duration,
+    /// Largest SDP accepted from a peer, in bytes.
+    pub max_sdp_bytes: usize,
+}
+
+impl SfuConfig {
+    pub fn new(advertised_addr: SocketAddr) -> Self {
+        Self {
+            advertised_addr,
+            connect_timeout: Duration::from_secs(20),
+            keyframe_request_interval: Duration::from_millis(300),
+            max_sdp_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// What the SFU tells the signalling side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SfuEvent {
+    /// ICE and DTLS are up; media can flow.
+    Connected(SessionId),
+    /// The session's subscriptions changed: call [`Sfu::create_offer`] and send
+    /// the offer to the peer.
+    NegotiationNeeded(SessionId),
+    /// The session ended on its own (the peer went away or never connected).
+    Closed(SessionId, CloseReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// ICE connectivity was lost after the session had connected.
+    Disconnected,
+    /// ICE never completed within [`SfuConfig::connect_timeout`].
+    ConnectTimeout,
+    /// The peer closed DTLS.
+    PeerClosed,
+}
+
+/// A renegotiation offer and the streams the session will receive after it.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub sdp: String,
+    pub streams: Vec<StreamInfo>,
+}
+
+/// One stream (an msid stream id) a session receives: whose it is and what it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The msid stream id in our SDP (the key of `sdp_stream_metadata`).
+    pub stream_id: String,
+    pub publisher: Participant,
+    /// The stream id the publisher used for it in its own SDP.
+    pub publisher_stream_id: String,
+    pub audio: bool,
+    pub video: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SfuError {
+    #[error("unknown session")]
+    UnknownSession,
+    #[error("the SDP is larger than {0} bytes")]
+    SdpTooLarge(usize),
+    #[error("invalid SDP: {0}")]
+    InvalidSdp(String),
+    #[error("no offer of ours is waiting for an answer")]
+    NoPendingOffer,
+    #[error("WebRTC: {0}")]
+    Rtc(#[from] str0m::RtcError),
+}
+
+struct Session {
+    room: RoomId,
+    participant: Participant,
+    rtc: Rtc,
+    ufrag: String,
+    next_timeout: Instant,
+    connect_deadline: Option<Instant>,
+    addrs: Vec<SocketAddr>,
+    /// Tracks this participant publishes, by the m-line they arrive on.
+    published: HashMap<Mid, TrackId>,
+    /// Incoming SSRC → track (filled on first sight).
+    ssrc_tracks: HashMap<Ssrc, TrackId>,
+    /// What this participant receives, by our send-only m-line.
+    subscriptions: HashMap<Mid, Subscription>,
+    /// Changes waiting for the next offer.
+    wanted: Vec<Change>,
+    pending: Option<PendingOffer>,
+    stats: SessionStats,
+}
+
+struct Subscription {
+    track: TrackId,
+    forwarder: Forwarder,
+    /// Publisher payload type → ours for this subscriber (cached from `match_params`).
+    pt_map: Vec<(Pt, Pt)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Subscribe(TrackId),
+    /// Stop sending on one of our m-lines (its track is gone).
+    Deactivate(Mid),
+}
+
+struct PendingOffer {
+    pending: SdpPendingOffer,
+    added: Vec<(Mid, TrackId)>,
+    deactivated: Vec<Mid>,
+}
+
+struct Track {
+    room: RoomId,
+    publisher: SessionId,
+    /// The publisher's m-line.
+    mid: Mid,
+    kind: MediaKind,
+    /// Our msid stream id for it, shared by the tracks of one publisher stream.
+    stream_id: String,
+    publisher_stream_id: String,
+    /// Fan-out list: who receives it, on which of their m-lines. Rebuilt only
+    /// when someone subscribes or leaves.
+    subscribers: Vec<(SessionId, Mid)>,
+    /// Payload type → codec parameters of the publisher's session.
+    codecs: Vec<(Pt, PayloadParams)>,
+    last_keyframe_request: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Room {
+    sessions: Vec<SessionId>,
+    tracks: Vec<TrackId>,
+}
+
+/// The SFU core of one shard.
+pub struct Sfu {
+    config: SfuConfig,
+    sessions: HashMap<SessionId, Session>,
+    rooms: HashMap<RoomId, Room>,
+    tracks: HashMap<TrackId, Track>,
+    by_addr: HashMap<SocketAddr, SessionId>,
+    by_ufrag: HashMap<String, SessionId>,
+    next_id: u64,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<SfuEvent>,
+    /// str0m events not yet acted upon (acting may touch other sessions).
+    deferred: VecDeque<(SessionId, Event)>,
+    stats: ShardStats,
+}
+
+impl fmt::Debug for Sfu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sfu")
+            .field("advertised_addr", &self.config.advertised_addr)
+            .field("sessions", &self.sessions.len())
+            .field("rooms", &self.rooms.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn rtc_config() -> RtcConfig {
+    RtcConfig::new()
+        .set_ice_lite(true)
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .enable_h264(true)
+        .enable_bwe(Some(Bitrate::kbps(600)))
+        .set_stats_interval(Some(Duration::from_secs(1)))
+}
+
+/// Turns anything into an msid token (RFC 8830: no spaces, at most 64 chars).
+fn msid_token(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.+".contains(*c))
+        .take(64)
+        .collect()
+}
+
+impl Sfu {
+    pub fn new(config: SfuConfig) -> Self {
+        Self {
+            config,
+            sessions: HashMap::new(),
+            rooms: HashMap::new(),
+            tracks: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            next_id: 1,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            deferred: VecDeque::new(),
+            stats: ShardStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &SfuConfig {
+        &self.config
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    // ---- the signalling side's API -------------------------------------------
+
+    /// Opens a session for `participant` in `room` from the peer's SDP offer and
+    /// returns the answer. The session subscribes to everything already
+    /// published in the room (asking for renegotiation once connected).
+    pub fn open_session(
+        &mut self,
+        now: Instant,
+        room: RoomId,
+        participant: Participant,
+        offer: &str,
+    ) -> Result<(SessionId, String), SfuError> {
+        let offer = self.parse_offer(offer)?;
+        let mut rtc = rtc_config().build(now);
+        let candidate = Candidate::host(self.config.advertised_addr, "udp")
+            .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
+        rtc.add_local_candidate(candidate);
+        let answer = rtc.sdp_api().accept_offer(offer)?;
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let id = SessionId(self.next_id());
+        let wanted = self
+            .rooms
+            .get(&room)
+            .map(|r| r.tracks.iter().map(|t| Change::Subscribe(*t)).collect())
+            .unwrap_or_default();
+        let session = Session {
+            room: room.clone(),
+            participant,
+            rtc,
+            ufrag: ufrag.clone(),
+            next_timeout: now,
+            connect_deadline: Some(now + self.config.connect_timeout),
+            addrs: Vec::new(),
+            published: HashMap::new(),
+            ssrc_tracks: HashMap::new(),
+            subscriptions: HashMap::new(),
+            wanted,
+            pending: None,
+            stats: SessionStats::default(),
+        };
+        self.sessions.insert(id, session);
+        self.by_ufrag.insert(ufrag, id);
+        self.rooms.entry(room).or_default().sessions.push(id);
+        self.drain(id);
+        self.process(now);
+        Ok((id, answer.to_sdp_string()))
+    }
+
+    /// A renegotiation offer for the session's pending subscription changes, or
+    /// `None` if there are none or an offer is already waiting for its answer.
+    pub fn create_offer(&mut self, now: Instant, id: SessionId) -> Result<Option<Offer>, SfuError> {
+        let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
+        if session.pending.is_some() || session.wanted.is_empty() {
+            return Ok(None);
+        }
+        let mut added = Vec::new();
+        let mut deactivated = Vec::new();
+        let mut api = session.rtc.sdp_api();
+        for change in std::mem::take(&mut session.wanted) {
+            match change {
+                Change::Subscribe(track_id) => {
+                    let Some(track) = self.tracks.get(&track_id) else {
+                        continue;
+                    };
+                    let already = session.subscriptions.values().any(|s| s.track == track_id)
+                        || added.iter().any(|(_, t)| *t == track_id);
+                    if already || track.publisher == id {
+                        continue;
+                    }
+                    let track_label = format!("{}-{}", track.stream_id, track.kind);
+                    let mid = api.add_media(
+                        track.kind,
+                        Direction::SendOnly,
+                        Some(track.stream_id.clone()),
+                        Some(msid_token(&track_label)),
+                        None,
+                    );
+                    added.push((mid, track_id));
+                }
+                Change::Deactivate(mid) => {
+                    api.set_direction(mid, Direction::Inactive);
+                    deactivated.push(mid);
+                }
+            }
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return Ok(None);
+        };
+        session.pending = Some(PendingOffer {
+            pending,
+            added,
+            deactivated,
+        });
+        let sdp = offer.to_sdp_string();
+        self.drain(id);
+        self.process(now);
+        Ok(Some(Offer {
+            sdp,
+            streams: self.streams_of(id),
+        }))
+    }
+
+    /// Applies the peer's answer to our last offer.
+    pub fn accept_answer(&mut self, now: Instant, id: SessionId, answer: &str) -> Result<(), SfuError> {
+        if answer.len() > self.config.max_sdp_bytes {
+            return Err(SfuError::SdpTooLarge(self.config.max_sdp_bytes));
+        }
+        let answer = SdpAnswer::from_sdp_string(answer).map_err(|e| SfuError::InvalidSdp(e.to_string()))?;
+        let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
+        let pending = session.pending.take().ok_or(SfuError::NoPendingOffer)?;
+        if let Err(e) = session.rtc.sdp_api().accept_answer(pending.pending, answer) {
+            // Our changes did not take: ask for them again in the next offer.
+            session
+                .wanted
+                .extend(pending.added.iter().map(|(_, t)| Change::Subscribe(*t)));
+            session
+                .wanted
+                .extend(pending.deactivated.iter().map(|m| Change::Deactivate(*m)));
+            return Err(e.into());
+        }
+        for (mid, track_id) in pending.added {
+            let Some(track) = self.tracks.get_mut(&track_id) else {
+                session.wanted.push(Change::Deactivate(mid));
+                continue;
+            };
+            let video = track.kind == MediaKind::Video;
+            let forwarder = Forwarder::new(if video { 90_000 } else { 48_000 }, video);
+            session.subscriptions.insert(
+                mid,
+                Subscription {
+                    track: track_id,
+                    forwarder,
+                    pt_map: Vec::new(),
+                },
+            );
+            track.subscribers.push((id, mid));
+            self.stats.subscriptions += 1;
+        }
+        let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
+        self.drain(id);
+        if renegotiate {
+            self.events.push_back(SfuEvent::NegotiationNeeded(id));
+        }
+        self.process(now);
+        Ok(())
+    }
+
+    /// Handles an offer from the peer (it renegotiates: ICE restart, new
+    /// tracks) and returns our answer. An offer of ours still waiting is
+    /// dropped and its changes are asked for again afterwards.
+    pub fn accept_offer(&mut self, now: Instant, id: SessionId, offer: &str) -> Result<String, SfuError> {
+        let offer = self.parse_offer(offer)?;
+        let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
+        if let Some(pending) = session.pending.take() {
+            session
+                .wanted
+                .extend(pending.added.iter().map(|(_, t)| Change::Subscribe(*t)));
+            session
+                .wanted
+                .extend(pending.deactivated.iter().map(|m| Change::Deactivate(*m)));
+        }
+        let answer = session.rtc.sdp_api().accept_offer(offer)?;
+        let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
+        self.drain(id);
+        if renegotiate {
+            self.events.push_back(SfuEvent::NegotiationNeeded(id));
+        }
+        self.process(now);
+        Ok(answer.to_sdp_string())
+    }
+
+    /// Closes a session: its tracks leave every subscriber (who get a
+    /// renegotiation), its subscriptions end, and DTLS is closed politely.
+    pub fn close_session(&mut self, now: Instant, id: SessionId) {
+        self.remove_session(now, id);
+        self.process(now);
+    }
+
+    /// The streams a session receives (including those of a pending offer).
+    pub fn streams_of(&self, id: SessionId) -> Vec<StreamInfo> {
+        let Some(session) = self.sessions.get(&id) else {
+            return Vec::new();
+        };
+        let pending = session.pending.iter().flat_map(|p| p.added.iter().map(|(_, t)| *t));
+        let mut streams: Vec<StreamInfo> = Vec::new();
+        for track_id in session.subscriptions.values().map(|s| s.track).chain(pending) {
+            let Some(track) = self.tracks.get(&track_id) else {
+                continue;
+            };
+            let Some(publisher) = self.sessions.get(&track.publisher) else {
+                continue;
+            };
+            let audio = track.kind == MediaKind::Audio;
+            match streams.iter_mut().find(|s| s.stream_id == track.stream_id) {
+                Some(s) => {
+                    s.audio |= audio;
+                    s.video |= !audio;
+                }
+                None => streams.push(StreamInfo {
+                    stream_id: track.stream_id.clone(),
+                    publisher: publisher.participant.clone(),
+                    publisher_stream_id: track.publisher_stream_id.clone(),
+                    audio,
+                    video: !audio,
+                }),
+            }
+        }
+        streams.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
+        streams
+    }
+
+    pub fn session_stats(&self, id: SessionId) -> Option<SessionStats> {
+        self.sessions.get(&id).map(|s| s.stats.clone())
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let mut stats = self.stats.clone();
+        stats.sessions = self.sessions.len() as u64;
+        stats.rooms = self.rooms.len() as u64;
+        stats.tracks = self.tracks.len() as u64;
+        stats
+    }
+
+    pub fn is_connected(&self, id: SessionId) -> bool {
+        self.sessions.get(&id).is_some_and(|s| s.rtc.is_connected())
+    }
+
+    fn parse_offer(&self, offer: &str) -> Result<SdpOffer, SfuError> {
+        if offer.len() > self.config.max_sdp_bytes {
+            return Err(SfuError::SdpTooLarge(self.config.max_sdp_bytes));
+        }
+        SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::InvalidSdp(e.to_string()))
+    }
+
+    // ---- the driver's API ----------------------------------------------------
+
+    /// A datagram arrived on the shard's socket.
+    pub fn handle_receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        self.stats.datagrams_in += 1;
+        let known = self.by_addr.get(&source).copied();
+        let id = match known {
+            Some(id) => id,
+            None => match self.session_for_stun(data) {
+                Some(id) => id,
+                None => return self.stats.drop(DropReason::UnknownSource),
+            },
+        };
+        let Ok(receive) = Receive::new(Protocol::Udp, source, destination, data) else {
+            return self.stats.drop(DropReason::Malformed);
+        };
+        let input = Input::Receive(now, receive);
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return self.stats.drop(DropReason::UnknownSource);
+        };
+        if known.is_none() {
+            // STUN from a new address: only a request that authenticates with
+            // this session's ICE password binds the address to it.
+            if !session.rtc.accepts(&input) {
+                return self.stats.drop(DropReason::BadStun);
+            }
+            session.addrs.push(source);
+            self.by_addr.insert(source, id);
+        }
+        session.stats.datagrams_in += 1;
+        session.stats.bytes_in += data.len() as u64;
+        if session.rtc.handle_input(input).is_err() {
+            self.stats.drop(DropReason::Rejected);
+        }
+        self.drain(id);
+        self.process(now);
+    }
+
+    fn session_for_stun(&self, data: &[u8]) -> Option<SessionId> {
+        let message = str0m::ice::StunMessage::parse(data).ok()?;
+        if !message.is_binding_request() {
+            return None;
+        }
+        let (ours, _theirs) = message.split_username()?;
+        self.by_ufrag.get(ours).copied()
+    }
+
+    /// Time passed: run every session whose timer is due, and close sessions
+    /// that never connected.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.next_timeout <= now || s.connect_deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(session) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            if session.connect_deadline.is_some_and(|d| d <= now) {
+                self.events.push_back(SfuEvent::Closed(id, CloseReason::ConnectTimeout));
+                self.remove_session(now, id);
+                continue;
+            }
+            if session.rtc.handle_input(Input::Timeout(now)).is_err() {
+                self.stats.drop(DropReason::Rejected);
+            }
+            self.drain(id);
+        }
+        self.process(now);
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<SfuEvent> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Sfu::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.sessions
+            .values()
+            .map(|s| match s.connect_deadline {
+                Some(deadline) => s.next_timeout.min(deadline),
+                None => s.next_timeout,
+            })
+            .min()
+    }
+
+    // ---- internals -------------------------------------------------------------
+
+    /// Drains one session's output: transmits are queued, events deferred.
+    fn drain(&mut self, id: SessionId) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        drain_session(id, session, &mut self.transmits, &mut self.deferred, &mut self.stats);
+    }
+
+    /// Acts on deferred str0m events until none are left.
+    fn process(&mut self, now: Instant) {
+        while let Some((id, event)) = self.deferred.pop_front() {
+            self.on_event(now, id, event);
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, id: SessionId, event: Event) {
+        match event {
+            Event::RtpPacket(packet) => self.forward(now, id, packet),
+            Event::Connected => {
+                let Some(session) = self.sessions.get_mut(&id) else {
+                    return;
+                };
+                session.connect_deadline = None;
+                self.events.push_back(SfuEvent::Connected(id));
+                if !session.wanted.is_empty() {
+                    self.events.push_back(SfuEvent::NegotiationNeeded(id));
+                }
+            }
+            Event::MediaAdded(added) => self.on_media_added(now, id, added.mid, added.kind, added.direction),
+            Event::KeyframeRequest(request) => {
+                let Some(session) = self.sessions.get(&id) else { return };
+                if let Some(track) = session.subscriptions.get(&request.mid).map(|s| s.track) {
+                    self.request_keyframe(now, track);
+                }
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected)
+                if self.sessions.get(&id).is_some_and(|s| s.connect_deadline.is_none()) =>
+            {
+                self.events.push_back(SfuEvent::Closed(id, CloseReason::Disconnected));
+                self.remove_session(now, id);
+            }
+            Event::Closed => {
+                self.events.push_back(SfuEvent::Closed(id, CloseReason::PeerClosed));
+                self.remove_session(now, id);
+            }
+            Event::MediaIngressStats(s) => {
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session.stats.ingress_loss = s.loss.or(session.stats.ingress_loss);
+                    session.stats.rtt = s.rtt.or(session.stats.rtt);
+                }
+            }
+            Event::MediaEgressStats(s) => {
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session.stats.egress_loss = s.loss.or(session.stats.egress_loss);
+                    session.stats.rtt = s.rtt.or(session.stats.rtt);
+                }
+            }
+            Event::EgressBitrateEstimate(estimate) => {
+                if let (Some(session), str0m::bwe::BweKind::Twcc { estimate, .. }) =
+                    (self.sessions.get_mut(&id), estimate)
+                {
+                    session.stats.egress_estimate_bps = Some(estimate.as_u64());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The peer sends on a new m-line: a new track, which everyone else in the room subscribes to.
+    fn on_media_added(&mut self, now: Instant, id: SessionId, mid: Mid, kind: MediaKind, direction: Direction) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if !direction.is_receiving() || session.published.contains_key(&mid) || session.subscriptions.contains_key(&mid)
+        {
+            return;
+        }
+        if session
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.added.iter().any(|(m, _)| *m == mid))
+        {
+            return;
+        }
+        let Some(media) = session.rtc.media(mid) else { return };
+        let publisher_stream_id = media.stream_id().to_string();
+        let codecs = session
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .map(|p| (p.pt(), *p))
+            .collect();
+        let track_id = TrackId(self.next_id);
+        self.next_id += 1;
+        let stream_id = msid_token(&format!("sb{}-{}", id.0, publisher_stream_id));
+        let room = session.room.clone();
+        session.published.insert(mid, track_id);
+        self.tracks.insert(
+            track_id,
+            Track {
+                room: room.clone(),
+                publisher: id,
+                mid,
+                kind,
+                stream_id,
+                publisher_stream_id,
+                subscribers: Vec::new(),
+                codecs,
+                last_keyframe_request: None,
+            },
+        );
+        let Some(room) = self.rooms.get_mut(&room) else { return };
+        room.tracks.push(track_id);
+        for other in room.sessions.clone() {
+            if other == id {
+                continue;
+            }
+            let Some(session) = self.sessions.get_mut(&other) else {
+                continue;
+            };
+            session.wanted.push(Change::Subscribe(track_id));
+            if session.rtc.is_connected() && session.pending.is_none() {
+                self.events.push_back(SfuEvent::NegotiationNeeded(other));
+            }
+        }
+        let _ = now;
+    }
+
+    /// Asks a track's publisher for a keyframe, at most once per interval.
+    fn request_keyframe(&mut self, now: Instant, track_id: TrackId) {
+        let interval = self.config.keyframe_request_interval;
+        let Some(track) = self.tracks.get_mut(&track_id) else {
+            return;
+        };
+        if track.kind != MediaKind::Video || track.last_keyframe_request.is_some_and(|t| now < t + interval) {
+            return;
+        }
+        let Some(publisher) = self.sessions.get_mut(&track.publisher) else {
+            return;
+        };
+        let mut api = publisher.rtc.direct_api();
+        let Some(rx) = api.stream_rx_by_mid(track.mid, None) else {
+            return;
+        };
+        rx.request_keyframe(KeyframeRequestKind::Pli);
+        track.last_keyframe_request = Some(now);
+        self.stats.keyframe_requests += 1;
+        let publisher_id = track.publisher;
+        self.drain(publisher_id);
+    }
+
+    /// The hot path: one RTP packet from a publisher to every subscriber of its track.
+    fn forward(&mut self, now: Instant, from: SessionId, packet: RtpPacket) {
+        let Some(publisher) = self.sessions.get_mut(&from) else {
+            return;
+        };
+        publisher.stats.packets_in += 1;
+        let ssrc = packet.header.ssrc;
+        let track_id = match publisher.ssrc_tracks.get(&ssrc) {
+            Some(t) => *t,
+            None => {
+                let mid = publisher.rtc.direct_api().stream_rx(&ssrc).map(|rx| rx.mid());
+                let Some(track) = mid.and_then(|mid| publisher.published.get(&mid).copied()) else {
+                    return self.stats.drop(DropReason::NoTrack);
+                };
+                publisher.ssrc_tracks.insert(ssrc, track);
+                track
+            }
+        };
+        let Some(track) = self.tracks.get(&track_id) else {
+            return self.stats.drop(DropReason::NoTrack);
+        };
+        let Some(params) = track
+            .codecs
+            .iter()
+            .find(|(pt, _)| *pt == packet.header.payload_type)
+            .map(|(_, p)| *p)
+        else {
+            return self.stats.drop(DropReason::UnknownPayloadType);
+        };
+        let codec = params.spec().codec;
+        let video = track.kind == MediaKind::Video;
+        let keyframe = codec::starts_keyframe(codec, &packet.payload);
+        let incoming = InPacket {
+            seq: *packet.seq_no,
+            timestamp: packet.header.timestamp,
+            arrival: packet.timestamp,
+            keyframe,
+        };
+        let ext = ExtensionValues {
+            audio_level: packet.header.ext_vals.audio_level,
+            voice_activity: packet.header.ext_vals.voice_activity,
+            video_orientation: packet.header.ext_vals.video_orientation,
+            ..Default::default()
+        };
+        let mut want_keyframe = false;
+        for &(sub_id, mid) in &track.subscribers {
+            let Some(subscriber) = self.sessions.get_mut(&sub_id) else {
+                continue;
+            };
+            let Some(subscription) = subscriber.subscriptions.get_mut(&mid) else {
+                continue;
+            };
+            let out = match subscription.forwarder.forward(incoming) {
+                Ok(out) => out,
+                Err(Skip::WaitingForKeyframe) => {
+                    want_keyframe = true;
+                    self.stats.drop(DropReason::WaitingForKeyframe);
+                    continue;
+                }
+                Err(Skip::BeforeSwitch) => {
+                    self.stats.drop(DropReason::BeforeSwitch);
+                    continue;
+                }
+            };
+            let pt = match subscription.pt_map.iter().find(|(src, _)| *src == params.pt()) {
+                Some((_, dst)) => *dst,
+                None => match subscriber.rtc.codec_config().match_params(params) {
+                    Some(dst) => {
+                        subscription.pt_map.push((params.pt(), dst.pt()));
+                        dst.pt()
+                    }
+                    None => {
+                        self.stats.drop(DropReason::CodecMismatch);
+                        continue;
+                    }
+                },
+            };
+            let mut api = subscriber.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+                self.stats.drop(DropReason::NoTrack);
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(
+                    pt,
+                    out.seq.into(),
+                    out.timestamp,
+                    packet.timestamp,
+                    packet.payload.clone(),
+                )
+                .marker(packet.header.marker)
+                .ext_vals(ext.clone())
+                .nackable(video),
+            );
+            subscriber.stats.packets_out += 1;
+            self.stats.packets_forwarded += 1;
+            drain_session(
+                sub_id,
+                subscriber,
+                &mut self.transmits,
+                &mut self.deferred,
+                &mut self.stats,
+            );
+        }
+        if want_keyframe {
+            self.request_keyframe(now, track_id);
+        }
+    }
+
+    fn remove_session(&mut self, now: Instant, id: SessionId) {
+        let Some(mut session) = self.sessions.remove(&id) else {
+            return;
+        };
+        // Its tracks leave the room; subscribers stop receiving at once and
+        // renegotiate to deactivate the m-lines.
+        for track_id in session.published.values() {
+            let Some(track) = self.tracks.remove(track_id) else {
+                continue;
+            };
+            if let Some(room) = self.rooms.get_mut(&track.room) {
+                room.tracks.retain(|t| t != track_id);
+            }
+            for (sub_id, mid) in track.subscribers {
+                let Some(subscriber) = self.sessions.get_mut(&sub_id) else {
+                    continue;
+                };
+                subscriber.subscriptions.remove(&mid);
+                subscriber.wanted.push(Change::Deactivate(mid));
+                self.stats.subscriptions = self.stats.subscriptions.saturating_sub(1);
+                if subscriber.rtc.is_connected() && subscriber.pending.is_none() {
+                    self.events.push_back(SfuEvent::NegotiationNeeded(sub_id));
+                }
+            }
+            for other in self.sessions.values_mut() {
+                other.wanted.retain(|c| *c != Change::Subscribe(*track_id));
+            }
+        }
+        // Its subscriptions leave the fan-out lists.
+        for (mid, subscription) in &session.subscriptions {
+            if let Some(track) = self.tracks.get_mut(&subscription.track) {
+                track.subscribers.retain(|(s, m)| !(*s == id && m == mid));
+                self.stats.subscriptions = self.stats.subscriptions.saturating_sub(1);
+            }
+        }
+        if let Some(room) = self.rooms.get_mut(&session.room) {
+            room.sessions.retain(|s| *s != id);
+            if room.sessions.is_empty() {
+                self.rooms.remove(&session.room);
+            }
+        }
+        for addr in &session.addrs {
+            self.by_addr.remove(addr);
+        }
+        self.by_ufrag.remove(&session.ufrag);
+        // Say goodbye (RTCP BYE, DTLS close_notify) if we still can.
+        if session.rtc.is_alive() && session.rtc.close().is_ok() {
+            let mut ignored = VecDeque::new();
+            drain_session(id, &mut session, &mut self.transmits, &mut ignored, &mut self.stats);
+        }
+        let _ = now;
+    }
+}
+
+fn drain_session(
+    id: SessionId,
+    session: &mut Session,
+    transmits: &mut VecDeque<Transmit>,
+    deferred: &mut VecDeque<(SessionId, Event)>,
+    stats: &mut ShardStats,
+) {
+    loop {
+        match session.rtc.poll_output() {
+            Ok(Output::Timeout(at)) => {
+                session.next_timeout = at;
+                return;
+            }
+            Ok(Output::Transmit(transmit)) => {
+                session.stats.datagrams_out += 1;
+                session.stats.bytes_out += transmit.contents.len() as u64;
+                stats.datagrams_out += 1;
+                transmits.push_back(transmit);
+            }
+            Ok(Output::Event(event)) => deferred.push_back((id, event)),
+            Err(e) => {
+                tracing::debug!(session = %id, error = %e, "session failed");
+                stats.drop(DropReason::Rejected);
+                // A broken Rtc will not recover; let its timer fire soon so it gets closed.
+                session.next_timeout = session.next_timeout.min(Instant::now());
+                return;
+            }
+        }
+    }
+}

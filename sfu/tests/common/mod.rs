@@ -1,0 +1,382 @@
+//! A simulated network in virtual time for the SFU core: str0m clients (real
+//! ICE, DTLS-SRTP, RTP) and one `Sfu`, exchanging datagrams through a queue
+//! with latency and optional deterministic loss. Nothing sleeps; time jumps to
+//! the next thing due.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpWrite};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use switchboard_sfu::{Participant, RoomId, SessionId, Sfu, SfuConfig, SfuEvent, StreamInfo};
+
+/// Decides whether a datagram (source, destination, bytes) is lost on the wire.
+pub type LossFn = Box<dyn FnMut(SocketAddr, SocketAddr, &[u8]) -> bool>;
+
+pub const LATENCY: Duration = Duration::from_millis(10);
+const AUDIO_EVERY: Duration = Duration::from_millis(20);
+const VIDEO_EVERY: Duration = Duration::from_millis(33);
+
+struct Datagram {
+    at: Instant,
+    source: SocketAddr,
+    destination: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// What one client received on one of its m-lines.
+#[derive(Debug, Default, Clone)]
+pub struct Received {
+    pub stream_id: String,
+    pub kind: Option<MediaKind>,
+    /// (extended sequence number, arrival, first payload bytes) of each RTP packet.
+    pub packets: Vec<(u64, Instant, Vec<u8>)>,
+}
+
+pub struct Client {
+    pub name: String,
+    pub rtc: Rtc,
+    pub addr: SocketAddr,
+    pub session: Option<SessionId>,
+    next_timeout: Instant,
+    audio: Mid,
+    video: Mid,
+    audio_seq: u64,
+    video_seq: u64,
+    next_audio: Instant,
+    next_video: Instant,
+    /// Send a keyframe on the next video tick.
+    keyframe_due: bool,
+    /// Besides requests, a keyframe every this many frames.
+    pub keyframe_every: u64,
+    pub sending: bool,
+    pub received: BTreeMap<Mid, Received>,
+    pub keyframe_requests: u64,
+    /// Streams the SFU said this client receives (from its last offer).
+    pub streams: Vec<StreamInfo>,
+    pub joined_at: Instant,
+}
+
+pub struct World {
+    pub start: Instant,
+    pub now: Instant,
+    pub sfu: Sfu,
+    pub sfu_addr: SocketAddr,
+    pub clients: Vec<Client>,
+    wire: VecDeque<Datagram>,
+    pub loss: Option<LossFn>,
+    pub events: Vec<(Instant, SfuEvent)>,
+    pub room: RoomId,
+}
+
+fn client_config() -> RtcConfig {
+    RtcConfig::new()
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+}
+
+impl World {
+    pub fn new() -> Self {
+        let start = Instant::now();
+        let sfu_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        Self {
+            start,
+            now: start,
+            sfu: Sfu::new(SfuConfig::new(sfu_addr)),
+            sfu_addr,
+            clients: Vec::new(),
+            wire: VecDeque::new(),
+            loss: None,
+            events: Vec::new(),
+            room: RoomId("!room:test".into()),
+        }
+    }
+
+    /// A client joins the room: its offer has audio and video, send and receive, like a browser's.
+    pub fn join(&mut self, name: &str) -> usize {
+        let index = self.clients.len();
+        let addr: SocketAddr = format!("127.0.0.{}:5000", 10 + index).parse().expect("addr");
+        let mut rtc = client_config().build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").expect("candidate"));
+        let mut api = rtc.sdp_api();
+        let stream = format!("{name}-cam");
+        let audio = api.add_media(MediaKind::Audio, Direction::SendRecv, Some(stream.clone()), None, None);
+        let video = api.add_media(MediaKind::Video, Direction::SendRecv, Some(stream), None, None);
+        let (offer, pending) = api.apply().expect("an offer");
+        let participant = Participant {
+            user_id: format!("@{name}:test"),
+            device_id: format!("{name}DEV"),
+        };
+        let (session, answer) = self
+            .sfu
+            .open_session(self.now, self.room.clone(), participant, &offer.to_sdp_string())
+            .expect("open");
+        rtc.sdp_api()
+            .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("answer"))
+            .expect("accept");
+        self.clients.push(Client {
+            name: name.to_string(),
+            rtc,
+            addr,
+            session: Some(session),
+            next_timeout: self.now,
+            audio,
+            video,
+            audio_seq: 0,
+            video_seq: 0,
+            next_audio: self.now,
+            next_video: self.now,
+            keyframe_due: true,
+            keyframe_every: 90,
+            sending: true,
+            received: BTreeMap::new(),
+            keyframe_requests: 0,
+            streams: Vec::new(),
+            joined_at: self.now,
+        });
+        self.drain_client(index);
+        self.pump_sfu();
+        index
+    }
+
+    /// The client hangs up: the SFU closes its session.
+    pub fn leave(&mut self, index: usize) {
+        if let Some(session) = self.clients[index].session.take() {
+            self.sfu.close_session(self.now, session);
+            self.clients[index].sending = false;
+            self.pump_sfu();
+        }
+    }
+
+    fn drain_client(&mut self, index: usize) {
+        let now = self.now;
+        let client = &mut self.clients[index];
+        loop {
+            match client.rtc.poll_output().expect("client output") {
+                Output::Timeout(t) => {
+                    client.next_timeout = t;
+                    break;
+                }
+                Output::Transmit(t) => self.wire.push_back(Datagram {
+                    at: now + LATENCY,
+                    source: t.source,
+                    destination: t.destination,
+                    data: t.contents.to_vec(),
+                }),
+                Output::Event(event) => match event {
+                    Event::RtpPacket(packet) => {
+                        let mid = client
+                            .rtc
+                            .direct_api()
+                            .stream_rx(&packet.header.ssrc)
+                            .map(|rx| rx.mid());
+                        let Some(mid) = mid else { continue };
+                        let entry = client.received.entry(mid).or_default();
+                        if entry.stream_id.is_empty()
+                            && let Some(media) = client.rtc.media(mid)
+                        {
+                            entry.stream_id = media.stream_id().to_string();
+                            entry.kind = Some(media.kind());
+                        }
+                        let head = packet.payload.iter().take(2).copied().collect();
+                        entry.packets.push((*packet.seq_no, now, head));
+                    }
+                    Event::KeyframeRequest(request)
+                        if request.kind == KeyframeRequestKind::Pli || request.kind == KeyframeRequestKind::Fir =>
+                    {
+                        client.keyframe_requests += 1;
+                        client.keyframe_due = true;
+                    }
+                    _ => {}
+                },
+            }
+        }
+    }
+
+    fn pump_sfu(&mut self) {
+        while let Some(t) = self.sfu.poll_transmit() {
+            self.wire.push_back(Datagram {
+                at: self.now + LATENCY,
+                source: t.source,
+                destination: t.destination,
+                data: t.contents.to_vec(),
+            });
+        }
+        while let Some(event) = self.sfu.poll_event() {
+            self.events.push((self.now, event.clone()));
+            if let SfuEvent::NegotiationNeeded(session) = event {
+                self.renegotiate(session);
+            }
+        }
+    }
+
+    /// Signalling in zero time: the SFU's offer to the client, the client's answer back.
+    fn renegotiate(&mut self, session: SessionId) {
+        let Some(offer) = self.sfu.create_offer(self.now, session).expect("create offer") else {
+            return;
+        };
+        let Some(index) = self.clients.iter().position(|c| c.session == Some(session)) else {
+            return;
+        };
+        let client = &mut self.clients[index];
+        client.streams = offer.streams.clone();
+        let answer = client
+            .rtc
+            .sdp_api()
+            .accept_offer(SdpOffer::from_sdp_string(&offer.sdp).expect("offer parses"))
+            .expect("client accepts");
+        self.drain_client(index);
+        self.sfu
+            .accept_answer(self.now, session, &answer.to_sdp_string())
+            .expect("sfu accepts answer");
+        self.pump_sfu();
+    }
+
+    fn send_media(&mut self, index: usize) {
+        let now = self.now;
+        let client = &mut self.clients[index];
+        if !client.sending || !client.rtc.is_connected() {
+            return;
+        }
+        if now >= client.next_audio {
+            client.next_audio += AUDIO_EVERY;
+            let pt = client
+                .rtc
+                .codec_config()
+                .find(|p| p.spec().codec == Codec::Opus)
+                .map(|p| p.pt());
+            let mut api = client.rtc.direct_api();
+            if let (Some(pt), Some(tx)) = (pt, api.stream_tx_by_mid(client.audio, None)) {
+                let ext = ExtensionValues {
+                    audio_level: Some(-30),
+                    voice_activity: Some(true),
+                    ..Default::default()
+                };
+                let ts = (client.audio_seq * 960) as u32;
+                tx.write_rtp(RtpWrite::new(pt, client.audio_seq.into(), ts, now, vec![0xfc; 80]).ext_vals(ext));
+                client.audio_seq += 1;
+            }
+        }
+        if now >= client.next_video {
+            client.next_video += VIDEO_EVERY;
+            let pt = client
+                .rtc
+                .codec_config()
+                .find(|p| p.spec().codec == Codec::Vp8)
+                .map(|p| p.pt());
+            let frame = client.video_seq;
+            let keyframe =
+                client.keyframe_due || (client.keyframe_every > 0 && frame.is_multiple_of(client.keyframe_every));
+            client.keyframe_due = false;
+            let mut api = client.rtc.direct_api();
+            if let (Some(pt), Some(tx)) = (pt, api.stream_tx_by_mid(client.video, None)) {
+                // VP8 descriptor (S=1, partition 0), then the payload header: P=0 for a keyframe.
+                let mut payload = vec![0x10, if keyframe { 0x00 } else { 0x01 }];
+                payload.resize(1000, 0x55);
+                let ts = (frame * 3000) as u32;
+                tx.write_rtp(
+                    RtpWrite::new(pt, frame.into(), ts, now, payload)
+                        .marker(true)
+                        .nackable(true),
+                );
+                client.video_seq += 1;
+            }
+        }
+        self.drain_client(index);
+    }
+
+    /// Runs the world for `duration` of virtual time.
+    pub fn run(&mut self, duration: Duration) {
+        let until = self.now + duration;
+        while self.now < until {
+            let mut next = until;
+            next = next.min(self.now + Duration::from_millis(5));
+            if let Some(t) = self.sfu.poll_timeout() {
+                next = next.min(t.max(self.now));
+            }
+            for c in &self.clients {
+                next = next.min(c.next_timeout.max(self.now));
+            }
+            if let Some(t) = self.wire.iter().map(|d| d.at).min() {
+                next = next.min(t.max(self.now));
+            }
+            // Always move forward a little so a stuck timer cannot stall the loop.
+            self.now = next.max(self.now + Duration::from_micros(100));
+            self.deliver();
+            for i in 0..self.clients.len() {
+                if self.clients[i].next_timeout <= self.now {
+                    self.clients[i]
+                        .rtc
+                        .handle_input(Input::Timeout(self.now))
+                        .expect("client timeout");
+                    self.drain_client(i);
+                }
+            }
+            if self.sfu.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.sfu.handle_timeout(self.now);
+                self.pump_sfu();
+            }
+            for i in 0..self.clients.len() {
+                self.send_media(i);
+            }
+        }
+    }
+
+    fn deliver(&mut self) {
+        let now = self.now;
+        let mut due = Vec::new();
+        let mut rest = VecDeque::new();
+        for d in self.wire.drain(..) {
+            if d.at <= now { due.push(d) } else { rest.push_back(d) }
+        }
+        self.wire = rest;
+        for d in due {
+            if let Some(loss) = self.loss.as_mut()
+                && loss(d.source, d.destination, &d.data)
+            {
+                continue;
+            }
+            if d.destination == self.sfu_addr {
+                self.sfu.handle_receive(now, d.source, d.destination, &d.data);
+                self.pump_sfu();
+            } else if let Some(i) = self.clients.iter().position(|c| c.addr == d.destination) {
+                let receive = Receive::new(Protocol::Udp, d.source, d.destination, &d.data).expect("datagram");
+                if self.clients[i].rtc.handle_input(Input::Receive(now, receive)).is_ok() {
+                    self.drain_client(i);
+                }
+            }
+        }
+    }
+
+    /// Injects a raw datagram at the SFU, as from `source`.
+    pub fn inject(&mut self, source: SocketAddr, data: &[u8]) {
+        self.sfu.handle_receive(self.now, source, self.sfu_addr, data);
+        self.pump_sfu();
+    }
+
+    /// Per publisher user id and kind: the packets `index` received from them.
+    pub fn received_from(&self, index: usize) -> HashMap<(String, MediaKind), Received> {
+        let client = &self.clients[index];
+        let mut out = HashMap::new();
+        for received in client.received.values() {
+            let Some(stream) = client.streams.iter().find(|s| s.stream_id == received.stream_id) else {
+                continue;
+            };
+            let Some(kind) = received.kind else { continue };
+            out.insert((stream.publisher.user_id.clone(), kind), received.clone());
+        }
+        out
+    }
+}
+
+/// Whether an SRTP datagram carries RTP of payload type `pt` (the RTP header is in the clear).
+pub fn is_rtp_with_pt(data: &[u8], pt: u8) -> bool {
+    data.len() > 12 && data[0] >> 6 == 2 && (data[1] & 0x7f) == pt
+}

@@ -1,0 +1,278 @@
+//! Simulation tests of the SFU core in virtual time: real str0m peers, a
+//! simulated network, no sockets and no sleeping.
+
+mod common;
+
+use common::{World, is_rtp_with_pt};
+use std::time::Duration;
+use str0m::media::MediaKind;
+use switchboard_sfu::{DropReason, SfuEvent};
+
+fn user(name: &str) -> String {
+    format!("@{name}:test")
+}
+
+#[test]
+fn three_participants_exchange_audio_and_video() {
+    let mut world = World::new();
+    let names = ["alice", "bob", "carol"];
+    for name in names {
+        world.join(name);
+    }
+    world.run(Duration::from_secs(4));
+    for (i, me) in names.iter().enumerate() {
+        let got = world.received_from(i);
+        for other in names.iter().filter(|n| *n != me) {
+            for kind in [MediaKind::Audio, MediaKind::Video] {
+                let received = got
+                    .get(&(user(other), kind))
+                    .unwrap_or_else(|| panic!("{me} got no {kind} from {other}"));
+                assert!(
+                    received.packets.len() > 40,
+                    "{me} got only {} {kind} packets from {other}",
+                    received.packets.len()
+                );
+            }
+        }
+        assert!(
+            !got.contains_key(&(user(me), MediaKind::Audio)),
+            "{me} must not receive itself"
+        );
+        // Every stream is labelled with its publisher: user and device.
+        let streams = &world.clients[i].streams;
+        assert_eq!(streams.len(), 2, "{me}: {streams:?}");
+        assert!(
+            streams
+                .iter()
+                .all(|s| s.audio && s.video && s.publisher.device_id.ends_with("DEV"))
+        );
+    }
+    let stats = world.sfu.stats();
+    assert_eq!(
+        (stats.sessions, stats.rooms, stats.tracks, stats.subscriptions),
+        (3, 1, 6, 12)
+    );
+    assert!(stats.packets_forwarded > 1000);
+    // Sequence numbers arrive contiguous (no loss on this network).
+    for received in world.clients[0].received.values() {
+        let seqs: Vec<u64> = received.packets.iter().map(|p| p.0).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "gaps in {seqs:?}");
+    }
+}
+
+#[test]
+fn late_joiner_gets_a_keyframe_promptly() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    world.join("bob");
+    // Keyframes only on request from now on.
+    world.clients[alice].keyframe_every = 0;
+    world.run(Duration::from_secs(3));
+    let requests_before = world.clients[alice].keyframe_requests;
+
+    let carol = world.join("carol");
+    let joined = world.now;
+    world.run(Duration::from_secs(2));
+    let from_alice = world.received_from(carol);
+    let video = from_alice
+        .get(&(user("alice"), MediaKind::Video))
+        .expect("carol receives alice's video");
+    let (_, first_at, head) = &video.packets[0];
+    assert_eq!(head[1] & 0x01, 0, "the first video packet carol gets starts a keyframe");
+    assert!(
+        *first_at - joined < Duration::from_millis(800),
+        "first video after {:?}",
+        *first_at - joined
+    );
+    assert!(
+        world.clients[alice].keyframe_requests > requests_before,
+        "the SFU asked alice for a keyframe"
+    );
+    assert!(
+        world.sfu.stats().drops(DropReason::WaitingForKeyframe) > 0,
+        "interframes before it were held back"
+    );
+}
+
+#[test]
+fn a_participant_leaving_is_removed_from_the_others() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    let carol = world.join("carol");
+    world.run(Duration::from_secs(2));
+    let session = world.clients[carol].session.expect("carol's session");
+    // The m-lines on which alice and bob receive carol.
+    let carol_mids: Vec<Vec<str0m::media::Mid>> = [alice, bob]
+        .iter()
+        .map(|&i| {
+            let carol_streams: Vec<String> = world.clients[i]
+                .streams
+                .iter()
+                .filter(|s| s.publisher.user_id == user("carol"))
+                .map(|s| s.stream_id.clone())
+                .collect();
+            world.clients[i]
+                .received
+                .iter()
+                .filter(|(_, r)| carol_streams.contains(&r.stream_id))
+                .map(|(m, _)| *m)
+                .collect()
+        })
+        .collect();
+    assert!(
+        carol_mids.iter().all(|m| m.len() == 2),
+        "audio and video from carol: {carol_mids:?}"
+    );
+    world.leave(carol);
+    let left_at = world.now;
+    world.run(Duration::from_secs(2));
+    for (n, &i) in [alice, bob].iter().enumerate() {
+        // Nothing from carol after she left (packets in flight excepted).
+        for mid in &carol_mids[n] {
+            let late = world.clients[i].received[mid]
+                .packets
+                .iter()
+                .filter(|p| p.1 > left_at + 2 * common::LATENCY)
+                .count();
+            assert_eq!(late, 0, "client {i} kept receiving carol");
+        }
+        // The others still hear each other.
+        let got = world.received_from(i);
+        let other = if i == alice { "bob" } else { "alice" };
+        let recent = got[&(user(other), MediaKind::Audio)]
+            .packets
+            .iter()
+            .filter(|p| p.1 > left_at)
+            .count();
+        assert!(recent > 50, "client {i} stopped receiving {other}");
+        // They were renegotiated: carol's stream is no longer announced, her m-lines are inactive.
+        assert!(
+            world.clients[i]
+                .streams
+                .iter()
+                .all(|s| s.publisher.user_id != user("carol"))
+        );
+        for mid in &carol_mids[n] {
+            let direction = world.clients[i].rtc.media(*mid).map(|m| m.direction());
+            assert_eq!(
+                direction,
+                Some(str0m::media::Direction::Inactive),
+                "client {i} m-line {mid}"
+            );
+        }
+    }
+    let stats = world.sfu.stats();
+    assert_eq!((stats.sessions, stats.tracks, stats.subscriptions), (2, 4, 4));
+    assert!(world.sfu.session_stats(session).is_none());
+    assert!(
+        world
+            .events
+            .iter()
+            .any(|(at, e)| *at >= left_at && matches!(e, SfuEvent::NegotiationNeeded(_)))
+    );
+}
+
+#[test]
+fn five_percent_loss_is_recovered_by_nack() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    let (sfu, bob_addr) = (world.sfu_addr, world.clients[bob].addr);
+    // Drop every 20th VP8 packet (PT 96) from the SFU to bob; retransmissions (RTX, PT 97) pass.
+    let mut count = 0u64;
+    world.loss = Some(Box::new(move |src, dst, data| {
+        if src == sfu && dst == bob_addr && is_rtp_with_pt(data, 96) {
+            count += 1;
+            return count.is_multiple_of(20);
+        }
+        false
+    }));
+    world.run(Duration::from_secs(6));
+    world.loss = None;
+    world.clients[alice].sending = false;
+    world.run(Duration::from_secs(1));
+    let video = &world.received_from(bob)[&(user("alice"), MediaKind::Video)];
+    let mut seqs: Vec<u64> = video.packets.iter().map(|p| p.0).collect();
+    assert!(seqs.len() > 150, "bob got {} video packets", seqs.len());
+    let reordered = seqs.windows(2).filter(|w| w[1] < w[0]).count();
+    assert!(reordered > 0, "some packets were lost and came back late, out of order");
+    seqs.sort_unstable();
+    seqs.dedup();
+    let span = seqs[seqs.len() - 1] - seqs[0] + 1;
+    assert_eq!(span, seqs.len() as u64, "every lost packet was recovered");
+}
+
+#[test]
+fn garbage_and_strangers_are_counted_drops() {
+    let mut world = World::new();
+    world.join("alice");
+    world.join("bob");
+    world.run(Duration::from_secs(1));
+    let alice_addr = world.clients[0].addr;
+    let stranger = "127.0.0.99:9999".parse().expect("addr");
+    let before = world.sfu.stats();
+    let mut garbage = vec![0u8; 0];
+    for i in 0..200u32 {
+        garbage.clear();
+        garbage.extend((0..(i % 300)).map(|b| (b.wrapping_mul(31).wrapping_add(i)) as u8));
+        world.inject(stranger, &garbage);
+        world.inject(alice_addr, &garbage);
+    }
+    // Truncated and replayed copies of real traffic from a stranger's address.
+    world.inject(stranger, &[0x00, 0x01, 0x00, 0x00]);
+    world.inject(stranger, &[0x80, 0x60, 0x00, 0x01, 0, 0, 0, 0]);
+    let after = world.sfu.stats();
+    assert!(after.drops(DropReason::UnknownSource) >= before.drops(DropReason::UnknownSource) + 200);
+    assert!(
+        after.drops(DropReason::Malformed) + after.drops(DropReason::Rejected) > before.drops(DropReason::Rejected)
+    );
+    // Everyone still works.
+    world.run(Duration::from_secs(2));
+    let got = world.received_from(1);
+    let recent = got[&(user("alice"), MediaKind::Audio)]
+        .packets
+        .iter()
+        .filter(|p| p.1 > world.now - Duration::from_secs(1))
+        .count();
+    assert!(recent > 40, "bob still hears alice ({recent})");
+    assert_eq!(world.sfu.stats().sessions, 2);
+}
+
+#[test]
+fn bad_sdp_is_an_error_not_a_panic() {
+    let mut world = World::new();
+    let now = world.now;
+    let room = world.room.clone();
+    let who = switchboard_sfu::Participant {
+        user_id: "@x:test".into(),
+        device_id: "X".into(),
+    };
+    for sdp in ["", "v=0", "garbage\r\nmore", &"a".repeat(100_000)] {
+        assert!(world.sfu.open_session(now, room.clone(), who.clone(), sdp).is_err());
+    }
+    assert_eq!(world.sfu.stats().sessions, 0);
+    let alice = world.join("alice");
+    let session = world.clients[alice].session.expect("session");
+    assert!(world.sfu.accept_answer(now, session, "v=0").is_err());
+    assert!(world.sfu.accept_offer(now, session, "nonsense").is_err());
+    world.run(Duration::from_millis(500));
+    assert!(world.sfu.is_connected(session));
+}
+
+#[test]
+fn a_session_that_never_connects_is_closed() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    // Cut alice off entirely: nothing she sends arrives.
+    let alice_addr = world.clients[alice].addr;
+    world.loss = Some(Box::new(move |src, _, _| src == alice_addr));
+    world.run(Duration::from_secs(25));
+    assert!(
+        world
+            .events
+            .iter()
+            .any(|(_, e)| matches!(e, SfuEvent::Closed(_, switchboard_sfu::CloseReason::ConnectTimeout)))
+    );
+    assert_eq!(world.sfu.stats().sessions, 0);
+}
