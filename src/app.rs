@@ -1,10 +1,11 @@
 //! Starts the parts of Switchboard and owns their lifetime.
 //!
-//! Today the parts are the companion homeserver and the operational endpoints;
-//! the TURN relay, the SFU shards, the conference bot and the web demo join the
-//! same process as their issues land.
+//! Today the parts are the companion homeserver, the SFU media shards (all-in-one
+//! mode) and the operational endpoints; the TURN relay, the conference bot and
+//! the web demo join the same process as their issues land.
 
 use crate::config::Config;
+use crate::drivers::media::ShardSet;
 use crate::secrets;
 use anyhow::{Context, Result};
 use homeserver::store::SqliteStore;
@@ -33,6 +34,8 @@ pub struct Running {
     /// The base URL clients should use.
     pub base_url: String,
     pub homeserver: Arc<Homeserver>,
+    /// The SFU shards (all-in-one mode).
+    pub media: Option<ShardSet>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -40,11 +43,16 @@ pub struct Running {
 impl Running {
     /// The URLs a person opens, one per line.
     pub fn urls(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut urls = vec![
             ("Homeserver (Matrix Client-Server API)", self.base_url.clone()),
             ("Health", format!("{}/healthz", self.base_url)),
             ("Metrics", format!("{}/metrics", self.base_url)),
-        ]
+        ];
+        if let Some(media) = &self.media {
+            let ports: Vec<String> = media.shards().iter().map(|s| s.advertised_addr.to_string()).collect();
+            urls.push(("SFU media (UDP, one port per shard)", ports.join(" ")));
+        }
+        urls
     }
 
     /// Stops accepting requests and waits (briefly) for those in flight.
@@ -109,7 +117,21 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
         Box::new(store),
     );
 
-    let app = crate::http::router(Arc::clone(&hs), started);
+    let media = if mode == Mode::AllInOne {
+        let (shards, mut events) =
+            ShardSet::spawn(config.media.bind, config.media_advertised_ip(), config.media.shards)?;
+        // Until the conference bot lands nobody opens sessions; keep the queue empty.
+        tokio::spawn(async move {
+            while let Some((shard, event)) = events.recv().await {
+                tracing::debug!(shard, ?event, "media event");
+            }
+        });
+        Some(shards)
+    } else {
+        None
+    };
+
+    let app = crate::http::router(Arc::clone(&hs), media.clone(), started);
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -123,6 +145,7 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
         http_addr,
         base_url,
         homeserver: hs,
+        media,
         shutdown,
         server,
     })

@@ -28,6 +28,20 @@ pub struct Config {
     pub registration: RegistrationConfig,
     pub rate_limit: RateLimitConfig,
     pub turn: TurnConfig,
+    pub media: MediaConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Where the first SFU shard's UDP socket binds; shard `i` uses port + i
+    /// (port 0: each shard picks a free port).
+    pub bind: SocketAddr,
+    /// The IP put in SDP answers (the public address of a host behind NAT);
+    /// empty: the bound IP.
+    pub advertised_ip: String,
+    /// SFU shards (threads, one UDP port each); 0 = one per CPU core.
+    pub shards: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +120,11 @@ impl Default for Config {
                 static_auth_secret: String::new(),
                 credential_ttl_secs: 86_400,
             },
+            media: MediaConfig {
+                bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+                advertised_ip: String::new(),
+                shards: 0,
+            },
         }
     }
 }
@@ -128,6 +147,11 @@ impl Default for RegistrationConfig {
 impl Default for RateLimitConfig {
     fn default() -> Self {
         Config::default().rate_limit
+    }
+}
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Config::default().media
     }
 }
 impl Default for TurnConfig {
@@ -220,7 +244,24 @@ impl Config {
         if !(60..=7 * 86_400).contains(&self.turn.credential_ttl_secs) {
             bail!("config key 'turn.credential_ttl_secs': must be between 60 and 604800");
         }
+        if !self.media.advertised_ip.is_empty() && self.media.advertised_ip.parse::<std::net::IpAddr>().is_err() {
+            bail!(
+                "config key 'media.advertised_ip': '{}' is not an IP address",
+                self.media.advertised_ip
+            );
+        }
+        if self.media.bind.ip().is_unspecified() && self.media.advertised_ip.is_empty() {
+            bail!("config key 'media.advertised_ip': required when media.bind listens on all interfaces");
+        }
+        if self.media.shards > 256 {
+            bail!("config key 'media.shards': at most 256");
+        }
         Ok(())
+    }
+
+    /// The advertised media IP, if one is configured.
+    pub fn media_advertised_ip(&self) -> Option<std::net::IpAddr> {
+        self.media.advertised_ip.parse().ok()
     }
 
     /// The effective config as TOML, with secrets masked.
@@ -240,6 +281,7 @@ impl Config {
         };
         config.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
         config.log.level = "warn".into();
+        config.media.shards = 1;
         config
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP front: the homeserver's routes plus `/healthz` and `/metrics`.
 
+use crate::drivers::media::ShardSet;
 use axum::Router;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -8,15 +9,22 @@ use homeserver::Homeserver;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub fn router(hs: Arc<Homeserver>, started: Instant) -> Router {
+pub fn router(hs: Arc<Homeserver>, media: Option<ShardSet>, started: Instant) -> Router {
     let metrics_hs = Arc::clone(&hs);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/metrics",
             get(move || {
-                let body = crate::metrics::render(started, &metrics_hs);
-                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response() }
+                let (hs, media) = (Arc::clone(&metrics_hs), media.clone());
+                async move {
+                    let shards = match &media {
+                        Some(media) => media.stats().await,
+                        None => Vec::new(),
+                    };
+                    let body = crate::metrics::render(started, &hs, &shards);
+                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+                }
             }),
         )
         .merge(homeserver::router(hs))

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod config;
+pub mod drivers;
 pub mod http;
 pub mod metrics;
 pub mod secrets;

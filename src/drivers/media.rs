@@ -1,0 +1,319 @@
+//! The media shard driver: one thread, one UDP socket, one [`Sfu`].
+//!
+//! The thread runs a single-threaded tokio runtime and loops: wait for a
+//! datagram, a command or the core's next timeout; feed it to the core; send
+//! every transmit; forward every event. The core is owned by this thread
+//! alone; the rest of the process talks to it through [`ShardHandle`]:
+//! - commands go through a bounded channel (capacity [`COMMAND_QUEUE`]); a full
+//!   queue makes the caller wait (backpressure on signalling, never on media);
+//! - events come back on an unbounded channel: they are per signalling action
+//!   (a session connected, a renegotiation is due), never per packet.
+
+use anyhow::{Context, Result};
+use sfu::{Offer, Participant, RoomId, SessionId, SessionStats, Sfu, SfuConfig, SfuError, SfuEvent, ShardStats};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands waiting for the shard before callers are made to wait.
+pub const COMMAND_QUEUE: usize = 1024;
+/// Largest datagram read (above any MTU WebRTC uses).
+const MAX_DATAGRAM: usize = 2048;
+/// How long the loop sleeps when the core has no timer at all.
+const IDLE_WAKE: Duration = Duration::from_millis(200);
+
+type Reply<T> = oneshot::Sender<Result<T, SfuError>>;
+
+enum Command {
+    Open {
+        room: RoomId,
+        participant: Participant,
+        offer: String,
+        reply: Reply<(SessionId, String)>,
+    },
+    CreateOffer {
+        session: SessionId,
+        reply: Reply<Option<Offer>>,
+    },
+    AcceptAnswer {
+        session: SessionId,
+        answer: String,
+        reply: Reply<()>,
+    },
+    AcceptOffer {
+        session: SessionId,
+        offer: String,
+        reply: Reply<String>,
+    },
+    Close {
+        session: SessionId,
+    },
+    Stats {
+        reply: oneshot::Sender<ShardStats>,
+    },
+    SessionStats {
+        session: SessionId,
+        reply: oneshot::Sender<Option<SessionStats>>,
+    },
+}
+
+/// The rest of the process's handle on a shard.
+#[derive(Debug, Clone)]
+pub struct ShardHandle {
+    /// Where the shard's socket is bound.
+    pub local_addr: SocketAddr,
+    /// The address its answers advertise.
+    pub advertised_addr: SocketAddr,
+    commands: mpsc::Sender<Command>,
+}
+
+/// Starts a shard bound to `bind`; answers advertise `advertised_ip` (default:
+/// the bound IP) with the bound port.
+pub fn spawn_shard(
+    bind: SocketAddr,
+    advertised_ip: Option<std::net::IpAddr>,
+) -> Result<(ShardHandle, mpsc::UnboundedReceiver<SfuEvent>)> {
+    let socket = std::net::UdpSocket::bind(bind).with_context(|| format!("binding the media socket to {bind}"))?;
+    socket.set_nonblocking(true)?;
+    let local_addr = socket.local_addr()?;
+    let ip = advertised_ip.unwrap_or(local_addr.ip());
+    anyhow::ensure!(
+        !ip.is_unspecified(),
+        "the media socket is bound to {bind}: set an advertised IP for the SFU (media.advertised_ip)"
+    );
+    let advertised_addr = SocketAddr::new(ip, local_addr.port());
+    let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (event_tx, events) = mpsc::unbounded_channel();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new()
+        .name(format!("media-{}", local_addr.port()))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let sfu = Sfu::new(SfuConfig::new(advertised_addr));
+                if let Err(e) = run(socket, advertised_addr, sfu, command_rx, event_tx).await {
+                    tracing::error!(error = %e, "media shard stopped");
+                }
+            });
+        })?;
+    Ok((
+        ShardHandle {
+            local_addr,
+            advertised_addr,
+            commands,
+        },
+        events,
+    ))
+}
+
+async fn run(
+    socket: std::net::UdpSocket,
+    advertised_addr: SocketAddr,
+    mut sfu: Sfu,
+    mut commands: mpsc::Receiver<Command>,
+    events: mpsc::UnboundedSender<SfuEvent>,
+) -> Result<()> {
+    let socket = tokio::net::UdpSocket::from_std(socket)?;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let wake = sfu.poll_timeout().unwrap_or_else(|| Instant::now() + IDLE_WAKE);
+        tokio::select! {
+            received = socket.recv_from(&mut buf) => match received {
+                Ok((len, source)) => {
+                    sfu.handle_receive(Instant::now(), source, advertised_addr, &buf[..len]);
+                    // Take whatever else is already queued without waiting again.
+                    while let Ok((len, source)) = socket.try_recv_from(&mut buf) {
+                        sfu.handle_receive(Instant::now(), source, advertised_addr, &buf[..len]);
+                    }
+                }
+                // ICMP errors (port unreachable) surface here on Linux; they concern one peer only.
+                Err(e) => tracing::debug!(error = %e, "media socket receive error"),
+            },
+            command = commands.recv() => match command {
+                Some(command) => execute(&mut sfu, command),
+                None => return Ok(()),
+            },
+            () = tokio::time::sleep_until(wake.into()) => sfu.handle_timeout(Instant::now()),
+        }
+        while let Some(transmit) = sfu.poll_transmit() {
+            match socket.try_send_to(&transmit.contents, transmit.destination) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let _ = socket.send_to(&transmit.contents, transmit.destination).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "media socket send error"),
+            }
+        }
+        while let Some(event) = sfu.poll_event() {
+            if events.send(event).is_err() {
+                tracing::debug!("nobody listens to media events");
+            }
+        }
+    }
+}
+
+fn execute(sfu: &mut Sfu, command: Command) {
+    let now = Instant::now();
+    match command {
+        Command::Open {
+            room,
+            participant,
+            offer,
+            reply,
+        } => {
+            let _ = reply.send(sfu.open_session(now, room, participant, &offer));
+        }
+        Command::CreateOffer { session, reply } => {
+            let _ = reply.send(sfu.create_offer(now, session));
+        }
+        Command::AcceptAnswer { session, answer, reply } => {
+            let _ = reply.send(sfu.accept_answer(now, session, &answer));
+        }
+        Command::AcceptOffer { session, offer, reply } => {
+            let _ = reply.send(sfu.accept_offer(now, session, &offer));
+        }
+        Command::Close { session } => sfu.close_session(now, session),
+        Command::Stats { reply } => {
+            let _ = reply.send(sfu.stats());
+        }
+        Command::SessionStats { session, reply } => {
+            let _ = reply.send(sfu.session_stats(session));
+        }
+    }
+}
+
+impl ShardHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (reply, response) = oneshot::channel();
+        self.commands
+            .send(make(reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("the media shard has stopped"))?;
+        Ok(response
+            .await
+            .map_err(|_| anyhow::anyhow!("the media shard has stopped"))??)
+    }
+
+    /// Opens a session from an SDP offer; returns its id and our answer.
+    pub async fn open_session(
+        &self,
+        room: RoomId,
+        participant: Participant,
+        offer: String,
+    ) -> Result<(SessionId, String)> {
+        self.call(|reply| Command::Open {
+            room,
+            participant,
+            offer,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn create_offer(&self, session: SessionId) -> Result<Option<Offer>> {
+        self.call(|reply| Command::CreateOffer { session, reply }).await
+    }
+
+    pub async fn accept_answer(&self, session: SessionId, answer: String) -> Result<()> {
+        self.call(|reply| Command::AcceptAnswer { session, answer, reply })
+            .await
+    }
+
+    pub async fn accept_offer(&self, session: SessionId, offer: String) -> Result<String> {
+        self.call(|reply| Command::AcceptOffer { session, offer, reply }).await
+    }
+
+    pub async fn close_session(&self, session: SessionId) -> Result<()> {
+        self.commands
+            .send(Command::Close { session })
+            .await
+            .map_err(|_| anyhow::anyhow!("the media shard has stopped"))
+    }
+
+    pub async fn stats(&self) -> Result<ShardStats> {
+        let (reply, response) = oneshot::channel();
+        self.commands
+            .send(Command::Stats { reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the media shard has stopped"))?;
+        Ok(response.await?)
+    }
+
+    pub async fn session_stats(&self, session: SessionId) -> Result<Option<SessionStats>> {
+        let (reply, response) = oneshot::channel();
+        self.commands
+            .send(Command::SessionStats { session, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the media shard has stopped"))?;
+        Ok(response.await?)
+    }
+}
+
+/// The shards of this process; a room lives on one shard.
+#[derive(Debug, Clone)]
+pub struct ShardSet {
+    shards: Vec<ShardHandle>,
+}
+
+impl ShardSet {
+    /// Starts `count` shards (0 = one per CPU core). Shard `i` binds `bind`'s
+    /// port + i, or a free port when that is 0.
+    pub fn spawn(
+        bind: SocketAddr,
+        advertised_ip: Option<std::net::IpAddr>,
+        count: usize,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<(usize, SfuEvent)>)> {
+        let count = if count == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            count
+        };
+        let (merged_tx, merged) = mpsc::unbounded_channel();
+        let mut shards = Vec::with_capacity(count);
+        for index in 0..count {
+            let port = if bind.port() == 0 {
+                0
+            } else {
+                bind.port().checked_add(index as u16).context("media port range")?
+            };
+            let (shard, mut events) = spawn_shard(SocketAddr::new(bind.ip(), port), advertised_ip)?;
+            let tx = merged_tx.clone();
+            tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    if tx.send((index, event)).is_err() {
+                        return;
+                    }
+                }
+            });
+            shards.push(shard);
+        }
+        Ok((Self { shards }, merged))
+    }
+
+    /// The shard that hosts `room`: placement is a stable hash of the room id,
+    /// the one seam where multi-node placement will plug in.
+    pub fn shard_for(&self, room: &RoomId) -> (usize, &ShardHandle) {
+        // FNV-1a: stable across runs and platforms (unlike the std hasher).
+        let hash = room.0.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let index = (hash % self.shards.len() as u64) as usize;
+        (index, &self.shards[index])
+    }
+
+    pub fn shard(&self, index: usize) -> Option<&ShardHandle> {
+        self.shards.get(index)
+    }
+
+    pub fn shards(&self) -> &[ShardHandle] {
+        &self.shards
+    }
+
+    /// The counters of all shards.
+    pub async fn stats(&self) -> Vec<ShardStats> {
+        let mut all = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            all.push(shard.stats().await.unwrap_or_default());
+        }
+        all
+    }
+}

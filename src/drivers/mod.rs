@@ -1,0 +1,3 @@
+//! Drivers: the sockets, threads and timers around the sans-IO cores.
+
+pub mod media;
