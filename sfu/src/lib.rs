@@ -29,6 +29,7 @@
 
 mod codec;
 pub mod forwarder;
+pub mod speaker;
 mod stats;
 
 pub use stats::{DropReason, SessionStats, ShardStats};
@@ -107,6 +108,8 @@ pub enum SfuEvent {
     NegotiationNeeded(SessionId),
     /// The session ended on its own (the peer went away or never connected).
     Closed(SessionId, CloseReason),
+    /// The room's dominant speaker changed (from the audio levels publishers send).
+    ActiveSpeaker { room: RoomId, session: SessionId },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,12 +210,16 @@ struct Track {
     /// Payload type → codec parameters of the publisher's session.
     codecs: Vec<(Pt, PayloadParams)>,
     last_keyframe_request: Option<Instant>,
+    /// Smoothed audio level (audio tracks).
+    level: speaker::LevelMeter,
 }
 
 #[derive(Default)]
 struct Room {
     sessions: Vec<SessionId>,
     tracks: Vec<TrackId>,
+    speaker: Option<SessionId>,
+    next_speaker_check: Option<Instant>,
 }
 
 /// The SFU core of one shard.
@@ -511,6 +518,11 @@ impl Sfu {
         stats
     }
 
+    /// The room's current dominant speaker, if anyone has spoken.
+    pub fn active_speaker(&self, room: &RoomId) -> Option<SessionId> {
+        self.rooms.get(room).and_then(|r| r.speaker)
+    }
+
     pub fn is_connected(&self, id: SessionId) -> bool {
         self.sessions.get(&id).is_some_and(|s| s.rtc.is_connected())
     }
@@ -727,6 +739,7 @@ impl Sfu {
                 subscribers: Vec::new(),
                 codecs,
                 last_keyframe_request: None,
+                level: speaker::LevelMeter::default(),
             },
         );
         let Some(room) = self.rooms.get_mut(&room) else { return };
@@ -787,6 +800,11 @@ impl Sfu {
                 track
             }
         };
+        if let (Some(level), Some(track)) = (packet.header.ext_vals.audio_level, self.tracks.get_mut(&track_id)) {
+            track.level.add(now, level, packet.header.ext_vals.voice_activity);
+            let room = track.room.clone();
+            self.check_speaker(now, &room);
+        }
         let Some(track) = self.tracks.get(&track_id) else {
             return self.stats.drop(DropReason::NoTrack);
         };
@@ -878,6 +896,31 @@ impl Sfu {
         }
     }
 
+    /// Re-evaluates a room's dominant speaker, at most every [`speaker::CHECK_INTERVAL`].
+    fn check_speaker(&mut self, now: Instant, room_id: &RoomId) {
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        if room.next_speaker_check.is_some_and(|at| now < at) {
+            return;
+        }
+        room.next_speaker_check = Some(now + speaker::CHECK_INTERVAL);
+        let tracks = &self.tracks;
+        let levels = room
+            .tracks
+            .iter()
+            .filter_map(|t| tracks.get(t))
+            .filter(|t| t.kind == MediaKind::Audio)
+            .map(|t| (t.publisher, t.level.level(now)));
+        if let Some(session) = speaker::choose(room.speaker, levels) {
+            room.speaker = Some(session);
+            self.events.push_back(SfuEvent::ActiveSpeaker {
+                room: room_id.clone(),
+                session,
+            });
+        }
+    }
+
     fn remove_session(&mut self, now: Instant, id: SessionId) {
         let Some(mut session) = self.sessions.remove(&id) else {
             return;
@@ -915,6 +958,9 @@ impl Sfu {
         }
         if let Some(room) = self.rooms.get_mut(&session.room) {
             room.sessions.retain(|s| *s != id);
+            if room.speaker == Some(id) {
+                room.speaker = None;
+            }
             if room.sessions.is_empty() {
                 self.rooms.remove(&session.room);
             }

@@ -276,3 +276,41 @@ fn a_session_that_never_connects_is_closed() {
     );
     assert_eq!(world.sfu.stats().sessions, 0);
 }
+
+#[test]
+fn the_loudest_participant_is_the_active_speaker_without_flapping() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    let carol = world.join("carol");
+    world.clients[alice].audio_level = 25;
+    world.clients[bob].audio_level = 80;
+    world.clients[carol].audio_level = 80;
+    world.run(Duration::from_secs(3));
+    let sessions: Vec<_> = world.clients.iter().map(|c| c.session.expect("session")).collect();
+    let session = |i: usize| sessions[i];
+    assert_eq!(world.sfu.active_speaker(&world.room), Some(session(alice)));
+
+    // Bob starts talking and alice falls silent: bob takes over, once.
+    world.clients[alice].audio_level = 90;
+    world.clients[bob].audio_level = 20;
+    let switched_at = world.now;
+    world.run(Duration::from_secs(3));
+    assert_eq!(world.sfu.active_speaker(&world.room), Some(session(bob)));
+    let changes: Vec<_> = world
+        .events
+        .iter()
+        .filter(|(at, e)| *at >= switched_at && matches!(e, SfuEvent::ActiveSpeaker { .. }))
+        .collect();
+    assert_eq!(changes.len(), 1, "one switch, no flapping: {changes:?}");
+    assert!(
+        changes[0].0 - switched_at < Duration::from_millis(1500),
+        "switched after {:?}",
+        changes[0].0 - switched_at
+    );
+
+    // Nearly as loud as bob is not enough to take over.
+    world.clients[carol].audio_level = 22;
+    world.run(Duration::from_secs(2));
+    assert_eq!(world.sfu.active_speaker(&world.room), Some(session(bob)));
+}

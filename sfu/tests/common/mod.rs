@@ -55,6 +55,8 @@ pub struct Client {
     /// Besides requests, a keyframe every this many frames.
     pub keyframe_every: u64,
     pub sending: bool,
+    /// RFC 6464 level of the audio this client sends (-dBov: 0 loud, 127 silent).
+    pub audio_level: i8,
     pub received: BTreeMap<Mid, Received>,
     pub keyframe_requests: u64,
     /// Streams the SFU said this client receives (from its last offer).
@@ -136,6 +138,7 @@ impl World {
             keyframe_due: true,
             keyframe_every: 90,
             sending: true,
+            audio_level: 30,
             received: BTreeMap::new(),
             keyframe_requests: 0,
             streams: Vec::new(),
@@ -255,7 +258,7 @@ impl World {
             let mut api = client.rtc.direct_api();
             if let (Some(pt), Some(tx)) = (pt, api.stream_tx_by_mid(client.audio, None)) {
                 let ext = ExtensionValues {
-                    audio_level: Some(-30),
+                    audio_level: Some(-client.audio_level),
                     voice_activity: Some(true),
                     ..Default::default()
                 };
