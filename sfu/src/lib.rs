@@ -248,16 +248,43 @@ impl fmt::Debug for Sfu {
     }
 }
 
-fn rtc_config() -> RtcConfig {
-    RtcConfig::new()
+fn rtc_config(prefer_h264: bool) -> RtcConfig {
+    // Our codec order is our preference in answers: VP8 unless the offer puts H.264 first.
+    let config = RtcConfig::new()
         .set_ice_lite(true)
         .set_rtp_mode(true)
         .clear_codecs()
-        .enable_opus(true, false)
-        .enable_vp8(true)
-        .enable_h264(true)
+        .enable_opus(true, false);
+    let config = if prefer_h264 {
+        config.enable_h264(true).enable_vp8(true)
+    } else {
+        config.enable_vp8(true).enable_h264(true)
+    };
+    config
         .enable_bwe(Some(Bitrate::kbps(600)))
         .set_stats_interval(Some(Duration::from_secs(1)))
+}
+
+/// Whether an offer's first video m-line lists H.264 before VP8.
+fn offer_prefers_h264(sdp: &str) -> bool {
+    let mut lines = sdp.lines().map(str::trim);
+    let Some(m_line) = lines.find(|l| l.starts_with("m=video")) else {
+        return false;
+    };
+    let order: Vec<&str> = m_line.split_whitespace().skip(3).collect();
+    let mut codec_of = std::collections::HashMap::new();
+    for line in lines.take_while(|l| !l.starts_with("m=")) {
+        if let Some(rtpmap) = line.strip_prefix("a=rtpmap:")
+            && let Some((pt, codec)) = rtpmap.split_once(' ')
+        {
+            codec_of.insert(pt, codec.split('/').next().unwrap_or("").to_ascii_uppercase());
+        }
+    }
+    order
+        .iter()
+        .filter_map(|pt| codec_of.get(pt))
+        .find(|codec| *codec == "VP8" || *codec == "H264")
+        .is_some_and(|codec| codec == "H264")
 }
 
 /// Turns anything into an msid token (RFC 8830: no spaces, at most 64 chars).
@@ -307,8 +334,9 @@ impl Sfu {
         participant: Participant,
         offer: &str,
     ) -> Result<(SessionId, String), SfuError> {
+        let prefer_h264 = offer_prefers_h264(offer);
         let offer = self.parse_offer(offer)?;
-        let mut rtc = rtc_config().build(now);
+        let mut rtc = rtc_config(prefer_h264).build(now);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
@@ -686,6 +714,14 @@ impl Sfu {
                     session.stats.rtt = s.rtt.or(session.stats.rtt);
                 }
             }
+            Event::PeerStats(peer) => {
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session
+                        .stats
+                        .update_rates(peer.timestamp, peer.peer_bytes_rx, peer.peer_bytes_tx);
+                    session.stats.rtt = peer.rtt.or(session.stats.rtt);
+                }
+            }
             Event::EgressBitrateEstimate(estimate) => {
                 if let (Some(session), str0m::bwe::BweKind::Twcc { estimate, .. }) =
                     (self.sessions.get_mut(&id), estimate)
@@ -1006,5 +1042,22 @@ fn drain_session(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::offer_prefers_h264;
+
+    #[test]
+    fn codec_preference_of_an_offer() {
+        let vp8_first = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96 102\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\n";
+        let h264_first =
+            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 102 96\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:102 h264/90000\r\n";
+        assert!(!offer_prefers_h264(vp8_first));
+        assert!(offer_prefers_h264(h264_first));
+        assert!(!offer_prefers_h264("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"));
+        assert!(!offer_prefers_h264(""));
     }
 }

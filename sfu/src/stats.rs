@@ -80,6 +80,11 @@ impl ShardStats {
 /// Counters and measurements of one session.
 #[derive(Debug, Clone, Default)]
 pub struct SessionStats {
+    /// Media bitrate received from the participant, bits per second (last interval).
+    pub bitrate_in_bps: u64,
+    /// Media bitrate sent to the participant, bits per second (last interval).
+    pub bitrate_out_bps: u64,
+    last_sample: Option<(std::time::Instant, u64, u64)>,
     pub datagrams_in: u64,
     pub bytes_in: u64,
     pub datagrams_out: u64,
@@ -95,4 +100,18 @@ pub struct SessionStats {
     pub rtt: Option<Duration>,
     /// Bandwidth estimate towards the participant (TWCC), bits per second.
     pub egress_estimate_bps: Option<u64>,
+}
+
+impl SessionStats {
+    /// Updates the bitrates from cumulative media byte counters sampled at `at`.
+    pub(crate) fn update_rates(&mut self, at: std::time::Instant, bytes_in: u64, bytes_out: u64) {
+        if let Some((then, prev_in, prev_out)) = self.last_sample {
+            let secs = at.saturating_duration_since(then).as_secs_f64();
+            if secs > 0.0 {
+                self.bitrate_in_bps = (bytes_in.saturating_sub(prev_in) as f64 * 8.0 / secs) as u64;
+                self.bitrate_out_bps = (bytes_out.saturating_sub(prev_out) as f64 * 8.0 / secs) as u64;
+            }
+        }
+        self.last_sample = Some((at, bytes_in, bytes_out));
+    }
 }

@@ -314,3 +314,54 @@ fn the_loudest_participant_is_the_active_speaker_without_flapping() {
     world.run(Duration::from_secs(2));
     assert_eq!(world.sfu.active_speaker(&world.room), Some(session(bob)));
 }
+
+/// The first codec of the first video m-line of an SDP.
+fn first_video_codec(sdp: &str) -> String {
+    let mut lines = sdp.lines();
+    let m_line = lines.find(|l| l.starts_with("m=video")).expect("a video m-line");
+    let first_pt = m_line.split_whitespace().nth(3).expect("a payload type");
+    let rtpmap = format!("a=rtpmap:{first_pt} ");
+    lines
+        .find_map(|l| l.strip_prefix(rtpmap.as_str()))
+        .expect("its rtpmap")
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn the_answer_follows_the_offers_video_codec_preference() {
+    use str0m::media::Direction;
+    let now = std::time::Instant::now();
+    let mut sfu = switchboard_sfu::Sfu::new(switchboard_sfu::SfuConfig::new(
+        "127.0.0.1:40000".parse().expect("addr"),
+    ));
+    for (prefer_h264, expected) in [(true, "H264"), (false, "VP8")] {
+        let config = str0m::RtcConfig::new()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false);
+        let config = if prefer_h264 {
+            config.enable_h264(true).enable_vp8(true)
+        } else {
+            config.enable_vp8(true).enable_h264(true)
+        };
+        let mut client = config.build(now);
+        client
+            .add_local_candidate(str0m::Candidate::host("127.0.0.1:5000".parse().expect("addr"), "udp").expect("host"));
+        let mut api = client.sdp_api();
+        api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None);
+        let (offer, _) = api.apply().expect("offer");
+        let offer = offer.to_sdp_string();
+        assert_eq!(first_video_codec(&offer), expected, "the client's own preference");
+        let who = switchboard_sfu::Participant {
+            user_id: "@x:test".into(),
+            device_id: "X".into(),
+        };
+        let (_, answer) = sfu
+            .open_session(now, switchboard_sfu::RoomId("!r:test".into()), who, &offer)
+            .expect("open");
+        assert_eq!(first_video_codec(&answer), expected, "the SFU follows it");
+    }
+}
