@@ -29,6 +29,7 @@
 
 mod codec;
 pub mod forwarder;
+pub mod simulcast;
 pub mod speaker;
 mod stats;
 
@@ -42,7 +43,7 @@ use std::time::{Duration, Instant};
 use str0m::bwe::Bitrate;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
@@ -166,7 +167,8 @@ struct Session {
     /// Tracks this participant publishes, by the m-line they arrive on.
     published: HashMap<Mid, TrackId>,
     /// Incoming SSRC → track (filled on first sight).
-    ssrc_tracks: HashMap<Ssrc, TrackId>,
+    /// Incoming SSRC → (track, layer index), filled on first sight.
+    ssrc_tracks: HashMap<Ssrc, (TrackId, usize)>,
     /// What this participant receives, by our send-only m-line.
     subscriptions: HashMap<Mid, Subscription>,
     /// Changes waiting for the next offer.
@@ -177,6 +179,12 @@ struct Session {
 
 struct Subscription {
     track: TrackId,
+    /// The simulcast layer being forwarded (None until the first packet goes out).
+    layer: Option<usize>,
+    /// The layer to move to on its next keyframe.
+    target: usize,
+    /// The highest layer (by bitrate rank) this subscriber asked for.
+    max_quality: simulcast::Quality,
     forwarder: Forwarder,
     /// Publisher payload type → ours for this subscriber (cached from `match_params`).
     pt_map: Vec<(Pt, Pt)>,
@@ -212,6 +220,8 @@ struct Track {
     last_keyframe_request: Option<Instant>,
     /// Smoothed audio level (audio tracks).
     level: speaker::LevelMeter,
+    /// Simulcast layers (one, without a rid, when the publisher does not simulcast).
+    layers: Vec<simulcast::Layer>,
 }
 
 #[derive(Default)]
@@ -236,6 +246,8 @@ pub struct Sfu {
     /// str0m events not yet acted upon (acting may touch other sessions).
     deferred: VecDeque<(SessionId, Event)>,
     stats: ShardStats,
+    /// When subscribers' simulcast layers are next re-evaluated.
+    next_layer_check: Option<Instant>,
 }
 
 impl fmt::Debug for Sfu {
@@ -287,6 +299,9 @@ fn offer_prefers_h264(sdp: &str) -> bool {
         .is_some_and(|codec| codec == "H264")
 }
 
+/// How often subscribers' simulcast layers are re-evaluated.
+const LAYER_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Turns anything into an msid token (RFC 8830: no spaces, at most 64 chars).
 fn msid_token(raw: &str) -> String {
     raw.chars()
@@ -309,6 +324,7 @@ impl Sfu {
             events: VecDeque::new(),
             deferred: VecDeque::new(),
             stats: ShardStats::default(),
+            next_layer_check: None,
         }
     }
 
@@ -450,10 +466,14 @@ impl Sfu {
             };
             let video = track.kind == MediaKind::Video;
             let forwarder = Forwarder::new(if video { 90_000 } else { 48_000 }, video);
+            let target = simulcast::select(&track.layers, now, None, simulcast::Quality::High);
             session.subscriptions.insert(
                 mid,
                 Subscription {
                     track: track_id,
+                    layer: None,
+                    target,
+                    max_quality: simulcast::Quality::High,
                     forwarder,
                     pt_map: Vec::new(),
                 },
@@ -632,6 +652,10 @@ impl Sfu {
             }
             self.drain(id);
         }
+        if self.next_layer_check.is_none_or(|at| at <= now) {
+            self.next_layer_check = Some(now + LAYER_CHECK_INTERVAL);
+            self.select_layers(now);
+        }
         self.process(now);
     }
 
@@ -646,13 +670,23 @@ impl Sfu {
 
     /// When to call [`Sfu::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.sessions
+        let layers = if self.sessions.is_empty() {
+            None
+        } else {
+            self.next_layer_check
+        };
+        let sessions = self
+            .sessions
             .values()
             .map(|s| match s.connect_deadline {
                 Some(deadline) => s.next_timeout.min(deadline),
                 None => s.next_timeout,
             })
-            .min()
+            .min();
+        match (sessions, layers) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     // ---- internals -------------------------------------------------------------
@@ -685,11 +719,23 @@ impl Sfu {
                     self.events.push_back(SfuEvent::NegotiationNeeded(id));
                 }
             }
-            Event::MediaAdded(added) => self.on_media_added(now, id, added.mid, added.kind, added.direction),
+            Event::MediaAdded(added) => {
+                let rids = match &added.simulcast {
+                    Some(simulcast) if !simulcast.recv.is_empty() => {
+                        simulcast.recv.iter().map(|layer| Some(layer.rid)).collect()
+                    }
+                    _ => vec![None],
+                };
+                self.on_media_added(now, id, added.mid, added.kind, added.direction, rids)
+            }
             Event::KeyframeRequest(request) => {
                 let Some(session) = self.sessions.get(&id) else { return };
                 if let Some(track) = session.subscriptions.get(&request.mid).map(|s| s.track) {
-                    self.request_keyframe(now, track);
+                    let layer = session
+                        .subscriptions
+                        .get(&request.mid)
+                        .map_or(0, |s| s.layer.unwrap_or(s.target));
+                    self.request_keyframe(now, track, layer);
                 }
             }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected)
@@ -734,7 +780,15 @@ impl Sfu {
     }
 
     /// The peer sends on a new m-line: a new track, which everyone else in the room subscribes to.
-    fn on_media_added(&mut self, now: Instant, id: SessionId, mid: Mid, kind: MediaKind, direction: Direction) {
+    fn on_media_added(
+        &mut self,
+        now: Instant,
+        id: SessionId,
+        mid: Mid,
+        kind: MediaKind,
+        direction: Direction,
+        rids: Vec<Option<Rid>>,
+    ) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -776,6 +830,7 @@ impl Sfu {
                 codecs,
                 last_keyframe_request: None,
                 level: speaker::LevelMeter::default(),
+                layers: rids.into_iter().map(simulcast::Layer::new).collect(),
             },
         );
         let Some(room) = self.rooms.get_mut(&room) else { return };
@@ -795,8 +850,8 @@ impl Sfu {
         let _ = now;
     }
 
-    /// Asks a track's publisher for a keyframe, at most once per interval.
-    fn request_keyframe(&mut self, now: Instant, track_id: TrackId) {
+    /// Asks a track's publisher for a keyframe on `layer`, at most once per interval.
+    fn request_keyframe(&mut self, now: Instant, track_id: TrackId, layer: usize) {
         let interval = self.config.keyframe_request_interval;
         let Some(track) = self.tracks.get_mut(&track_id) else {
             return;
@@ -808,7 +863,8 @@ impl Sfu {
             return;
         };
         let mut api = publisher.rtc.direct_api();
-        let Some(rx) = api.stream_rx_by_mid(track.mid, None) else {
+        let rid = track.layers.get(layer).and_then(|l| l.rid);
+        let Some(rx) = api.stream_rx_by_mid(track.mid, rid) else {
             return;
         };
         rx.request_keyframe(KeyframeRequestKind::Pli);
@@ -825,17 +881,39 @@ impl Sfu {
         };
         publisher.stats.packets_in += 1;
         let ssrc = packet.header.ssrc;
-        let track_id = match publisher.ssrc_tracks.get(&ssrc) {
-            Some(t) => *t,
+        let (track_id, layer) = match publisher.ssrc_tracks.get(&ssrc) {
+            Some(known) => *known,
             None => {
-                let mid = publisher.rtc.direct_api().stream_rx(&ssrc).map(|rx| rx.mid());
-                let Some(track) = mid.and_then(|mid| publisher.published.get(&mid).copied()) else {
+                let stream = publisher
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&ssrc)
+                    .map(|rx| (rx.mid(), rx.rid()));
+                let Some((mid, rid)) = stream else {
                     return self.stats.drop(DropReason::NoTrack);
                 };
-                publisher.ssrc_tracks.insert(ssrc, track);
-                track
+                let Some(track_id) = publisher.published.get(&mid).copied() else {
+                    return self.stats.drop(DropReason::NoTrack);
+                };
+                let Some(track) = self.tracks.get_mut(&track_id) else {
+                    return self.stats.drop(DropReason::NoTrack);
+                };
+                let layer = match track.layers.iter().position(|l| l.rid == rid) {
+                    Some(layer) => layer,
+                    None => {
+                        track.layers.push(simulcast::Layer::new(rid));
+                        track.layers.len() - 1
+                    }
+                };
+                publisher.ssrc_tracks.insert(ssrc, (track_id, layer));
+                (track_id, layer)
             }
         };
+        if let Some(track) = self.tracks.get_mut(&track_id)
+            && let Some(meter) = track.layers.get_mut(layer)
+        {
+            meter.add(now, packet.payload.len());
+        }
         if let (Some(level), Some(track)) = (packet.header.ext_vals.audio_level, self.tracks.get_mut(&track_id)) {
             track.level.add(now, level, packet.header.ext_vals.voice_activity);
             let room = track.room.clone();
@@ -867,7 +945,7 @@ impl Sfu {
             video_orientation: packet.header.ext_vals.video_orientation,
             ..Default::default()
         };
-        let mut want_keyframe = false;
+        let mut want_keyframe: Option<usize> = None;
         for &(sub_id, mid) in &track.subscribers {
             let Some(subscriber) = self.sessions.get_mut(&sub_id) else {
                 continue;
@@ -875,10 +953,27 @@ impl Sfu {
             let Some(subscription) = subscriber.subscriptions.get_mut(&mid) else {
                 continue;
             };
+            if subscription.layer != Some(layer) {
+                if layer != subscription.target {
+                    continue; // another layer than this subscriber's
+                }
+                if subscription.layer.is_some() {
+                    // Moving to the target layer: only on one of its keyframes.
+                    if !keyframe {
+                        want_keyframe = Some(layer);
+                        self.stats.drop(DropReason::WaitingForKeyframe);
+                        continue;
+                    }
+                    subscription.forwarder.switch_source();
+                }
+            }
             let out = match subscription.forwarder.forward(incoming) {
-                Ok(out) => out,
+                Ok(out) => {
+                    subscription.layer = Some(layer);
+                    out
+                }
                 Err(Skip::WaitingForKeyframe) => {
-                    want_keyframe = true;
+                    want_keyframe = Some(layer);
                     self.stats.drop(DropReason::WaitingForKeyframe);
                     continue;
                 }
@@ -927,9 +1022,63 @@ impl Sfu {
                 &mut self.stats,
             );
         }
-        if want_keyframe {
-            self.request_keyframe(now, track_id);
+        if let Some(layer) = want_keyframe {
+            self.request_keyframe(now, track_id, layer);
         }
+    }
+
+    /// Chooses each video subscription's simulcast layer from the bandwidth
+    /// estimate towards its subscriber (shared equally among its video
+    /// subscriptions) and the quality it asked for; a change asks the publisher
+    /// for a keyframe on the new layer.
+    fn select_layers(&mut self, now: Instant) {
+        let mut keyframes = Vec::new();
+        for session in self.sessions.values_mut() {
+            let videos = session
+                .subscriptions
+                .values()
+                .filter(|s| self.tracks.get(&s.track).is_some_and(|t| t.kind == MediaKind::Video))
+                .count()
+                .max(1) as u64;
+            let budget = session.stats.egress_estimate_bps.map(|bps| bps / videos);
+            for subscription in session.subscriptions.values_mut() {
+                let Some(track) = self.tracks.get(&subscription.track) else {
+                    continue;
+                };
+                if track.layers.len() < 2 {
+                    continue;
+                }
+                let target = simulcast::select(&track.layers, now, budget, subscription.max_quality);
+                if target != subscription.target {
+                    subscription.target = target;
+                    if subscription.layer.is_some_and(|l| l != target) {
+                        keyframes.push((subscription.track, target));
+                    }
+                }
+            }
+        }
+        for (track, layer) in keyframes {
+            self.request_keyframe(now, track, layer);
+        }
+    }
+
+    /// Caps the quality a session receives of a stream (by our stream id, as in
+    /// [`Offer::streams`]): the signalling side's "requested size".
+    pub fn set_max_quality(&mut self, now: Instant, id: SessionId, stream_id: &str, quality: simulcast::Quality) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        for subscription in session.subscriptions.values_mut() {
+            if self
+                .tracks
+                .get(&subscription.track)
+                .is_some_and(|t| t.stream_id == stream_id)
+            {
+                subscription.max_quality = quality;
+            }
+        }
+        self.select_layers(now);
+        self.process(now);
     }
 
     /// Re-evaluates a room's dominant speaker, at most every [`speaker::CHECK_INTERVAL`].

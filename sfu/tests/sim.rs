@@ -77,7 +77,7 @@ fn late_joiner_gets_a_keyframe_promptly() {
     let video = from_alice
         .get(&(user("alice"), MediaKind::Video))
         .expect("carol receives alice's video");
-    let (_, first_at, head) = &video.packets[0];
+    let (_, first_at, head, _) = &video.packets[0];
     assert_eq!(head[1] & 0x01, 0, "the first video packet carol gets starts a keyframe");
     assert!(
         *first_at - joined < Duration::from_millis(800),
@@ -364,4 +364,65 @@ fn the_answer_follows_the_offers_video_codec_preference() {
             .expect("open");
         assert_eq!(first_video_codec(&answer), expected, "the SFU follows it");
     }
+}
+
+#[test]
+fn simulcast_layer_switches_keep_sequence_numbers_continuous() {
+    use switchboard_sfu::simulcast::Quality;
+    let mut world = World::new();
+    let alice = world.join_with("alice", true);
+    let bob = world.join("bob");
+    world.run(Duration::from_secs(3));
+    let bob_session = world.clients[bob].session.expect("session");
+    let stream_id = world.clients[bob].streams[0].stream_id.clone();
+    let video = |world: &World| world.received_from(bob)[&(user("alice"), MediaKind::Video)].clone();
+    let recent_sizes = |world: &World| -> Vec<usize> {
+        let since = world.now - Duration::from_millis(500);
+        video(world)
+            .packets
+            .iter()
+            .filter(|p| p.1 > since)
+            .map(|p| p.3)
+            .collect()
+    };
+    assert!(
+        recent_sizes(&world).iter().all(|&n| n == 1000),
+        "plenty of bandwidth: the high layer"
+    );
+
+    let now = world.now;
+    world.sfu.set_max_quality(now, bob_session, &stream_id, Quality::Low);
+    let switched = world.now;
+    world.run(Duration::from_secs(2));
+    let sizes = recent_sizes(&world);
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|&n| n == 200),
+        "asked for low: {sizes:?}"
+    );
+    let first_low = video(&world)
+        .packets
+        .into_iter()
+        .find(|p| p.1 > switched && p.3 == 200)
+        .expect("a low packet");
+    assert_eq!(first_low.2[1] & 0x01, 0, "the switch happens on a keyframe");
+
+    let now = world.now;
+    world.sfu.set_max_quality(now, bob_session, &stream_id, Quality::High);
+    world.run(Duration::from_secs(2));
+    assert!(recent_sizes(&world).iter().all(|&n| n == 1000), "back to high");
+
+    // Across both switches bob saw one continuous sequence, though the layers
+    // are numbered independently (from 0 and from 5000) by alice.
+    let mut seqs: Vec<u64> = video(&world).packets.iter().map(|p| p.0).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(
+        seqs[seqs.len() - 1] - seqs[0] + 1,
+        seqs.len() as u64,
+        "no gap in bob's sequence numbers"
+    );
+    assert!(
+        world.clients[alice].keyframe_requests >= 2,
+        "each switch asked for a keyframe"
+    );
 }

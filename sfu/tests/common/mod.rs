@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
@@ -34,8 +34,8 @@ struct Datagram {
 pub struct Received {
     pub stream_id: String,
     pub kind: Option<MediaKind>,
-    /// (extended sequence number, arrival, first payload bytes) of each RTP packet.
-    pub packets: Vec<(u64, Instant, Vec<u8>)>,
+    /// (extended sequence number, arrival, first payload bytes, payload length) of each RTP packet.
+    pub packets: Vec<(u64, Instant, Vec<u8>, usize)>,
 }
 
 pub struct Client {
@@ -62,6 +62,9 @@ pub struct Client {
     /// Streams the SFU said this client receives (from its last offer).
     pub streams: Vec<StreamInfo>,
     pub joined_at: Instant,
+    /// Sends video as two simulcast layers: "h" (1000-byte packets) and "l" (200-byte packets).
+    pub simulcast: bool,
+    layer_seq: [u64; 2],
 }
 
 pub struct World {
@@ -103,6 +106,11 @@ impl World {
 
     /// A client joins the room: its offer has audio and video, send and receive, like a browser's.
     pub fn join(&mut self, name: &str) -> usize {
+        self.join_with(name, false)
+    }
+
+    /// Joins with `simulcast` video (layers "h" and "l").
+    pub fn join_with(&mut self, name: &str, simulcast: bool) -> usize {
         let index = self.clients.len();
         let addr: SocketAddr = format!("127.0.0.{}:5000", 10 + index).parse().expect("addr");
         let mut rtc = client_config().build(self.now);
@@ -110,7 +118,13 @@ impl World {
         let mut api = rtc.sdp_api();
         let stream = format!("{name}-cam");
         let audio = api.add_media(MediaKind::Audio, Direction::SendRecv, Some(stream.clone()), None, None);
-        let video = api.add_media(MediaKind::Video, Direction::SendRecv, Some(stream), None, None);
+        let layers = simulcast.then(|| {
+            let mut layers = Simulcast::new();
+            layers.add_send_layer(SimulcastLayer::new("h"));
+            layers.add_send_layer(SimulcastLayer::new("l"));
+            layers
+        });
+        let video = api.add_media(MediaKind::Video, Direction::SendRecv, Some(stream), None, layers);
         let (offer, pending) = api.apply().expect("an offer");
         let participant = Participant {
             user_id: format!("@{name}:test"),
@@ -143,6 +157,8 @@ impl World {
             keyframe_requests: 0,
             streams: Vec::new(),
             joined_at: self.now,
+            simulcast,
+            layer_seq: [0, 5000],
         });
         self.drain_client(index);
         self.pump_sfu();
@@ -189,7 +205,7 @@ impl World {
                             entry.kind = Some(media.kind());
                         }
                         let head = packet.payload.iter().take(2).copied().collect();
-                        entry.packets.push((*packet.seq_no, now, head));
+                        entry.packets.push((*packet.seq_no, now, head, packet.payload.len()));
                     }
                     Event::KeyframeRequest(request)
                         if request.kind == KeyframeRequestKind::Pli || request.kind == KeyframeRequestKind::Fir =>
@@ -279,7 +295,23 @@ impl World {
                 client.keyframe_due || (client.keyframe_every > 0 && frame.is_multiple_of(client.keyframe_every));
             client.keyframe_due = false;
             let mut api = client.rtc.direct_api();
-            if let (Some(pt), Some(tx)) = (pt, api.stream_tx_by_mid(client.video, None)) {
+            if client.simulcast {
+                for (i, (rid, size)) in [("h", 1000), ("l", 200)].into_iter().enumerate() {
+                    let (Some(pt), Some(tx)) = (pt, api.stream_tx_by_mid(client.video, Some(rid.into()))) else {
+                        continue;
+                    };
+                    let mut payload = vec![0x10, if keyframe { 0x00 } else { 0x01 }];
+                    payload.resize(size, 0x55);
+                    let seq = client.layer_seq[i];
+                    client.layer_seq[i] += 1;
+                    tx.write_rtp(
+                        RtpWrite::new(pt, seq.into(), (frame * 3000) as u32, now, payload)
+                            .marker(true)
+                            .nackable(true),
+                    );
+                }
+                client.video_seq += 1;
+            } else if let (Some(pt), Some(tx)) = (pt, api.stream_tx_by_mid(client.video, None)) {
                 // VP8 descriptor (S=1, partition 0), then the payload header: P=0 for a keyframe.
                 let mut payload = vec![0x10, if keyframe { 0x00 } else { 0x01 }];
                 payload.resize(1000, 0x55);
