@@ -6,6 +6,9 @@
 
 mod homeserver;
 mod proc_stat;
+mod sfu;
+mod sfu_server;
+mod udp_baseline;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +24,18 @@ enum Bench {
     /// Homeserver: send -> /sync delivery latency and events/s with concurrent
     /// senders and long-polling receivers; baseline: an empty HTTP round trip.
     Homeserver(homeserver::Args),
+    /// SFU: egress packets per CPU-second, loss, latency and memory with real
+    /// WebRTC clients; baseline: a plain UDP fan-out forwarder on the same stream.
+    Sfu(sfu::Args),
+    /// (internal) The SFU under test, driven over a control connection.
+    #[command(hide = true)]
+    SfuServer {
+        #[arg(long, default_value_t = 1)]
+        shards: usize,
+    },
+    /// (internal) The baseline UDP forwarder.
+    #[command(hide = true)]
+    UdpForwarder,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +46,12 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.bench {
         Bench::Homeserver(args) => runtime.block_on(homeserver::run(args)),
+        Bench::Sfu(args) => runtime.block_on(sfu::run(args)),
+        Bench::SfuServer { shards } => runtime.block_on(sfu_server::serve(shards)),
+        Bench::UdpForwarder => {
+            // The baseline runs on one thread, like a media shard.
+            let single = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            single.block_on(udp_baseline::serve())
+        }
     }
 }
