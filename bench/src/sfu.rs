@@ -582,6 +582,8 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
     let subscriptions = stats["subscriptions"].as_u64().unwrap_or(0);
     let rss_after = proc_stat::rss_kib(server.pid).unwrap_or(0);
     let forwarded_before = stats["packets_forwarded"].as_u64().unwrap_or(0);
+    let timeouts_before = stats["session_timeouts"].as_u64().unwrap_or(0);
+    let ingress_before = stats["datagrams_in"].as_u64().unwrap_or(0);
     let cpu_before = proc_stat::cpu_time(server.pid).unwrap_or_default();
     let from = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
@@ -594,6 +596,19 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
         .as_u64()
         .unwrap_or(0)
         .saturating_sub(forwarded_before);
+    let timeouts = stats["session_timeouts"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(timeouts_before);
+    let ingress = stats["datagrams_in"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(ingress_before);
+    eprintln!(
+        "  (SFU: {:.0} datagrams in/s, {:.0} session timers/s)",
+        ingress as f64 / (to - from).as_secs_f64(),
+        timeouts as f64 / (to - from).as_secs_f64()
+    );
     let mut samples = Vec::new();
     let participants = clients.len();
     for client in clients {

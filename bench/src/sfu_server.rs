@@ -99,6 +99,7 @@ async fn execute(set: &ShardSet, request: &Value) -> Result<Value> {
                 "packets_forwarded": sum(|s| s.packets_forwarded),
                 "datagrams_out": sum(|s| s.datagrams_out),
                 "datagrams_in": sum(|s| s.datagrams_in),
+                "session_timeouts": sum(|s| s.session_timeouts),
             }))
         }
         other => anyhow::bail!("unknown op '{other}'"),

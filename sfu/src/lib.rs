@@ -36,7 +36,8 @@ mod stats;
 pub use stats::{DropReason, SessionStats, ShardStats};
 
 use forwarder::{Forwarder, InPacket, Skip};
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -121,6 +122,8 @@ pub enum CloseReason {
     ConnectTimeout,
     /// The peer closed DTLS.
     PeerClosed,
+    /// The session's WebRTC stack failed.
+    Failed,
 }
 
 /// A renegotiation offer and the streams the session will receive after it.
@@ -162,6 +165,8 @@ struct Session {
     rtc: Rtc,
     ufrag: String,
     next_timeout: Instant,
+    /// The time of this session's live entry in the timer heap, if any.
+    scheduled: Option<Instant>,
     connect_deadline: Option<Instant>,
     addrs: Vec<SocketAddr>,
     /// Tracks this participant publishes, by the m-line they arrive on.
@@ -241,11 +246,10 @@ pub struct Sfu {
     by_addr: HashMap<SocketAddr, SessionId>,
     by_ufrag: HashMap<String, SessionId>,
     next_id: u64,
-    transmits: VecDeque<Transmit>,
     events: VecDeque<SfuEvent>,
-    /// str0m events not yet acted upon (acting may touch other sessions).
-    deferred: VecDeque<(SessionId, Event)>,
-    stats: ShardStats,
+    /// Where draining sessions puts things (a field apart from `sessions`, so a
+    /// session and the sinks can be borrowed together).
+    out: Outputs,
     /// When subscribers' simulcast layers are next re-evaluated.
     next_layer_check: Option<Instant>,
 }
@@ -260,7 +264,10 @@ impl fmt::Debug for Sfu {
     }
 }
 
-fn rtc_config(prefer_h264: bool) -> RtcConfig {
+/// A session's WebRTC configuration. Bandwidth estimation (TWCC) runs only for
+/// sessions whose offer has video: it drives simulcast layer choice, and costs
+/// per-packet work that audio-only sessions do not need.
+fn rtc_config(prefer_h264: bool, estimate_bandwidth: bool) -> RtcConfig {
     // Our codec order is our preference in answers: VP8 unless the offer puts H.264 first.
     let config = RtcConfig::new()
         .set_ice_lite(true)
@@ -272,9 +279,12 @@ fn rtc_config(prefer_h264: bool) -> RtcConfig {
     } else {
         config.enable_vp8(true).enable_h264(true)
     };
-    config
-        .enable_bwe(Some(Bitrate::kbps(600)))
-        .set_stats_interval(Some(Duration::from_secs(1)))
+    let config = if estimate_bandwidth {
+        config.enable_bwe(Some(Bitrate::kbps(600)))
+    } else {
+        config
+    };
+    config.set_stats_interval(Some(Duration::from_secs(1)))
 }
 
 /// Whether an offer's first video m-line lists H.264 before VP8.
@@ -320,10 +330,8 @@ impl Sfu {
             by_addr: HashMap::new(),
             by_ufrag: HashMap::new(),
             next_id: 1,
-            transmits: VecDeque::new(),
             events: VecDeque::new(),
-            deferred: VecDeque::new(),
-            stats: ShardStats::default(),
+            out: Outputs::default(),
             next_layer_check: None,
         }
     }
@@ -351,8 +359,9 @@ impl Sfu {
         offer: &str,
     ) -> Result<(SessionId, String), SfuError> {
         let prefer_h264 = offer_prefers_h264(offer);
+        let has_video = offer.lines().any(|l| l.starts_with("m=video"));
         let offer = self.parse_offer(offer)?;
-        let mut rtc = rtc_config(prefer_h264).build(now);
+        let mut rtc = rtc_config(prefer_h264, has_video).build(now);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
@@ -370,6 +379,7 @@ impl Sfu {
             rtc,
             ufrag: ufrag.clone(),
             next_timeout: now,
+            scheduled: None,
             connect_deadline: Some(now + self.config.connect_timeout),
             addrs: Vec::new(),
             published: HashMap::new(),
@@ -380,6 +390,9 @@ impl Sfu {
             stats: SessionStats::default(),
         };
         self.sessions.insert(id, session);
+        self.out
+            .deadlines
+            .push(Reverse((now + self.config.connect_timeout, id)));
         self.by_ufrag.insert(ufrag, id);
         self.rooms.entry(room).or_default().sessions.push(id);
         self.drain(id);
@@ -479,7 +492,7 @@ impl Sfu {
                 },
             );
             track.subscribers.push((id, mid));
-            self.stats.subscriptions += 1;
+            self.out.stats.subscriptions += 1;
         }
         let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
         self.drain(id);
@@ -559,7 +572,7 @@ impl Sfu {
     }
 
     pub fn stats(&self) -> ShardStats {
-        let mut stats = self.stats.clone();
+        let mut stats = self.out.stats.clone();
         stats.sessions = self.sessions.len() as u64;
         stats.rooms = self.rooms.len() as u64;
         stats.tracks = self.tracks.len() as u64;
@@ -586,27 +599,27 @@ impl Sfu {
 
     /// A datagram arrived on the shard's socket.
     pub fn handle_receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
-        self.stats.datagrams_in += 1;
+        self.out.stats.datagrams_in += 1;
         let known = self.by_addr.get(&source).copied();
         let id = match known {
             Some(id) => id,
             None => match self.session_for_stun(data) {
                 Some(id) => id,
-                None => return self.stats.drop(DropReason::UnknownSource),
+                None => return self.out.stats.drop(DropReason::UnknownSource),
             },
         };
         let Ok(receive) = Receive::new(Protocol::Udp, source, destination, data) else {
-            return self.stats.drop(DropReason::Malformed);
+            return self.out.stats.drop(DropReason::Malformed);
         };
         let input = Input::Receive(now, receive);
         let Some(session) = self.sessions.get_mut(&id) else {
-            return self.stats.drop(DropReason::UnknownSource);
+            return self.out.stats.drop(DropReason::UnknownSource);
         };
         if known.is_none() {
             // STUN from a new address: only a request that authenticates with
             // this session's ICE password binds the address to it.
             if !session.rtc.accepts(&input) {
-                return self.stats.drop(DropReason::BadStun);
+                return self.out.stats.drop(DropReason::BadStun);
             }
             session.addrs.push(source);
             self.by_addr.insert(source, id);
@@ -614,7 +627,7 @@ impl Sfu {
         session.stats.datagrams_in += 1;
         session.stats.bytes_in += data.len() as u64;
         if session.rtc.handle_input(input).is_err() {
-            self.stats.drop(DropReason::Rejected);
+            self.out.stats.drop(DropReason::Rejected);
         }
         self.drain(id);
         self.process(now);
@@ -632,23 +645,37 @@ impl Sfu {
     /// Time passed: run every session whose timer is due, and close sessions
     /// that never connected.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.next_timeout <= now || s.connect_deadline.is_some_and(|d| d <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
+        while let Some(&Reverse((at, id))) = self.out.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.out.deadlines.pop();
+            if self.sessions.get(&id).is_some_and(|s| s.connect_deadline == Some(at)) {
+                self.events.push_back(SfuEvent::Closed(id, CloseReason::ConnectTimeout));
+                self.remove_session(now, id);
+            }
+        }
+        while let Some(&Reverse((at, id))) = self.out.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.out.timers.pop();
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            if session.connect_deadline.is_some_and(|d| d <= now) {
-                self.events.push_back(SfuEvent::Closed(id, CloseReason::ConnectTimeout));
-                self.remove_session(now, id);
+            if session.scheduled != Some(at) {
+                continue; // superseded by an earlier entry
+            }
+            session.scheduled = None;
+            if session.next_timeout > now {
+                // The timer moved later since this entry was queued.
+                session.scheduled = Some(session.next_timeout);
+                self.out.timers.push(Reverse((session.next_timeout, id)));
                 continue;
             }
+            self.out.stats.session_timeouts += 1;
             if session.rtc.handle_input(Input::Timeout(now)).is_err() {
-                self.stats.drop(DropReason::Rejected);
+                self.out.stats.drop(DropReason::Rejected);
             }
             self.drain(id);
         }
@@ -661,7 +688,7 @@ impl Sfu {
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        self.out.transmits.pop_front()
     }
 
     pub fn poll_event(&mut self) -> Option<SfuEvent> {
@@ -670,20 +697,18 @@ impl Sfu {
 
     /// When to call [`Sfu::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // The heap's top may be stale: then the caller wakes a little early, harmlessly.
+        let timers = [self.out.timers.peek(), self.out.deadlines.peek()]
+            .into_iter()
+            .flatten()
+            .map(|Reverse((at, _))| *at)
+            .min();
         let layers = if self.sessions.is_empty() {
             None
         } else {
             self.next_layer_check
         };
-        let sessions = self
-            .sessions
-            .values()
-            .map(|s| match s.connect_deadline {
-                Some(deadline) => s.next_timeout.min(deadline),
-                None => s.next_timeout,
-            })
-            .min();
-        match (sessions, layers) {
+        match (timers, layers) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -696,13 +721,20 @@ impl Sfu {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
-        drain_session(id, session, &mut self.transmits, &mut self.deferred, &mut self.stats);
+        drain_session(id, session, &mut self.out);
     }
 
     /// Acts on deferred str0m events until none are left.
     fn process(&mut self, now: Instant) {
-        while let Some((id, event)) = self.deferred.pop_front() {
-            self.on_event(now, id, event);
+        loop {
+            while let Some((id, event)) = self.out.deferred.pop_front() {
+                self.on_event(now, id, event);
+            }
+            let Some(id) = self.out.broken.pop() else { break };
+            if self.sessions.contains_key(&id) {
+                self.events.push_back(SfuEvent::Closed(id, CloseReason::Failed));
+                self.remove_session(now, id);
+            }
         }
     }
 
@@ -869,7 +901,7 @@ impl Sfu {
         };
         rx.request_keyframe(KeyframeRequestKind::Pli);
         track.last_keyframe_request = Some(now);
-        self.stats.keyframe_requests += 1;
+        self.out.stats.keyframe_requests += 1;
         let publisher_id = track.publisher;
         self.drain(publisher_id);
     }
@@ -890,13 +922,13 @@ impl Sfu {
                     .stream_rx(&ssrc)
                     .map(|rx| (rx.mid(), rx.rid()));
                 let Some((mid, rid)) = stream else {
-                    return self.stats.drop(DropReason::NoTrack);
+                    return self.out.stats.drop(DropReason::NoTrack);
                 };
                 let Some(track_id) = publisher.published.get(&mid).copied() else {
-                    return self.stats.drop(DropReason::NoTrack);
+                    return self.out.stats.drop(DropReason::NoTrack);
                 };
                 let Some(track) = self.tracks.get_mut(&track_id) else {
-                    return self.stats.drop(DropReason::NoTrack);
+                    return self.out.stats.drop(DropReason::NoTrack);
                 };
                 let layer = match track.layers.iter().position(|l| l.rid == rid) {
                     Some(layer) => layer,
@@ -920,7 +952,7 @@ impl Sfu {
             self.check_speaker(now, &room);
         }
         let Some(track) = self.tracks.get(&track_id) else {
-            return self.stats.drop(DropReason::NoTrack);
+            return self.out.stats.drop(DropReason::NoTrack);
         };
         let Some(params) = track
             .codecs
@@ -928,7 +960,7 @@ impl Sfu {
             .find(|(pt, _)| *pt == packet.header.payload_type)
             .map(|(_, p)| *p)
         else {
-            return self.stats.drop(DropReason::UnknownPayloadType);
+            return self.out.stats.drop(DropReason::UnknownPayloadType);
         };
         let codec = params.spec().codec;
         let video = track.kind == MediaKind::Video;
@@ -961,7 +993,7 @@ impl Sfu {
                     // Moving to the target layer: only on one of its keyframes.
                     if !keyframe {
                         want_keyframe = Some(layer);
-                        self.stats.drop(DropReason::WaitingForKeyframe);
+                        self.out.stats.drop(DropReason::WaitingForKeyframe);
                         continue;
                     }
                     subscription.forwarder.switch_source();
@@ -974,11 +1006,11 @@ impl Sfu {
                 }
                 Err(Skip::WaitingForKeyframe) => {
                     want_keyframe = Some(layer);
-                    self.stats.drop(DropReason::WaitingForKeyframe);
+                    self.out.stats.drop(DropReason::WaitingForKeyframe);
                     continue;
                 }
                 Err(Skip::BeforeSwitch) => {
-                    self.stats.drop(DropReason::BeforeSwitch);
+                    self.out.stats.drop(DropReason::BeforeSwitch);
                     continue;
                 }
             };
@@ -990,14 +1022,14 @@ impl Sfu {
                         dst.pt()
                     }
                     None => {
-                        self.stats.drop(DropReason::CodecMismatch);
+                        self.out.stats.drop(DropReason::CodecMismatch);
                         continue;
                     }
                 },
             };
             let mut api = subscriber.rtc.direct_api();
             let Some(tx) = api.stream_tx_by_mid(mid, None) else {
-                self.stats.drop(DropReason::NoTrack);
+                self.out.stats.drop(DropReason::NoTrack);
                 continue;
             };
             tx.write_rtp(
@@ -1013,14 +1045,8 @@ impl Sfu {
                 .nackable(video),
             );
             subscriber.stats.packets_out += 1;
-            self.stats.packets_forwarded += 1;
-            drain_session(
-                sub_id,
-                subscriber,
-                &mut self.transmits,
-                &mut self.deferred,
-                &mut self.stats,
-            );
+            self.out.stats.packets_forwarded += 1;
+            drain_session(sub_id, subscriber, &mut self.out);
         }
         if let Some(layer) = want_keyframe {
             self.request_keyframe(now, track_id, layer);
@@ -1125,7 +1151,7 @@ impl Sfu {
                 };
                 subscriber.subscriptions.remove(&mid);
                 subscriber.wanted.push(Change::Deactivate(mid));
-                self.stats.subscriptions = self.stats.subscriptions.saturating_sub(1);
+                self.out.stats.subscriptions = self.out.stats.subscriptions.saturating_sub(1);
                 if subscriber.rtc.is_connected() && subscriber.pending.is_none() {
                     self.events.push_back(SfuEvent::NegotiationNeeded(sub_id));
                 }
@@ -1138,7 +1164,7 @@ impl Sfu {
         for (mid, subscription) in &session.subscriptions {
             if let Some(track) = self.tracks.get_mut(&subscription.track) {
                 track.subscribers.retain(|(s, m)| !(*s == id && m == mid));
-                self.stats.subscriptions = self.stats.subscriptions.saturating_sub(1);
+                self.out.stats.subscriptions = self.out.stats.subscriptions.saturating_sub(1);
             }
         }
         if let Some(room) = self.rooms.get_mut(&session.room) {
@@ -1156,38 +1182,57 @@ impl Sfu {
         self.by_ufrag.remove(&session.ufrag);
         // Say goodbye (RTCP BYE, DTLS close_notify) if we still can.
         if session.rtc.is_alive() && session.rtc.close().is_ok() {
-            let mut ignored = VecDeque::new();
-            drain_session(id, &mut session, &mut self.transmits, &mut ignored, &mut self.stats);
+            let deferred = self.out.deferred.len();
+            drain_session(id, &mut session, &mut self.out);
+            // Nothing it says now matters any more.
+            self.out.deferred.truncate(deferred);
         }
         let _ = now;
     }
 }
 
-fn drain_session(
-    id: SessionId,
-    session: &mut Session,
-    transmits: &mut VecDeque<Transmit>,
-    deferred: &mut VecDeque<(SessionId, Event)>,
-    stats: &mut ShardStats,
-) {
+/// The sinks sessions drain into.
+#[derive(Default)]
+struct Outputs {
+    transmits: VecDeque<Transmit>,
+    /// str0m events not yet acted upon (acting may touch other sessions).
+    deferred: VecDeque<(SessionId, Event)>,
+    stats: ShardStats,
+    /// Session timers: (due, session), earliest first, at most one live entry
+    /// per session (its `scheduled`). A session whose timer moves earlier gets
+    /// a new entry (the old one turns stale and is skipped); one that moves
+    /// later is re-queued when its old entry comes up. Finding the next timer
+    /// costs O(log n), not a scan of every session.
+    timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    /// Connect deadlines: (deadline, session).
+    deadlines: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    /// Sessions whose WebRTC stack failed; closed on the next turn.
+    broken: Vec<SessionId>,
+}
+
+fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
     loop {
         match session.rtc.poll_output() {
             Ok(Output::Timeout(at)) => {
                 session.next_timeout = at;
+                if session.scheduled.is_none_or(|scheduled| at < scheduled) {
+                    session.scheduled = Some(at);
+                    out.timers.push(Reverse((at, id)));
+                }
                 return;
             }
             Ok(Output::Transmit(transmit)) => {
                 session.stats.datagrams_out += 1;
                 session.stats.bytes_out += transmit.contents.len() as u64;
-                stats.datagrams_out += 1;
-                transmits.push_back(transmit);
+                out.stats.datagrams_out += 1;
+                out.transmits.push_back(transmit);
             }
-            Ok(Output::Event(event)) => deferred.push_back((id, event)),
+            Ok(Output::Event(event)) => out.deferred.push_back((id, event)),
             Err(e) => {
                 tracing::debug!(session = %id, error = %e, "session failed");
-                stats.drop(DropReason::Rejected);
-                // A broken Rtc will not recover; let its timer fire soon so it gets closed.
-                session.next_timeout = session.next_timeout.min(Instant::now());
+                out.stats.drop(DropReason::Rejected);
+                // A broken Rtc will not recover.
+                out.broken.push(id);
                 return;
             }
         }

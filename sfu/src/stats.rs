@@ -64,6 +64,8 @@ pub struct ShardStats {
     pub datagrams_out: u64,
     pub packets_forwarded: u64,
     pub keyframe_requests: u64,
+    /// Session timers that fired (each runs one session's WebRTC clock).
+    pub session_timeouts: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
