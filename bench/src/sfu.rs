@@ -128,6 +128,8 @@ struct Shared {
     streams_started: AtomicUsize,
     /// Packets sent by the load's publishers.
     sent: AtomicU64,
+    /// Hands out sender ids to the baseline's clients.
+    next_sender: std::sync::atomic::AtomicU32,
 }
 
 fn stamp(shared: &Shared, payload: &mut [u8]) {
@@ -369,7 +371,9 @@ async fn start_udp_client(
     let shared = Arc::clone(shared);
     let done = tokio::spawn(async move {
         let mut samples: Vec<Sample> = Vec::new();
-        let mut started: HashSet<(u16, u8)> = HashSet::new();
+        // Streams are told apart by the sender id in the packet (all come from the forwarder's port).
+        let mut started: HashSet<(u32, u8)> = HashSet::new();
+        let me = shared.next_sender.fetch_add(1, Ordering::Relaxed);
         let mut buf = vec![0u8; 2048];
         let (audio, video) = match publish {
             Some(Media::Audio) => (true, false),
@@ -392,15 +396,16 @@ async fn start_udp_client(
             tokio::select! {
                 _ = &mut stop_rx => return samples,
                 received = socket.recv_from(&mut buf) => {
-                    let Ok((len, source)) = received else { continue };
-                    // [kind][pad][stamp 8][seq 8]…: the same stamp position as the RTP payloads.
-                    if len >= 18 {
+                    let Ok((len, _)) = received else { continue };
+                    // [kind][pad][stamp 8][seq 8][sender 4]…: the stamp where the RTP payloads have it.
+                    if len >= 22 {
                         let kind = buf[0];
-                        if started.insert((source.port(), kind)) {
+                        let sender = u32::from_le_bytes(buf[18..22].try_into().unwrap_or_default());
+                        if started.insert((sender, kind)) {
                             shared.streams_started.fetch_add(1, Ordering::Relaxed);
                         }
                         let seq = u64::from_le_bytes(buf[10..18].try_into().unwrap_or_default());
-                        let key = (u64::from(source.port()) << 8) | u64::from(kind);
+                        let key = (u64::from(sender) << 8) | u64::from(kind);
                         samples.push((Instant::now(), key, seq, latency_us(&shared, &buf[..len])));
                     }
                 }
@@ -413,6 +418,7 @@ async fn start_udp_client(
                         packet[0] = b'a';
                         stamp(&shared, &mut packet);
                         packet[10..18].copy_from_slice(&audio_seq.to_le_bytes());
+                        packet[18..22].copy_from_slice(&me.to_le_bytes());
                         audio_seq += 1;
                         let _ = socket.send_to(&packet, forwarder).await;
                         shared.sent.fetch_add(1, Ordering::Relaxed);
@@ -423,6 +429,7 @@ async fn start_udp_client(
                         packet[0] = b'v';
                         stamp(&shared, &mut packet);
                         packet[10..18].copy_from_slice(&video_seq.to_le_bytes());
+                        packet[18..22].copy_from_slice(&me.to_le_bytes());
                         video_seq += 1;
                         let _ = socket.send_to(&packet, forwarder).await;
                         shared.sent.fetch_add(1, Ordering::Relaxed);
@@ -562,6 +569,7 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
         base: Instant::now(),
         streams_started: AtomicUsize::new(0),
         sent: AtomicU64::new(0),
+        next_sender: Default::default(),
     });
     let mut clients = Vec::new();
     for room in 0..s.rooms {
@@ -638,6 +646,7 @@ async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
         base: Instant::now(),
         streams_started: AtomicUsize::new(0),
         sent: AtomicU64::new(0),
+        next_sender: Default::default(),
     });
     let mut clients = Vec::new();
     for room in 0..s.rooms {

@@ -492,6 +492,12 @@ impl Sfu {
                 },
             );
             track.subscribers.push((id, mid));
+            // Forwarded media goes out at once: an SFU relays what arrives as it
+            // arrives (the publisher already paced it); bandwidth is managed by
+            // choosing simulcast layers, not by queueing.
+            if let Some(tx) = session.rtc.direct_api().stream_tx_by_mid(mid, None) {
+                tx.set_unpaced(true);
+            }
             self.out.stats.subscriptions += 1;
         }
         let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();

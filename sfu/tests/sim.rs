@@ -53,6 +53,16 @@ fn three_participants_exchange_audio_and_video() {
         (3, 1, 6, 12)
     );
     assert!(stats.packets_forwarded > 1000);
+    // Video is forwarded as it arrives, not queued behind a pacer: two hops of
+    // 10 ms each, whatever the bandwidth estimate says.
+    let video = &world.received_from(0)[&(user("bob"), MediaKind::Video)];
+    let worst = video
+        .packets
+        .iter()
+        .filter_map(|p| common::sent_at(world.start, &p.2).map(|sent| p.1 - sent))
+        .max()
+        .expect("latencies");
+    assert!(worst < Duration::from_millis(40), "worst video latency {worst:?}");
     // Sequence numbers arrive contiguous (no loss on this network).
     for received in world.clients[0].received.values() {
         let seqs: Vec<u64> = received.packets.iter().map(|p| p.0).collect();
@@ -425,4 +435,44 @@ fn simulcast_layer_switches_keep_sequence_numbers_continuous() {
         world.clients[alice].keyframe_requests >= 2,
         "each switch asked for a keyframe"
     );
+}
+
+#[test]
+fn forwarded_video_is_not_held_back_by_pacing() {
+    // Four participants each sending ~1 Mbit/s of video: every subscriber gets
+    // ~3 Mbit/s, far above the initial bandwidth estimate. An SFU relays as
+    // packets arrive; a pacer would queue them for seconds.
+    let mut world = World::new();
+    for name in ["alice", "bob", "carol", "dave"] {
+        let i = world.join(name);
+        world.clients[i].video_packets_per_frame = 4;
+    }
+    world.run(Duration::from_secs(4));
+    let since = world.now - Duration::from_secs(2);
+    for (i, receiver) in world.clients.iter().enumerate() {
+        let got = world.received_from(i);
+        for ((publisher, kind), received) in got {
+            if kind != MediaKind::Video {
+                continue;
+            }
+            let recent: Vec<Duration> = received
+                .packets
+                .iter()
+                .filter(|p| p.1 > since)
+                .filter_map(|p| common::sent_at(world.start, &p.2).map(|sent| p.1 - sent))
+                .collect();
+            assert!(
+                recent.len() > 150,
+                "{} got {} recent packets from {publisher}",
+                receiver.name,
+                recent.len()
+            );
+            let worst = recent.iter().max().copied().unwrap_or_default();
+            assert!(
+                worst < Duration::from_millis(40),
+                "{} from {publisher}: worst latency {worst:?}",
+                receiver.name
+            );
+        }
+    }
 }

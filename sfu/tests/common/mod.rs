@@ -65,6 +65,9 @@ pub struct Client {
     /// Sends video as two simulcast layers: "h" (1000-byte packets) and "l" (200-byte packets).
     pub simulcast: bool,
     layer_seq: [u64; 2],
+    /// RTP packets per video frame (1,000 bytes each, 30 frames a second).
+    pub video_packets_per_frame: u64,
+    video_packet_seq: u64,
 }
 
 pub struct World {
@@ -159,6 +162,8 @@ impl World {
             joined_at: self.now,
             simulcast,
             layer_seq: [0, 5000],
+            video_packets_per_frame: 1,
+            video_packet_seq: 0,
         });
         self.drain_client(index);
         self.pump_sfu();
@@ -204,7 +209,7 @@ impl World {
                             entry.stream_id = media.stream_id().to_string();
                             entry.kind = Some(media.kind());
                         }
-                        let head = packet.payload.iter().take(2).copied().collect();
+                        let head = packet.payload.iter().take(10).copied().collect();
                         entry.packets.push((*packet.seq_no, now, head, packet.payload.len()));
                     }
                     Event::KeyframeRequest(request)
@@ -260,6 +265,7 @@ impl World {
 
     fn send_media(&mut self, index: usize) {
         let now = self.now;
+        let start = self.start;
         let client = &mut self.clients[index];
         if !client.sending || !client.rtc.is_connected() {
             return;
@@ -312,15 +318,24 @@ impl World {
                 }
                 client.video_seq += 1;
             } else if let (Some(pt), Some(tx)) = (pt, api.stream_tx_by_mid(client.video, None)) {
-                // VP8 descriptor (S=1, partition 0), then the payload header: P=0 for a keyframe.
-                let mut payload = vec![0x10, if keyframe { 0x00 } else { 0x01 }];
-                payload.resize(1000, 0x55);
-                let ts = (frame * 3000) as u32;
-                tx.write_rtp(
-                    RtpWrite::new(pt, frame.into(), ts, now, payload)
-                        .marker(true)
-                        .nackable(true),
-                );
+                for part in 0..client.video_packets_per_frame {
+                    // VP8 descriptor (S=1 on a frame's first packet, partition 0),
+                    // then the payload header: P=0 for a keyframe.
+                    let first = part == 0;
+                    let mut payload = vec![if first { 0x10 } else { 0x00 }, if keyframe { 0x00 } else { 0x01 }];
+                    payload.resize(1000, 0x55);
+                    // The virtual send time, for latency checks.
+                    payload[2..10].copy_from_slice(&(now - start).as_micros().to_le_bytes()[..8]);
+                    let ts = (frame * 3000) as u32;
+                    let last = part + 1 == client.video_packets_per_frame;
+                    let seq = client.video_packet_seq;
+                    client.video_packet_seq += 1;
+                    tx.write_rtp(
+                        RtpWrite::new(pt, seq.into(), ts, now, payload)
+                            .marker(last)
+                            .nackable(true),
+                    );
+                }
                 client.video_seq += 1;
             }
         }
@@ -409,6 +424,12 @@ impl World {
         }
         out
     }
+}
+
+/// When a packet stamped by `send_media` was sent, relative to `start`.
+pub fn sent_at(start: Instant, head: &[u8]) -> Option<Instant> {
+    let micros = u64::from_le_bytes(head.get(2..10)?.try_into().ok()?);
+    Some(start + Duration::from_micros(micros))
 }
 
 /// Whether an SRTP datagram carries RTP of payload type `pt` (the RTP header is in the clear).
