@@ -452,9 +452,12 @@ struct Measured {
     p99_us: u32,
     rss_per_track_kib: Option<f64>,
     participants: usize,
+    /// Packets the load's publishers sent and its receivers got during the window.
+    sent: u64,
+    received: u64,
 }
 
-fn summarize(samples: &[Sample], from: Instant, to: Instant) -> (f64, u32, u32) {
+fn summarize(samples: &[Sample], from: Instant, to: Instant) -> (f64, u32, u32, u64) {
     let mut by_stream: HashMap<u64, Vec<u64>> = HashMap::new();
     let mut latencies = Vec::new();
     for &(at, key, seq, latency) in samples {
@@ -484,7 +487,7 @@ fn summarize(samples: &[Sample], from: Instant, to: Instant) -> (f64, u32, u32) 
     } else {
         (expected - got) as f64 / expected as f64
     };
-    (loss, pick(0.5), pick(0.99))
+    (loss, pick(0.5), pick(0.99), latencies.len() as u64)
 }
 
 /// Streams every participant should end up receiving.
@@ -593,9 +596,11 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
     let timeouts_before = stats["session_timeouts"].as_u64().unwrap_or(0);
     let ingress_before = stats["datagrams_in"].as_u64().unwrap_or(0);
     let cpu_before = proc_stat::cpu_time(server.pid).unwrap_or_default();
+    let sent_before = shared.sent.load(Ordering::Relaxed);
     let from = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let to = Instant::now();
+    let sent_after = shared.sent.load(Ordering::Relaxed);
     let cpu = proc_stat::cpu_time(server.pid)
         .unwrap_or_default()
         .saturating_sub(cpu_before);
@@ -623,7 +628,8 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
         let _ = client.stop.send(());
         samples.extend(client.done.await.unwrap_or_default());
     }
-    let (loss, p50_us, p99_us) = summarize(&samples, from, to);
+    let (loss, p50_us, p99_us, received) = summarize(&samples, from, to);
+    let sent = sent_after.saturating_sub(sent_before);
     server.child.kill().await.ok();
     let rss_per_track_kib =
         (subscriptions > 0).then(|| rss_after.saturating_sub(rss_before) as f64 / subscriptions as f64);
@@ -636,6 +642,8 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
         p99_us,
         rss_per_track_kib,
         participants,
+        sent,
+        received,
     })
 }
 
@@ -662,9 +670,11 @@ async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
     let stats_socket = UdpSocket::bind("127.0.0.1:0").await?;
     let before = forwarded_count(&stats_socket, forwarder).await?;
     let cpu_before = proc_stat::cpu_time(server.pid).unwrap_or_default();
+    let sent_before = shared.sent.load(Ordering::Relaxed);
     let from = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let to = Instant::now();
+    let sent_after = shared.sent.load(Ordering::Relaxed);
     let cpu = proc_stat::cpu_time(server.pid)
         .unwrap_or_default()
         .saturating_sub(cpu_before);
@@ -675,7 +685,8 @@ async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
         let _ = client.stop.send(());
         samples.extend(client.done.await.unwrap_or_default());
     }
-    let (loss, p50_us, p99_us) = summarize(&samples, from, to);
+    let (loss, p50_us, p99_us, received) = summarize(&samples, from, to);
+    let sent = sent_after.saturating_sub(sent_before);
     server.child.kill().await.ok();
     Ok(Measured {
         egress,
@@ -686,6 +697,8 @@ async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
         p99_us,
         rss_per_track_kib: None,
         participants,
+        sent,
+        received,
     })
 }
 
@@ -704,10 +717,12 @@ fn per_cpu_second(m: &Measured) -> f64 {
 #[allow(clippy::print_stdout)]
 fn report(s: &Scenario, who: &str, m: &Measured) {
     println!(
-        "{who} {}: {} participants in {} rooms; egress {:.0} pkt/s; server CPU {:.0} %; {:.0} egress pkt per CPU-second; loss {:.3} %; latency p50 {:.2} ms p99 {:.2} ms{}",
+        "{who} {}: {} participants in {} rooms; sent {} received {}; egress {:.0} pkt/s; server CPU {:.0} %; {:.0} egress pkt per CPU-second; loss {:.3} %; latency p50 {:.2} ms p99 {:.2} ms{}",
         s.name,
         m.participants,
         s.rooms,
+        m.sent,
+        m.received,
         m.egress as f64 / m.wall.as_secs_f64(),
         100.0 * m.cpu.as_secs_f64() / m.wall.as_secs_f64(),
         per_cpu_second(m),
