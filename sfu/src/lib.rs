@@ -46,7 +46,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
+use str0m::rtp::{Extension, ExtensionMap, ExtensionValues, RtpPacket, RtpWrite, Ssrc};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
 pub use str0m::net::Transmit;
@@ -282,7 +282,15 @@ fn rtc_config(prefer_h264: bool, estimate_bandwidth: bool) -> RtcConfig {
     let config = if estimate_bandwidth {
         config.enable_bwe(Some(Bitrate::kbps(600)))
     } else {
-        config
+        // Without an estimator, transport-wide sequence numbers only make the
+        // peer send feedback nobody reads: leave the extension out.
+        let mut extensions = ExtensionMap::empty();
+        for (id, extension) in ExtensionMap::standard().iter() {
+            if *extension != Extension::TransportSequenceNumber {
+                extensions.set(id, extension.clone());
+            }
+        }
+        config.set_extension_map(extensions)
     };
     // Retransmission history per video stream: ~0.85 s at 300 packets a second
     // covers NACKs at any sane RTT (str0m's default keeps 1,000).
