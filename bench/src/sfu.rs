@@ -82,7 +82,7 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 media: Media::Audio,
                 video_pps: 0,
             },
-            // 1 → N fan-out, video-sized packets (1,100 B, 300 pps).
+            // 1 → N fan-out, video-sized packets (1,100 B, 300 pps in 30 frames).
             "fanout-video" => Scenario {
                 name: "fanout-video",
                 rooms: scale(2),
@@ -118,6 +118,8 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
 const AUDIO_PAYLOAD: usize = 100;
 const VIDEO_PAYLOAD: usize = 1100;
 const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
+/// Video is sent as frames: `video_pps / VIDEO_FPS` packets back to back per frame.
+const VIDEO_FPS: u32 = 30;
 
 /// What a receiver saw: (arrival, stream key, sequence number, latency in µs).
 type Sample = (Instant, u64, u64, u32);
@@ -261,8 +263,9 @@ async fn start_webrtc_client(
         let mut samples: Vec<Sample> = Vec::new();
         let mut started: HashSet<Mid> = HashSet::new();
         let mut buf = vec![0u8; 2048];
-        let (mut audio_seq, mut video_seq) = (0u64, 0u64);
-        let video_interval = Duration::from_secs_f64(1.0 / f64::from(video_pps.max(1)));
+        let (mut audio_seq, mut video_seq, mut frame) = (0u64, 0u64, 0u64);
+        let video_interval = Duration::from_secs_f64(1.0 / f64::from(VIDEO_FPS));
+        let packets_per_frame = u64::from((video_pps / VIDEO_FPS).max(1));
         let (mut next_audio, mut next_video) = (Instant::now(), Instant::now());
         let mut keyframe_due = true;
         loop {
@@ -334,19 +337,24 @@ async fn start_webrtc_client(
                         }
                     }
                     if let Some(mid) = video && now >= next_video {
+                        // One frame: its packets back to back, as an encoder emits them.
                         next_video += video_interval;
                         let pt = rtc.codec_config().find(|p| p.spec().codec == Codec::Vp8).map(|p| p.pt());
-                        let keyframe = keyframe_due || video_seq.is_multiple_of(300);
+                        let keyframe = keyframe_due || frame.is_multiple_of(150);
                         keyframe_due = false;
-                        let mut payload = vec![0x55; VIDEO_PAYLOAD];
-                        payload[0] = 0x10;
-                        payload[1] = if keyframe { 0x00 } else { 0x01 };
-                        stamp(&shared, &mut payload);
-                        if let (Some(pt), Some(tx)) = (pt, rtc.direct_api().stream_tx_by_mid(mid, None)) {
-                            let ts = (video_seq * 90_000 / u64::from(video_pps.max(1))) as u32;
-                            tx.write_rtp(RtpWrite::new(pt, video_seq.into(), ts, now, payload).marker(true).nackable(true));
-                            video_seq += 1;
-                            shared.sent.fetch_add(1, Ordering::Relaxed);
+                        let ts = (frame * 90_000 / u64::from(VIDEO_FPS)) as u32;
+                        frame += 1;
+                        for part in 0..packets_per_frame {
+                            let mut payload = vec![0x55; VIDEO_PAYLOAD];
+                            payload[0] = if part == 0 { 0x10 } else { 0x00 };
+                            payload[1] = if keyframe { 0x00 } else { 0x01 };
+                            stamp(&shared, &mut payload);
+                            let last = part + 1 == packets_per_frame;
+                            if let (Some(pt), Some(tx)) = (pt, rtc.direct_api().stream_tx_by_mid(mid, None)) {
+                                tx.write_rtp(RtpWrite::new(pt, video_seq.into(), ts, now, payload).marker(last).nackable(true));
+                                video_seq += 1;
+                                shared.sent.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                 }
@@ -381,7 +389,8 @@ async fn start_udp_client(
             Some(Media::AudioVideo) => (true, true),
             None => (false, false),
         };
-        let video_interval = Duration::from_secs_f64(1.0 / f64::from(video_pps.max(1)));
+        let video_interval = Duration::from_secs_f64(1.0 / f64::from(VIDEO_FPS));
+        let packets_per_frame = (video_pps / VIDEO_FPS).max(1);
         let start = Instant::now() + Duration::from_millis(200);
         let (mut next_audio, mut next_video) = (start, start);
         let (mut audio_seq, mut video_seq) = (0u64, 0u64);
@@ -425,14 +434,16 @@ async fn start_udp_client(
                     }
                     if video && now >= next_video {
                         next_video += video_interval;
-                        let mut packet = vec![0u8; 12 + VIDEO_PAYLOAD + 16];
-                        packet[0] = b'v';
-                        stamp(&shared, &mut packet);
-                        packet[10..18].copy_from_slice(&video_seq.to_le_bytes());
-                        packet[18..22].copy_from_slice(&me.to_le_bytes());
-                        video_seq += 1;
-                        let _ = socket.send_to(&packet, forwarder).await;
-                        shared.sent.fetch_add(1, Ordering::Relaxed);
+                        for _ in 0..packets_per_frame {
+                            let mut packet = vec![0u8; 12 + VIDEO_PAYLOAD + 16];
+                            packet[0] = b'v';
+                            stamp(&shared, &mut packet);
+                            packet[10..18].copy_from_slice(&video_seq.to_le_bytes());
+                            packet[18..22].copy_from_slice(&me.to_le_bytes());
+                            video_seq += 1;
+                            let _ = socket.send_to(&packet, forwarder).await;
+                            shared.sent.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }

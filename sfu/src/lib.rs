@@ -167,6 +167,8 @@ struct Session {
     next_timeout: Instant,
     /// The time of this session's live entry in the timer heap, if any.
     scheduled: Option<Instant>,
+    /// Packets were written to it that str0m has not sent yet (see `Sfu::flush`).
+    dirty: bool,
     connect_deadline: Option<Instant>,
     addrs: Vec<SocketAddr>,
     /// Tracks this participant publishes, by the m-line they arrive on.
@@ -252,6 +254,10 @@ pub struct Sfu {
     out: Outputs,
     /// When subscribers' simulcast layers are next re-evaluated.
     next_layer_check: Option<Instant>,
+    /// Sessions with written, unsent packets.
+    dirty: Vec<SessionId>,
+    /// The latest time an input brought.
+    now: Option<Instant>,
 }
 
 impl fmt::Debug for Sfu {
@@ -348,6 +354,8 @@ impl Sfu {
             events: VecDeque::new(),
             out: Outputs::default(),
             next_layer_check: None,
+            dirty: Vec::new(),
+            now: None,
         }
     }
 
@@ -373,6 +381,7 @@ impl Sfu {
         participant: Participant,
         offer: &str,
     ) -> Result<(SessionId, String), SfuError> {
+        self.advance(now);
         let prefer_h264 = offer_prefers_h264(offer);
         let has_video = offer.lines().any(|l| l.starts_with("m=video"));
         let offer = self.parse_offer(offer)?;
@@ -395,6 +404,7 @@ impl Sfu {
             ufrag: ufrag.clone(),
             next_timeout: now,
             scheduled: None,
+            dirty: false,
             connect_deadline: Some(now + self.config.connect_timeout),
             addrs: Vec::new(),
             published: HashMap::new(),
@@ -418,6 +428,7 @@ impl Sfu {
     /// A renegotiation offer for the session's pending subscription changes, or
     /// `None` if there are none or an offer is already waiting for its answer.
     pub fn create_offer(&mut self, now: Instant, id: SessionId) -> Result<Option<Offer>, SfuError> {
+        self.advance(now);
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if session.pending.is_some() || session.wanted.is_empty() {
             return Ok(None);
@@ -471,6 +482,7 @@ impl Sfu {
 
     /// Applies the peer's answer to our last offer.
     pub fn accept_answer(&mut self, now: Instant, id: SessionId, answer: &str) -> Result<(), SfuError> {
+        self.advance(now);
         if answer.len() > self.config.max_sdp_bytes {
             return Err(SfuError::SdpTooLarge(self.config.max_sdp_bytes));
         }
@@ -528,6 +540,7 @@ impl Sfu {
     /// tracks) and returns our answer. An offer of ours still waiting is
     /// dropped and its changes are asked for again afterwards.
     pub fn accept_offer(&mut self, now: Instant, id: SessionId, offer: &str) -> Result<String, SfuError> {
+        self.advance(now);
         let offer = self.parse_offer(offer)?;
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if let Some(pending) = session.pending.take() {
@@ -551,6 +564,7 @@ impl Sfu {
     /// Closes a session: its tracks leave every subscriber (who get a
     /// renegotiation), its subscriptions end, and DTLS is closed politely.
     pub fn close_session(&mut self, now: Instant, id: SessionId) {
+        self.advance(now);
         self.remove_session(now, id);
         self.process(now);
     }
@@ -620,6 +634,7 @@ impl Sfu {
 
     /// A datagram arrived on the shard's socket.
     pub fn handle_receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        self.advance(now);
         self.out.stats.datagrams_in += 1;
         let known = self.by_addr.get(&source).copied();
         let id = match known {
@@ -666,6 +681,8 @@ impl Sfu {
     /// Time passed: run every session whose timer is due, and close sessions
     /// that never connected.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.advance(now);
+        self.flush();
         while let Some(&Reverse((at, id))) = self.out.deadlines.peek() {
             if at > now {
                 break;
@@ -709,11 +726,39 @@ impl Sfu {
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.flush();
         self.out.transmits.pop_front()
     }
 
     pub fn poll_event(&mut self) -> Option<SfuEvent> {
+        self.flush();
         self.events.pop_front()
+    }
+
+    /// Remembers the latest time an input brought (time never goes back).
+    fn advance(&mut self, now: Instant) {
+        self.now = Some(self.now.map_or(now, |t| t.max(now)));
+    }
+
+    /// Sends what was written to subscribers during the last inputs: one str0m
+    /// timeout per written-to session (where it packetizes, encrypts and
+    /// emits), instead of one per packet.
+    fn flush(&mut self) {
+        let Some(now) = self.now else { return };
+        if self.dirty.is_empty() {
+            return;
+        }
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(session) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            session.dirty = false;
+            if session.rtc.handle_input(Input::Timeout(now)).is_err() {
+                self.out.stats.drop(DropReason::Rejected);
+            }
+            drain_session(id, session, &mut self.out);
+        }
+        self.process(now);
     }
 
     /// When to call [`Sfu::handle_timeout`] next.
@@ -1065,14 +1110,15 @@ impl Sfu {
                 .ext_vals(ext.clone())
                 .nackable(video),
             );
-            // str0m queues the packet and sends it on its next timeout; run that
-            // now, so it leaves in this turn instead of after another wake-up.
-            if subscriber.rtc.handle_input(Input::Timeout(now)).is_err() {
-                self.out.stats.drop(DropReason::Rejected);
+            // str0m queues the packet and sends it on the session's next
+            // timeout; `flush` runs that before the driver takes transmits, once
+            // per subscriber however many packets it got in this batch.
+            if !subscriber.dirty {
+                subscriber.dirty = true;
+                self.dirty.push(sub_id);
             }
             subscriber.stats.packets_out += 1;
             self.out.stats.packets_forwarded += 1;
-            drain_session(sub_id, subscriber, &mut self.out);
         }
         if let Some(layer) = want_keyframe {
             self.request_keyframe(now, track_id, layer);
@@ -1117,6 +1163,7 @@ impl Sfu {
     /// Caps the quality a session receives of a stream (by our stream id, as in
     /// [`Offer::streams`]): the signalling side's "requested size".
     pub fn set_max_quality(&mut self, now: Instant, id: SessionId, stream_id: &str, quality: simulcast::Quality) {
+        self.advance(now);
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
