@@ -134,6 +134,17 @@ struct Shared {
     next_sender: std::sync::atomic::AtomicU32,
 }
 
+impl Shared {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            streams_started: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
+            next_sender: Default::default(),
+        }
+    }
+}
+
 fn stamp(shared: &Shared, payload: &mut [u8]) {
     let micros = shared.base.elapsed().as_micros() as u64;
     payload[2..10].copy_from_slice(&micros.to_le_bytes());
@@ -579,12 +590,7 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
         });
     }
     let rss_before = proc_stat::rss_kib(server.pid).unwrap_or(0);
-    let shared = Arc::new(Shared {
-        base: Instant::now(),
-        streams_started: AtomicUsize::new(0),
-        sent: AtomicU64::new(0),
-        next_sender: Default::default(),
-    });
+    let shared = Arc::new(Shared::new());
     let mut clients = Vec::new();
     for room in 0..s.rooms {
         let room_id = format!("!bench{room}:load");
@@ -661,12 +667,7 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
 async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
     let (mut server, addr) = spawn_server(&["udp-forwarder"], "forwarder ").await?;
     let forwarder: SocketAddr = addr.parse()?;
-    let shared = Arc::new(Shared {
-        base: Instant::now(),
-        streams_started: AtomicUsize::new(0),
-        sent: AtomicU64::new(0),
-        next_sender: Default::default(),
-    });
+    let shared = Arc::new(Shared::new());
     let mut clients = Vec::new();
     for room in 0..s.rooms {
         let room_id = format!("bench{room}");

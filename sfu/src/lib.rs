@@ -184,6 +184,16 @@ struct Session {
     stats: SessionStats,
 }
 
+impl Session {
+    /// Puts the changes of an offer that did not take back into the queue.
+    fn requeue(&mut self, pending: &PendingOffer) {
+        self.wanted
+            .extend(pending.added.iter().map(|(_, t)| Change::Subscribe(*t)));
+        self.wanted
+            .extend(pending.deactivated.iter().map(|m| Change::Deactivate(*m)));
+    }
+}
+
 struct Subscription {
     track: TrackId,
     /// The simulcast layer being forwarded (None until the first packet goes out).
@@ -491,12 +501,7 @@ impl Sfu {
         let pending = session.pending.take().ok_or(SfuError::NoPendingOffer)?;
         if let Err(e) = session.rtc.sdp_api().accept_answer(pending.pending, answer) {
             // Our changes did not take: ask for them again in the next offer.
-            session
-                .wanted
-                .extend(pending.added.iter().map(|(_, t)| Change::Subscribe(*t)));
-            session
-                .wanted
-                .extend(pending.deactivated.iter().map(|m| Change::Deactivate(*m)));
+            session.requeue(&pending);
             return Err(e.into());
         }
         for (mid, track_id) in pending.added {
@@ -544,12 +549,7 @@ impl Sfu {
         let offer = self.parse_offer(offer)?;
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if let Some(pending) = session.pending.take() {
-            session
-                .wanted
-                .extend(pending.added.iter().map(|(_, t)| Change::Subscribe(*t)));
-            session
-                .wanted
-                .extend(pending.deactivated.iter().map(|m| Change::Deactivate(*m)));
+            session.requeue(&pending);
         }
         let answer = session.rtc.sdp_api().accept_offer(offer)?;
         let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
