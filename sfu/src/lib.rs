@@ -186,11 +186,9 @@ struct Session {
 
 impl Session {
     /// Puts the changes of an offer that did not take back into the queue.
-    fn requeue(&mut self, pending: &PendingOffer) {
-        self.wanted
-            .extend(pending.added.iter().map(|(_, t)| Change::Subscribe(*t)));
-        self.wanted
-            .extend(pending.deactivated.iter().map(|m| Change::Deactivate(*m)));
+    fn requeue(&mut self, added: &[(Mid, TrackId)], deactivated: &[Mid]) {
+        self.wanted.extend(added.iter().map(|(_, t)| Change::Subscribe(*t)));
+        self.wanted.extend(deactivated.iter().map(|m| Change::Deactivate(*m)));
     }
 }
 
@@ -499,12 +497,17 @@ impl Sfu {
         let answer = SdpAnswer::from_sdp_string(answer).map_err(|e| SfuError::InvalidSdp(e.to_string()))?;
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         let pending = session.pending.take().ok_or(SfuError::NoPendingOffer)?;
-        if let Err(e) = session.rtc.sdp_api().accept_answer(pending.pending, answer) {
+        let PendingOffer {
+            pending,
+            added,
+            deactivated,
+        } = pending;
+        if let Err(e) = session.rtc.sdp_api().accept_answer(pending, answer) {
             // Our changes did not take: ask for them again in the next offer.
-            session.requeue(&pending);
+            session.requeue(&added, &deactivated);
             return Err(e.into());
         }
-        for (mid, track_id) in pending.added {
+        for (mid, track_id) in added {
             let Some(track) = self.tracks.get_mut(&track_id) else {
                 session.wanted.push(Change::Deactivate(mid));
                 continue;
@@ -549,7 +552,7 @@ impl Sfu {
         let offer = self.parse_offer(offer)?;
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if let Some(pending) = session.pending.take() {
-            session.requeue(&pending);
+            session.requeue(&pending.added, &pending.deactivated);
         }
         let answer = session.rtc.sdp_api().accept_offer(offer)?;
         let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
