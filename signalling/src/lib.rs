@@ -8,4 +8,5 @@
 //! `org.matrix.call.sdp_stream_metadata_changed` type, unknown hangup reasons),
 //! and builders for the events the bot sends.
 
+pub mod call;
 pub mod events;
