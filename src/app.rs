@@ -4,7 +4,9 @@
 //! mode) and the operational endpoints; the TURN relay, the conference bot and
 //! the web demo join the same process as their issues land.
 
+use crate::bot::Bot;
 use crate::config::Config;
+use crate::drivers::matrix::MatrixClient;
 use crate::drivers::media::ShardSet;
 use crate::secrets;
 use anyhow::{Context, Result};
@@ -36,6 +38,8 @@ pub struct Running {
     pub homeserver: Arc<Homeserver>,
     /// The SFU shards (all-in-one mode).
     pub media: Option<ShardSet>,
+    /// The conference bot's user id.
+    pub bot_user: String,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -51,6 +55,10 @@ impl Running {
         if let Some(media) = &self.media {
             let ports: Vec<String> = media.shards().iter().map(|s| s.advertised_addr.to_string()).collect();
             urls.push(("SFU media (UDP, one port per shard)", ports.join(" ")));
+            urls.push((
+                "Conference bot (invite it to a room, then call it)",
+                self.bot_user.clone(),
+            ));
         }
         urls
     }
@@ -117,18 +125,11 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
         Box::new(store),
     );
 
-    let media = if mode == Mode::AllInOne {
-        let (shards, mut events) =
-            ShardSet::spawn(config.media.bind, config.media_advertised_ip(), config.media.shards)?;
-        // Until the conference bot lands nobody opens sessions; keep the queue empty.
-        tokio::spawn(async move {
-            while let Some((shard, event)) = events.recv().await {
-                tracing::debug!(shard, ?event, "media event");
-            }
-        });
-        Some(shards)
+    let (media, media_events) = if mode == Mode::AllInOne {
+        let (shards, events) = ShardSet::spawn(config.media.bind, config.media_advertised_ip(), config.media.shards)?;
+        (Some(shards), Some(events))
     } else {
-        None
+        (None, None)
     };
 
     let app = crate::http::router(Arc::clone(&hs), media.clone(), started);
@@ -140,12 +141,33 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
             })
             .await
     });
+    if let (Some(shards), Some(mut events)) = (media.clone(), media_events) {
+        if config.bot.enabled {
+            let password = secrets::load_or_generate(&config.data_dir.join("bot_password"))?;
+            let base = format!("http://{http_addr}");
+            let localpart = config.bot.localpart.clone();
+            tokio::spawn(async move {
+                match MatrixClient::login_or_register(&base, &localpart, &password, "SWITCHBOARDBOT").await {
+                    Ok(matrix) => {
+                        if let Err(e) = Bot::new(matrix, shards).run(events).await {
+                            tracing::error!(error = %e, "the conference bot stopped");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "the conference bot could not log in"),
+                }
+            });
+        } else {
+            // Nobody opens sessions without the bot; keep the queue empty.
+            tokio::spawn(async move { while events.recv().await.is_some() {} });
+        }
+    }
     tracing::info!(?mode, %http_addr, server_name = %config.server_name, "switchboard started");
     Ok(Running {
         http_addr,
         base_url,
         homeserver: hs,
         media,
+        bot_user: format!("@{}:{}", config.bot.localpart, config.server_name),
         shutdown,
         server,
     })

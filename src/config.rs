@@ -29,6 +29,16 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub turn: TurnConfig,
     pub media: MediaConfig,
+    pub bot: BotConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BotConfig {
+    /// Run the conference bot (all-in-one mode).
+    pub enabled: bool,
+    /// Its user's localpart: `@<localpart>:<server_name>`.
+    pub localpart: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +130,10 @@ impl Default for Config {
                 static_auth_secret: String::new(),
                 credential_ttl_secs: 86_400,
             },
+            bot: BotConfig {
+                enabled: true,
+                localpart: "conference".into(),
+            },
             media: MediaConfig {
                 bind: SocketAddr::from(([127, 0, 0, 1], 0)),
                 advertised_ip: String::new(),
@@ -147,6 +161,11 @@ impl Default for RegistrationConfig {
 impl Default for RateLimitConfig {
     fn default() -> Self {
         Config::default().rate_limit
+    }
+}
+impl Default for BotConfig {
+    fn default() -> Self {
+        Config::default().bot
     }
 }
 impl Default for MediaConfig {

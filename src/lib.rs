@@ -2,6 +2,7 @@
 //! protocol crates. `main.rs` is a thin CLI over [`app::start`].
 
 pub mod app;
+pub mod bot;
 pub mod config;
 pub mod drivers;
 pub mod http;

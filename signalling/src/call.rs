@@ -50,6 +50,8 @@ pub enum Action {
         call_id: String,
         room_id: String,
         caller: String,
+        /// The caller's party id (matrix-js-sdk uses its device id); absent for v0.
+        caller_party: Option<String>,
         offer: String,
         metadata: Option<SdpStreamMetadata>,
     },
@@ -303,6 +305,7 @@ impl Signalling {
             call_id: header.call_id,
             room_id,
             caller: sender,
+            caller_party: header.party_id,
             offer: offer.sdp,
             metadata,
         });

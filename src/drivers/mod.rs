@@ -1,3 +1,4 @@
 //! Drivers: the sockets, threads and timers around the sans-IO cores.
 
+pub mod matrix;
 pub mod media;

@@ -1,0 +1,292 @@
+//! The conference bot: a Matrix user whose calls are sessions on the SFU.
+//!
+//! Wiring only: the Matrix driver feeds sync batches to the sans-IO
+//! [`Signalling`] core; its [`Action`]s become SFU shard commands and sent
+//! events; SFU events (renegotiation needed, connected, closed) go back to it.
+//! Each Matrix room is one conference (one SFU room), so every caller in a room
+//! receives the others' streams, labelled in `sdp_stream_metadata` with their
+//! user and device.
+
+use crate::drivers::matrix::{MatrixClient, SyncBatch};
+use crate::drivers::media::ShardSet;
+use anyhow::Result;
+use serde_json::Value;
+use sfu::{Participant, RoomId, SessionId, SfuEvent, StreamInfo};
+use signalling::call::{Action, Incoming, Signalling};
+use signalling::events::{CallEvent, SdpStreamMetadata, StreamMetadata};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long one `/sync` long-poll waits.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Backoff after a failed sync, doubling up to the maximum.
+const SYNC_BACKOFF: Duration = Duration::from_millis(250);
+const SYNC_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The SFU session a call lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct MediaRef {
+    shard: usize,
+    session: SessionId,
+}
+
+pub struct Bot {
+    matrix: MatrixClient,
+    media: ShardSet,
+    signalling: Signalling,
+    calls: HashMap<String, MediaRef>,
+    by_session: HashMap<MediaRef, String>,
+    /// The streams each call receives (for `sdp_stream_metadata`).
+    streams: HashMap<String, Vec<StreamInfo>>,
+    txn_prefix: String,
+    txn_counter: u64,
+}
+
+impl std::fmt::Debug for Bot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bot")
+            .field("user_id", &self.matrix.user_id)
+            .field("calls", &self.calls.len())
+            .finish()
+    }
+}
+
+/// Labels for the streams a caller receives: purpose, and whose stream it is.
+fn metadata_for(streams: &[StreamInfo]) -> SdpStreamMetadata {
+    streams
+        .iter()
+        .map(|s| {
+            let mut extra = serde_json::Map::new();
+            extra.insert("user_id".into(), s.publisher.user_id.clone().into());
+            if !s.publisher.device_id.is_empty() {
+                extra.insert("device_id".into(), s.publisher.device_id.clone().into());
+            }
+            let entry = StreamMetadata {
+                purpose: "m.usermedia".into(),
+                audio_muted: false,
+                video_muted: false,
+                extra,
+            };
+            (s.stream_id.clone(), entry)
+        })
+        .collect()
+}
+
+impl Bot {
+    pub fn new(matrix: MatrixClient, media: ShardSet) -> Self {
+        let signalling = Signalling::new(matrix.user_id.clone(), matrix.device_id.clone());
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        Self {
+            matrix,
+            media,
+            signalling,
+            calls: HashMap::new(),
+            by_session: HashMap::new(),
+            streams: HashMap::new(),
+            txn_prefix: format!("sb{started}"),
+            txn_counter: 0,
+        }
+    }
+
+    /// Runs until the media events end (the process shuts down).
+    pub async fn run(mut self, mut media_events: mpsc::UnboundedReceiver<(usize, SfuEvent)>) -> Result<()> {
+        let (batches_tx, mut batches) = mpsc::channel::<SyncBatch>(4);
+        let syncer = self.matrix.clone();
+        tokio::spawn(async move {
+            let mut since: Option<String> = None;
+            let mut backoff = SYNC_BACKOFF;
+            loop {
+                match syncer
+                    .sync(
+                        since.as_deref(),
+                        if since.is_some() { SYNC_TIMEOUT } else { Duration::ZERO },
+                    )
+                    .await
+                {
+                    Ok(batch) => {
+                        backoff = SYNC_BACKOFF;
+                        since = Some(batch.next_batch.clone());
+                        if batches_tx.send(batch).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bot sync failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(SYNC_BACKOFF_MAX);
+                    }
+                }
+            }
+        });
+        tracing::info!(user_id = %self.matrix.user_id, "conference bot running");
+        loop {
+            self.execute_actions().await;
+            let wake = self
+                .signalling
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+            tokio::select! {
+                batch = batches.recv() => match batch {
+                    Some(batch) => self.on_sync(batch).await,
+                    None => return Ok(()),
+                },
+                event = media_events.recv() => match event {
+                    Some((shard, event)) => self.on_media(shard, event).await,
+                    None => return Ok(()),
+                },
+                () = tokio::time::sleep_until(wake.into()) => self.signalling.handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    async fn on_sync(&mut self, batch: SyncBatch) {
+        for room in &batch.invites {
+            match self.matrix.join(room).await {
+                Ok(()) => tracing::info!("joined a room on invite"),
+                Err(e) => tracing::warn!(error = %e, "could not join a room"),
+            }
+        }
+        let mut calls = Vec::new();
+        for (room_id, event) in batch.timeline {
+            let kind = event["type"].as_str().unwrap_or_default();
+            let sender = event["sender"].as_str().unwrap_or_default().to_string();
+            if kind == "m.room.member" {
+                let membership = event["content"]["membership"].as_str().unwrap_or_default();
+                let target = event["state_key"].as_str().unwrap_or_default();
+                if matches!(membership, "leave" | "ban") && target != self.matrix.user_id {
+                    self.signalling.handle_member_left(Instant::now(), &room_id, target);
+                }
+                continue;
+            }
+            if !kind.starts_with("m.call.") && !kind.starts_with("org.matrix.call.") {
+                continue;
+            }
+            match CallEvent::parse(kind, &event["content"]) {
+                Ok(parsed) => calls.push(Incoming {
+                    room_id,
+                    sender,
+                    age_ms: event["unsigned"]["age"].as_u64(),
+                    event: parsed,
+                }),
+                Err(e) => tracing::info!(kind, error = %e, "ignoring a malformed call event"),
+            }
+        }
+        self.signalling.handle_batch(Instant::now(), calls);
+    }
+
+    async fn on_media(&mut self, shard: usize, event: SfuEvent) {
+        let now = Instant::now();
+        let call = |session: SessionId| self.by_session.get(&MediaRef { shard, session }).cloned();
+        match event {
+            SfuEvent::NegotiationNeeded(session) => {
+                let Some(call_id) = call(session) else { return };
+                let Some(handle) = self.media.shard(shard) else { return };
+                match handle.create_offer(session).await {
+                    Ok(Some(offer)) => {
+                        let metadata = metadata_for(&offer.streams);
+                        self.streams.insert(call_id.clone(), offer.streams);
+                        if !self.signalling.renegotiate(now, &call_id, offer.sdp, metadata) {
+                            tracing::info!("this caller cannot renegotiate (version 0); it keeps its first streams");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not create a renegotiation offer"),
+                }
+            }
+            SfuEvent::Connected(session) => {
+                if let Some(call_id) = call(session) {
+                    self.signalling.handle_media_connected(now, &call_id);
+                }
+            }
+            SfuEvent::Closed(session, reason) => {
+                if let Some(call_id) = call(session) {
+                    tracing::info!(?reason, "media session closed");
+                    self.signalling.handle_media_closed(now, &call_id);
+                }
+            }
+            SfuEvent::ActiveSpeaker { .. } => {}
+        }
+    }
+
+    async fn execute_actions(&mut self) {
+        while let Some(action) = self.signalling.poll_action() {
+            let now = Instant::now();
+            match action {
+                Action::OpenMedia {
+                    call_id,
+                    room_id,
+                    caller,
+                    caller_party,
+                    offer,
+                    ..
+                } => {
+                    let room = RoomId(room_id);
+                    let (shard, handle) = self.media.shard_for(&room);
+                    let participant = Participant {
+                        user_id: caller,
+                        device_id: caller_party.unwrap_or_default(),
+                    };
+                    match handle.open_session(room, participant, offer).await {
+                        Ok((session, answer)) => {
+                            let media = MediaRef { shard, session };
+                            self.calls.insert(call_id.clone(), media);
+                            self.by_session.insert(media, call_id.clone());
+                            self.signalling
+                                .handle_media_answer(now, &call_id, answer, SdpStreamMetadata::new());
+                        }
+                        Err(e) => {
+                            tracing::info!(error = %e, "could not open a media session for a call");
+                            self.signalling.handle_media_failed(now, &call_id);
+                        }
+                    }
+                }
+                Action::MediaOffer { call_id, offer } => {
+                    let Some((media, handle)) = self.handle_of(&call_id) else {
+                        continue;
+                    };
+                    match handle.accept_offer(media.session, offer).await {
+                        Ok(answer) => {
+                            let metadata = metadata_for(self.streams.get(&call_id).map_or(&[][..], Vec::as_slice));
+                            self.signalling
+                                .handle_media_renegotiated(now, &call_id, answer, metadata);
+                        }
+                        Err(e) => tracing::info!(error = %e, "the caller's renegotiation offer was refused"),
+                    }
+                }
+                Action::MediaAnswer { call_id, answer } => {
+                    let Some((media, handle)) = self.handle_of(&call_id) else {
+                        continue;
+                    };
+                    if let Err(e) = handle.accept_answer(media.session, answer).await {
+                        tracing::info!(error = %e, "the caller's renegotiation answer was refused");
+                    }
+                }
+                Action::PeerMetadata { .. } => {}
+                Action::CloseMedia { call_id } => {
+                    if let Some((media, handle)) = self.handle_of(&call_id) {
+                        let _ = handle.close_session(media.session).await;
+                        self.by_session.remove(&media);
+                    }
+                    self.calls.remove(&call_id);
+                    self.streams.remove(&call_id);
+                }
+                Action::Send { room_id, event } => {
+                    self.txn_counter += 1;
+                    let txn = format!("{}-{}", self.txn_prefix, self.txn_counter);
+                    let content: Value = event.to_content();
+                    if let Err(e) = self.matrix.send(&room_id, event.event_type(), &txn, &content).await {
+                        tracing::warn!(error = %e, "could not send a call event");
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_of(&self, call_id: &str) -> Option<(MediaRef, crate::drivers::media::ShardHandle)> {
+        let media = *self.calls.get(call_id)?;
+        Some((media, self.media.shard(media.shard)?.clone()))
+    }
+}

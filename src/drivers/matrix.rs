@@ -1,0 +1,178 @@
+//! A Matrix Client-Server API client for the conference bot: login, the
+//! `/sync` long-poll loop and idempotent sends. It speaks plain HTTP to any
+//! homeserver (ours in all-in-one mode, Synapse or tuwunel otherwise).
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Sends are retried this many times on network errors and 5xx/429 answers.
+const SEND_ATTEMPTS: u32 = 5;
+
+#[derive(Debug, Clone)]
+pub struct MatrixClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    pub user_id: String,
+    pub device_id: String,
+}
+
+/// What one `/sync` response holds for the bot.
+#[derive(Debug, Default)]
+pub struct SyncBatch {
+    pub next_batch: String,
+    /// Rooms we are invited to.
+    pub invites: Vec<String>,
+    /// Timeline events per joined room, in order: (room, event).
+    pub timeline: Vec<(String, Value)>,
+    /// Rooms we left or were removed from.
+    pub left: Vec<String>,
+}
+
+impl MatrixClient {
+    /// Logs in with a password, registering the user first if the server lets
+    /// anyone register (all-in-one mode) and the user does not exist yet.
+    pub async fn login_or_register(base: &str, localpart: &str, password: &str, device_id: &str) -> Result<Self> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(90)).build()?;
+        let base = base.trim_end_matches('/').to_string();
+        let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": localpart},
+            "password": password, "device_id": device_id, "initial_device_display_name": "Switchboard conference bot"});
+        let mut response = http
+            .post(format!("{base}/_matrix/client/v3/login"))
+            .json(&login)
+            .send()
+            .await?;
+        if response.status() == reqwest::StatusCode::FORBIDDEN {
+            let register = json!({"username": localpart, "password": password, "device_id": device_id,
+                "initial_device_display_name": "Switchboard conference bot", "auth": {"type": "m.login.dummy"}});
+            response = http
+                .post(format!("{base}/_matrix/client/v3/register"))
+                .json(&register)
+                .send()
+                .await?;
+        }
+        let status = response.status();
+        let body: Value = response.json().await.context("login answer")?;
+        if !status.is_success() {
+            bail!(
+                "logging in as {localpart} failed: {status} {}",
+                body["errcode"].as_str().unwrap_or("")
+            );
+        }
+        Ok(Self {
+            http,
+            base,
+            token: body["access_token"].as_str().context("access_token")?.to_string(),
+            user_id: body["user_id"].as_str().context("user_id")?.to_string(),
+            device_id: body["device_id"].as_str().unwrap_or(device_id).to_string(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/_matrix/client/v3{path}", self.base)
+    }
+
+    /// One `/sync`: waits up to `timeout` for news after `since`.
+    pub async fn sync(&self, since: Option<&str>, timeout: Duration) -> Result<SyncBatch> {
+        let mut request = self
+            .http
+            .get(self.url("/sync"))
+            .bearer_auth(&self.token)
+            .query(&[("timeout", timeout.as_millis().to_string())]);
+        if let Some(since) = since {
+            request = request.query(&[("since", since)]);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let body: Value = response.json().await.context("sync answer")?;
+        if !status.is_success() {
+            bail!("sync failed: {status} {}", body["errcode"].as_str().unwrap_or(""));
+        }
+        let mut batch = SyncBatch {
+            next_batch: body["next_batch"].as_str().context("next_batch")?.to_string(),
+            ..Default::default()
+        };
+        if let Some(invites) = body["rooms"]["invite"].as_object() {
+            batch.invites.extend(invites.keys().cloned());
+        }
+        if let Some(joined) = body["rooms"]["join"].as_object() {
+            for (room, data) in joined {
+                for event in data["timeline"]["events"].as_array().into_iter().flatten() {
+                    batch.timeline.push((room.clone(), event.clone()));
+                }
+            }
+        }
+        if let Some(left) = body["rooms"]["leave"].as_object() {
+            batch.left.extend(left.keys().cloned());
+        }
+        Ok(batch)
+    }
+
+    pub async fn join(&self, room_id: &str) -> Result<()> {
+        let url = self.url(&format!("/rooms/{}/join", encode(room_id)));
+        let response = self
+            .http
+            .post(url)
+            .bearer_auth(&self.token)
+            .json(&json!({}))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            bail!("joining {room_id} failed: {}", response.status());
+        }
+        Ok(())
+    }
+
+    pub async fn leave(&self, room_id: &str) -> Result<()> {
+        let url = self.url(&format!("/rooms/{}/leave", encode(room_id)));
+        self.http
+            .post(url)
+            .bearer_auth(&self.token)
+            .json(&json!({}))
+            .send()
+            .await?;
+        Ok(())
+    }
+
+    /// Sends a room event with transaction id `txn_id`, retrying on transient
+    /// failures (the same id makes a retry idempotent).
+    pub async fn send(&self, room_id: &str, event_type: &str, txn_id: &str, content: &Value) -> Result<String> {
+        let url = self.url(&format!(
+            "/rooms/{}/send/{}/{}",
+            encode(room_id),
+            encode(event_type),
+            encode(txn_id)
+        ));
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=SEND_ATTEMPTS {
+            match self.http.put(&url).bearer_auth(&self.token).json(content).send().await {
+                Ok(response) if response.status().is_success() => {
+                    let body: Value = response.json().await?;
+                    return Ok(body["event_id"].as_str().unwrap_or_default().to_string());
+                }
+                Ok(response) if response.status().is_client_error() && response.status().as_u16() != 429 => {
+                    bail!("sending {event_type} to {room_id} refused: {}", response.status());
+                }
+                Ok(response) => tracing::debug!(attempt, status = %response.status(), "send failed, retrying"),
+                Err(e) => tracing::debug!(attempt, error = %e, "send failed, retrying"),
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        bail!("sending {event_type} to {room_id} failed {SEND_ATTEMPTS} times")
+    }
+}
+
+/// Percent-encodes a path segment.
+pub fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,304 @@
+//! End to end against the all-in-one server: clients with real HTTP to our
+//! homeserver and str0m WebRTC peers (real ICE, DTLS-SRTP on loopback UDP)
+//! call the conference bot in one room and receive each other's media.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+mod common;
+
+use common::{Client, TestServer, enc};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::RtpWrite;
+use str0m::{Candidate, Event, Input, Output, RtcConfig};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+const BOT: &str = "@conference:localhost";
+
+/// What a caller saw: packets per (publisher user id, kind), labels per stream id.
+#[derive(Default, Debug)]
+struct Seen {
+    labels: HashMap<String, String>,
+    by_stream: HashMap<(String, MediaKind), usize>,
+}
+
+impl Seen {
+    fn packets_of(&self, user: &str, kind: MediaKind) -> usize {
+        self.by_stream
+            .iter()
+            .filter(|((stream, k), _)| *k == kind && self.labels.get(stream).is_some_and(|u| u == user))
+            .map(|(_, n)| *n)
+            .sum()
+    }
+}
+
+struct Caller {
+    client: Client,
+    seen: Arc<Mutex<Seen>>,
+    stop: Option<oneshot::Sender<()>>,
+    call_id: String,
+}
+
+/// Places a call to the bot in `room` and keeps it running (media both ways,
+/// answering the bot's renegotiations) until stopped.
+async fn call_bot(client: Client, room: String) -> Caller {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = socket.local_addr().unwrap();
+    let mut rtc = RtcConfig::new()
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .build(Instant::now());
+    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    let stream = format!("{}-cam", client.device_id);
+    let mut api = rtc.sdp_api();
+    let audio = api.add_media(MediaKind::Audio, Direction::SendRecv, Some(stream.clone()), None, None);
+    let video = api.add_media(MediaKind::Video, Direction::SendRecv, Some(stream.clone()), None, None);
+    let (offer, pending) = api.apply().unwrap();
+    let call_id = format!("call{}", client.device_id);
+    let invite = json!({"version": "1", "call_id": call_id, "party_id": client.device_id, "lifetime": 60000,
+        "invitee": BOT, "offer": {"type": "offer", "sdp": offer.to_sdp_string()},
+        "sdp_stream_metadata": {stream: {"purpose": "m.usermedia"}}});
+    let (status, body) = client
+        .send(&room, "m.call.invite", &format!("inv-{call_id}"), invite)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // The caller's sync: call events from the bot for this call.
+    let (events_tx, mut events) = mpsc::unbounded_channel::<(String, Value)>();
+    let syncer = client.clone();
+    let (room_, call_id_) = (room.clone(), call_id.clone());
+    let sync_task = tokio::spawn(async move {
+        let mut since = syncer.sync("?timeout=0").await["next_batch"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        loop {
+            let (status, body) = syncer.get(&format!("/sync?since={since}&timeout=5000")).await;
+            if status != 200 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            since = body["next_batch"].as_str().unwrap().to_string();
+            for event in body["rooms"]["join"][&room_]["timeline"]["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if event["sender"] == BOT && event["content"]["call_id"] == call_id_.as_str() {
+                    let _ = events_tx.send((event["type"].as_str().unwrap().to_string(), event["content"].clone()));
+                }
+            }
+        }
+    });
+
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let seen_ = seen.clone();
+    let (stop, mut stop_rx) = oneshot::channel();
+    let sender = client.clone();
+    let (room_, call_id_) = (room.clone(), call_id.clone());
+    tokio::spawn(async move {
+        let mut pending = Some(pending);
+        let mut buf = vec![0u8; 2048];
+        let mut seq = (0u64, 0u64);
+        let mut next_media = Instant::now();
+        let mut txn = 0;
+        loop {
+            let timeout = loop {
+                match rtc.poll_output().unwrap() {
+                    Output::Timeout(t) => break t,
+                    Output::Transmit(t) => {
+                        socket.send_to(&t.contents, t.destination).await.unwrap();
+                    }
+                    Output::Event(Event::RtpPacket(packet)) => {
+                        let mid = rtc.direct_api().stream_rx(&packet.header.ssrc).map(|rx| rx.mid());
+                        if let Some(media) = mid.and_then(|mid| rtc.media(mid)) {
+                            let key = (media.stream_id().to_string(), media.kind());
+                            *seen_.lock().unwrap().by_stream.entry(key).or_default() += 1;
+                        }
+                    }
+                    Output::Event(_) => {}
+                }
+            };
+            tokio::select! {
+                _ = &mut stop_rx => {
+                    let hangup = json!({"version": "1", "call_id": call_id_, "party_id": sender.device_id, "reason": "user_hangup"});
+                    sender.send(&room_, "m.call.hangup", &format!("hup-{call_id_}"), hangup).await;
+                    sync_task.abort();
+                    return;
+                }
+                received = socket.recv_from(&mut buf) => {
+                    let (len, source): (usize, SocketAddr) = received.unwrap();
+                    if let Ok(receive) = Receive::new(Protocol::Udp, source, local, &buf[..len]) {
+                        let _ = rtc.handle_input(Input::Receive(Instant::now(), receive));
+                    }
+                }
+                Some((kind, content)) = events.recv() => {
+                    for (stream, entry) in content["sdp_stream_metadata"].as_object().into_iter().flatten() {
+                        if let Some(user) = entry["user_id"].as_str() {
+                            seen_.lock().unwrap().labels.insert(stream.clone(), user.to_string());
+                        }
+                    }
+                    match kind.as_str() {
+                        "m.call.answer" => {
+                            if let Some(pending) = pending.take() {
+                                let answer = SdpAnswer::from_sdp_string(content["answer"]["sdp"].as_str().unwrap()).unwrap();
+                                rtc.sdp_api().accept_answer(pending, answer).unwrap();
+                                let select = json!({"version": "1", "call_id": call_id_, "party_id": sender.device_id,
+                                    "selected_party_id": content["party_id"]});
+                                sender.send(&room_, "m.call.select_answer", &format!("sel-{call_id_}"), select).await;
+                            }
+                        }
+                        "m.call.negotiate" if content["description"]["type"] == "offer" => {
+                            let offer = SdpOffer::from_sdp_string(content["description"]["sdp"].as_str().unwrap()).unwrap();
+                            let answer = rtc.sdp_api().accept_offer(offer).unwrap();
+                            txn += 1;
+                            let reply = json!({"version": "1", "call_id": call_id_, "party_id": sender.device_id,
+                                "description": {"type": "answer", "sdp": answer.to_sdp_string()}});
+                            sender.send(&room_, "m.call.negotiate", &format!("neg-{call_id_}-{txn}"), reply).await;
+                        }
+                        _ => {}
+                    }
+                }
+                () = tokio::time::sleep_until(timeout.min(next_media).into()) => {
+                    let now = Instant::now();
+                    let _ = rtc.handle_input(Input::Timeout(now));
+                    if now >= next_media {
+                        next_media = now + Duration::from_millis(20);
+                        if rtc.is_connected() {
+                            let opus = rtc.codec_config().find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt());
+                            let vp8 = rtc.codec_config().find(|p| p.spec().codec == Codec::Vp8).map(|p| p.pt());
+                            let mut api = rtc.direct_api();
+                            if let (Some(pt), Some(tx)) = (opus, api.stream_tx_by_mid(audio, None)) {
+                                tx.write_rtp(RtpWrite::new(pt, seq.0.into(), (seq.0 * 960) as u32, now, vec![0xfc; 80]));
+                                seq.0 += 1;
+                            }
+                            if let (Some(pt), Some(tx)) = (vp8, api.stream_tx_by_mid(video, None)) {
+                                // A VP8 keyframe every 10th frame.
+                                let mut payload = vec![0x10, if seq.1.is_multiple_of(10) { 0x00 } else { 0x01 }];
+                                payload.resize(900, 0x55);
+                                tx.write_rtp(RtpWrite::new(pt, seq.1.into(), (seq.1 * 1800) as u32, now, payload).marker(true).nackable(true));
+                                seq.1 += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Caller {
+        client,
+        seen,
+        stop: Some(stop),
+        call_id,
+    }
+}
+
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_of_the_bot_receive_each_other() {
+    let server = TestServer::start().await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let carol = server.user("carol").await;
+    let dave = server.user("dave").await;
+    let room = alice
+        .create_room(
+            json!({"preset": "private_chat", "invite": ["@bob:localhost", "@carol:localhost", "@dave:localhost", BOT]}),
+        )
+        .await;
+    for client in [&bob, &carol, &dave] {
+        assert_eq!(client.join(&room).await.0, 200);
+    }
+    // The bot joins on its own.
+    for _ in 0..100 {
+        let (_, members) = alice.get(&format!("/rooms/{}/joined_members", enc(&room))).await;
+        if members["joined"].get(BOT).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut callers = Vec::new();
+    for client in [alice, bob, carol] {
+        callers.push(call_bot(client, room.clone()).await);
+    }
+    let users: Vec<String> = callers.iter().map(|c| c.client.user_id.clone()).collect();
+    let hears_all = |callers: &[Caller], min: usize| {
+        callers.iter().all(|me| {
+            let seen = me.seen.lock().unwrap();
+            callers
+                .iter()
+                .filter(|o| o.client.user_id != me.client.user_id)
+                .all(|other| {
+                    seen.packets_of(&other.client.user_id, MediaKind::Audio) >= min
+                        && seen.packets_of(&other.client.user_id, MediaKind::Video) >= min
+                })
+        })
+    };
+    wait_until("each of three callers receives the other two", || {
+        hears_all(&callers, 25)
+    })
+    .await;
+
+    // A fourth joins late: everyone is renegotiated and hears three others.
+    callers.push(call_bot(dave, room.clone()).await);
+    wait_until("each of four callers receives the other three", || {
+        hears_all(&callers, 25)
+    })
+    .await;
+
+    // One hangs up: the others keep each other and stop receiving the one who left.
+    let mut gone = callers.remove(0);
+    let _ = gone.stop.take().unwrap().send(());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<usize> = callers
+        .iter()
+        .map(|c| c.seen.lock().unwrap().packets_of(&users[0], MediaKind::Audio))
+        .collect();
+    let next_of = |i: usize| callers[(i + 1) % callers.len()].client.user_id.clone();
+    let others_before: Vec<usize> = (0..callers.len())
+        .map(|i| {
+            callers[i]
+                .seen
+                .lock()
+                .unwrap()
+                .packets_of(&next_of(i), MediaKind::Audio)
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, caller) in callers.iter().enumerate() {
+        let seen = caller.seen.lock().unwrap();
+        assert_eq!(
+            seen.packets_of(&users[0], MediaKind::Audio),
+            before[i],
+            "{} still receives the caller who hung up",
+            caller.client.user_id
+        );
+        let next = &callers[(i + 1) % callers.len()].client.user_id;
+        assert!(
+            seen.packets_of(next, MediaKind::Audio) > others_before[i] + 50,
+            "{} stopped receiving {next}",
+            caller.client.user_id
+        );
+    }
+    assert!(gone.call_id.starts_with("call"));
+}
