@@ -4,7 +4,7 @@
 //! mode) and the operational endpoints; the TURN relay, the conference bot and
 //! the web demo join the same process as their issues land.
 
-use crate::bot::Bot;
+use crate::bot::{Bot, BotPolicy};
 use crate::config::Config;
 use crate::drivers::matrix::MatrixClient;
 use crate::drivers::media::ShardSet;
@@ -26,6 +26,8 @@ pub enum Mode {
     AllInOne,
     /// Only the companion homeserver.
     Homeserver,
+    /// The conference bot and the SFU, attached to another homeserver.
+    Bot,
 }
 
 /// A running instance.
@@ -35,11 +37,12 @@ pub struct Running {
     pub http_addr: SocketAddr,
     /// The base URL clients should use.
     pub base_url: String,
-    pub homeserver: Arc<Homeserver>,
+    /// The homeserver (absent in bot mode).
+    pub homeserver: Option<Arc<Homeserver>>,
     /// The SFU shards (all-in-one mode).
     pub media: Option<ShardSet>,
     /// The conference bot's user id.
-    pub bot_user: String,
+    pub bot_user: Option<String>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -47,18 +50,18 @@ pub struct Running {
 impl Running {
     /// The URLs a person opens, one per line.
     pub fn urls(&self) -> Vec<(&'static str, String)> {
-        let mut urls = vec![
-            ("Homeserver (Matrix Client-Server API)", self.base_url.clone()),
-            ("Health", format!("{}/healthz", self.base_url)),
-            ("Metrics", format!("{}/metrics", self.base_url)),
-        ];
+        let mut urls = Vec::new();
+        if self.homeserver.is_some() {
+            urls.push(("Homeserver (Matrix Client-Server API)", self.base_url.clone()));
+        }
+        urls.push(("Health", format!("{}/healthz", self.base_url)));
+        urls.push(("Metrics", format!("{}/metrics", self.base_url)));
         if let Some(media) = &self.media {
             let ports: Vec<String> = media.shards().iter().map(|s| s.advertised_addr.to_string()).collect();
             urls.push(("SFU media (UDP, one port per shard)", ports.join(" ")));
-            urls.push((
-                "Conference bot (invite it to a room, then call it)",
-                self.bot_user.clone(),
-            ));
+        }
+        if let Some(bot) = &self.bot_user {
+            urls.push(("Conference bot (invite it to a room, then call it)", bot.clone()));
         }
         urls
     }
@@ -77,6 +80,56 @@ impl Running {
             .context("HTTP server task")?
             .context("HTTP server")
     }
+}
+
+/// How the bot reaches its homeserver.
+struct BotLogin {
+    homeserver: String,
+    localpart: String,
+    password: String,
+    access_token: String,
+}
+
+impl BotLogin {
+    async fn connect(self) -> Result<MatrixClient> {
+        if self.access_token.is_empty() {
+            MatrixClient::login_or_register(&self.homeserver, &self.localpart, &self.password, "SWITCHBOARDBOT").await
+        } else {
+            MatrixClient::with_token(&self.homeserver, &self.access_token).await
+        }
+    }
+}
+
+/// All-in-one: our own homeserver, a password generated once into the data
+/// directory. `switchboard bot`: the configured homeserver and credentials.
+fn bot_login(config: &Config, mode: Mode, http_addr: SocketAddr) -> Result<BotLogin> {
+    let bot = &config.bot;
+    if mode == Mode::Bot {
+        anyhow::ensure!(
+            !bot.homeserver_url.is_empty(),
+            "config key 'bot.homeserver_url': required for `switchboard bot`"
+        );
+        anyhow::ensure!(
+            !bot.password.is_empty() || !bot.access_token.is_empty(),
+            "config key 'bot.password' or 'bot.access_token': one is required for `switchboard bot`"
+        );
+    }
+    let homeserver = if bot.homeserver_url.is_empty() {
+        format!("http://{http_addr}")
+    } else {
+        bot.homeserver_url.clone()
+    };
+    let password = if bot.password.is_empty() && bot.access_token.is_empty() {
+        secrets::load_or_generate(&config.data_dir.join("bot_password"))?
+    } else {
+        bot.password.clone()
+    };
+    Ok(BotLogin {
+        homeserver,
+        localpart: bot.localpart.clone(),
+        password,
+        access_token: bot.access_token.clone(),
+    })
 }
 
 /// Starts the parts of `mode` with `config`.
@@ -107,32 +160,36 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
         config.http.public_base_url.trim_end_matches('/').to_string()
     };
 
-    let db_path = config.data_dir.join("homeserver.sqlite");
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db_path))
-        .await?
-        .context("opening the homeserver database")?;
-    let hs = Homeserver::new(
-        HomeserverConfig {
-            server_name: config.server_name.clone(),
-            public_base_url: base_url.clone(),
-            registration_enabled: config.registration.enabled,
-            login_rate_per_second: config.rate_limit.login_per_second,
-            login_burst: config.rate_limit.login_burst,
-            turn_uris: config.turn.uris.clone(),
-            turn_secret: SharedSecret::new(turn_secret),
-            turn_ttl: Duration::from_secs(config.turn.credential_ttl_secs),
-        },
-        Box::new(store),
-    );
+    let hs = if mode == Mode::Bot {
+        None
+    } else {
+        let db_path = config.data_dir.join("homeserver.sqlite");
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db_path))
+            .await?
+            .context("opening the homeserver database")?;
+        Some(Homeserver::new(
+            HomeserverConfig {
+                server_name: config.server_name.clone(),
+                public_base_url: base_url.clone(),
+                registration_enabled: config.registration.enabled,
+                login_rate_per_second: config.rate_limit.login_per_second,
+                login_burst: config.rate_limit.login_burst,
+                turn_uris: config.turn.uris.clone(),
+                turn_secret: SharedSecret::new(turn_secret),
+                turn_ttl: Duration::from_secs(config.turn.credential_ttl_secs),
+            },
+            Box::new(store),
+        ))
+    };
 
-    let (media, media_events) = if mode == Mode::AllInOne {
+    let (media, media_events) = if mode != Mode::Homeserver {
         let (shards, events) = ShardSet::spawn(config.media.bind, config.media_advertised_ip(), config.media.shards)?;
         (Some(shards), Some(events))
     } else {
         (None, None)
     };
 
-    let app = crate::http::router(Arc::clone(&hs), media.clone(), started);
+    let app = crate::http::router(hs.clone(), media.clone(), started);
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -142,14 +199,16 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
             .await
     });
     if let (Some(shards), Some(mut events)) = (media.clone(), media_events) {
-        if config.bot.enabled {
-            let password = secrets::load_or_generate(&config.data_dir.join("bot_password"))?;
-            let base = format!("http://{http_addr}");
-            let localpart = config.bot.localpart.clone();
+        if config.bot.enabled || mode == Mode::Bot {
+            let login = bot_login(&config, mode, http_addr)?;
+            let policy = BotPolicy {
+                allowed: config.bot.allowed.clone(),
+                sync_token_path: Some(config.data_dir.join("bot_sync_token")),
+            };
             tokio::spawn(async move {
-                match MatrixClient::login_or_register(&base, &localpart, &password, "SWITCHBOARDBOT").await {
+                match login.connect().await {
                     Ok(matrix) => {
-                        if let Err(e) = Bot::new(matrix, shards).run(events).await {
+                        if let Err(e) = Bot::new(matrix, shards, policy).run(events).await {
                             tracing::error!(error = %e, "the conference bot stopped");
                         }
                     }
@@ -162,12 +221,17 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
         }
     }
     tracing::info!(?mode, %http_addr, server_name = %config.server_name, "switchboard started");
+    let bot_user = match mode {
+        Mode::Bot => Some(format!("{} on {}", config.bot.localpart, config.bot.homeserver_url)),
+        _ if media.is_some() && config.bot.enabled => Some(format!("@{}:{}", config.bot.localpart, config.server_name)),
+        _ => None,
+    };
     Ok(Running {
         http_addr,
         base_url,
         homeserver: hs,
         media,
-        bot_user: format!("@{}:{}", config.bot.localpart, config.server_name),
+        bot_user,
         shutdown,
         server,
     })

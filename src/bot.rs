@@ -14,7 +14,8 @@ use serde_json::Value;
 use sfu::{Participant, RoomId, SessionId, SfuEvent, StreamInfo};
 use signalling::call::{Action, Incoming, Signalling};
 use signalling::events::{CallEvent, SdpStreamMetadata, StreamMetadata};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -31,8 +32,32 @@ struct MediaRef {
     session: SessionId,
 }
 
+/// Who may bring the bot into rooms.
+#[derive(Debug, Clone, Default)]
+pub struct BotPolicy {
+    /// User ids (`@a:hs`) or server names (`hs`) whose invites the bot accepts;
+    /// empty: everyone's.
+    pub allowed: Vec<String>,
+    /// Where the last sync token is kept, so a restart resumes after it.
+    pub sync_token_path: Option<PathBuf>,
+}
+
+impl BotPolicy {
+    fn allows(&self, inviter: Option<&str>) -> bool {
+        if self.allowed.is_empty() {
+            return true;
+        }
+        let Some(inviter) = inviter else { return false };
+        let server = inviter.split_once(':').map_or("", |(_, s)| s);
+        self.allowed.iter().any(|a| a == inviter || a == server)
+    }
+}
+
 pub struct Bot {
     matrix: MatrixClient,
+    policy: BotPolicy,
+    /// Joined members of each room the bot is in.
+    members: HashMap<String, HashSet<String>>,
     media: ShardSet,
     signalling: Signalling,
     calls: HashMap<String, MediaRef>,
@@ -74,13 +99,15 @@ fn metadata_for(streams: &[StreamInfo]) -> SdpStreamMetadata {
 }
 
 impl Bot {
-    pub fn new(matrix: MatrixClient, media: ShardSet) -> Self {
+    pub fn new(matrix: MatrixClient, media: ShardSet, policy: BotPolicy) -> Self {
         let signalling = Signalling::new(matrix.user_id.clone(), matrix.device_id.clone());
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         Self {
             matrix,
+            policy,
+            members: HashMap::new(),
             media,
             signalling,
             calls: HashMap::new(),
@@ -95,8 +122,13 @@ impl Bot {
     pub async fn run(mut self, mut media_events: mpsc::UnboundedReceiver<(usize, SfuEvent)>) -> Result<()> {
         let (batches_tx, mut batches) = mpsc::channel::<SyncBatch>(4);
         let syncer = self.matrix.clone();
+        let resume = self
+            .policy
+            .sync_token_path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok());
         tokio::spawn(async move {
-            let mut since: Option<String> = None;
+            let mut since: Option<String> = resume.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
             let mut backoff = SYNC_BACKOFF;
             loop {
                 match syncer
@@ -143,11 +175,19 @@ impl Bot {
     }
 
     async fn on_sync(&mut self, batch: SyncBatch) {
-        for room in &batch.invites {
+        for (room, inviter) in &batch.invites {
+            if !self.policy.allows(inviter.as_deref()) {
+                tracing::info!("declining an invite from a user the bot does not serve");
+                let _ = self.matrix.leave(room).await;
+                continue;
+            }
             match self.matrix.join(room).await {
                 Ok(()) => tracing::info!("joined a room on invite"),
                 Err(e) => tracing::warn!(error = %e, "could not join a room"),
             }
+        }
+        for room in &batch.left {
+            self.members.remove(room);
         }
         let mut calls = Vec::new();
         for (room_id, event) in batch.timeline {
@@ -155,9 +195,15 @@ impl Bot {
             let sender = event["sender"].as_str().unwrap_or_default().to_string();
             if kind == "m.room.member" {
                 let membership = event["content"]["membership"].as_str().unwrap_or_default();
-                let target = event["state_key"].as_str().unwrap_or_default();
-                if matches!(membership, "leave" | "ban") && target != self.matrix.user_id {
-                    self.signalling.handle_member_left(Instant::now(), &room_id, target);
+                let target = event["state_key"].as_str().unwrap_or_default().to_string();
+                let members = self.members.entry(room_id.clone()).or_default();
+                if membership == "join" {
+                    members.insert(target);
+                } else {
+                    members.remove(&target);
+                    if target != self.matrix.user_id && matches!(membership, "leave" | "ban") {
+                        self.signalling.handle_member_left(Instant::now(), &room_id, &target);
+                    }
                 }
                 continue;
             }
@@ -165,16 +211,42 @@ impl Bot {
                 continue;
             }
             match CallEvent::parse(kind, &event["content"]) {
-                Ok(parsed) => calls.push(Incoming {
-                    room_id,
-                    sender,
-                    age_ms: event["unsigned"]["age"].as_u64(),
-                    event: parsed,
-                }),
+                Ok(parsed) => {
+                    // An invite to nobody in particular is for the bot only in a
+                    // two-member room (a 1:1 call with it, as Element Web places them).
+                    if let CallEvent::Invite { invitee: None, .. } = &parsed
+                        && self.members.get(&room_id).map_or(0, HashSet::len) != 2
+                    {
+                        continue;
+                    }
+                    calls.push(Incoming {
+                        room_id,
+                        sender,
+                        age_ms: event["unsigned"]["age"].as_u64(),
+                        event: parsed,
+                    });
+                }
                 Err(e) => tracing::info!(kind, error = %e, "ignoring a malformed call event"),
             }
         }
         self.signalling.handle_batch(Instant::now(), calls);
+        // Leave rooms where nobody but the bot is left.
+        let empty: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.len() == 1 && m.contains(&self.matrix.user_id))
+            .map(|(room, _)| room.clone())
+            .collect();
+        for room in empty {
+            tracing::info!("leaving a room where nobody else is left");
+            let _ = self.matrix.leave(&room).await;
+            self.members.remove(&room);
+        }
+        if let Some(path) = &self.policy.sync_token_path
+            && let Err(e) = std::fs::write(path, &batch.next_batch)
+        {
+            tracing::warn!(error = %e, "could not save the sync token");
+        }
     }
 
     async fn on_media(&mut self, shard: usize, event: SfuEvent) {

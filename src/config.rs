@@ -39,6 +39,14 @@ pub struct BotConfig {
     pub enabled: bool,
     /// Its user's localpart: `@<localpart>:<server_name>`.
     pub localpart: String,
+    /// User ids (`@a:hs`) or server names (`hs`) whose invites it accepts; empty: everyone's.
+    pub allowed: Vec<String>,
+    /// The homeserver it logs in to; empty: ours (all-in-one).
+    pub homeserver_url: String,
+    /// Its password on that homeserver; empty in all-in-one: generated into the data directory.
+    pub password: String,
+    /// An access token to use instead of a password.
+    pub access_token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +141,10 @@ impl Default for Config {
             bot: BotConfig {
                 enabled: true,
                 localpart: "conference".into(),
+                allowed: Vec::new(),
+                homeserver_url: String::new(),
+                password: String::new(),
+                access_token: String::new(),
             },
             media: MediaConfig {
                 bind: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -286,8 +298,14 @@ impl Config {
     /// The effective config as TOML, with secrets masked.
     pub fn to_masked_toml(&self) -> String {
         let mut shown = self.clone();
-        if !shown.turn.static_auth_secret.is_empty() {
-            shown.turn.static_auth_secret = MASK.into();
+        for secret in [
+            &mut shown.turn.static_auth_secret,
+            &mut shown.bot.password,
+            &mut shown.bot.access_token,
+        ] {
+            if !secret.is_empty() {
+                *secret = MASK.into();
+            }
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show the config: {e}\n"))
     }
@@ -301,6 +319,8 @@ impl Config {
         config.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
         config.log.level = "warn".into();
         config.media.shards = 1;
+        // Tests that want the conference bot turn it on.
+        config.bot.enabled = false;
         config
     }
 }

@@ -9,23 +9,25 @@ use homeserver::Homeserver;
 use std::sync::Arc;
 use std::time::Instant;
 
-pub fn router(hs: Arc<Homeserver>, media: Option<ShardSet>, started: Instant) -> Router {
-    let metrics_hs = Arc::clone(&hs);
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let (hs, media) = (Arc::clone(&metrics_hs), media.clone());
-                async move {
-                    let shards = match &media {
-                        Some(media) => media.stats().await,
-                        None => Vec::new(),
-                    };
-                    let body = crate::metrics::render(started, &hs, &shards);
-                    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
-                }
-            }),
-        )
-        .merge(homeserver::router(hs))
+/// The HTTP front; without a homeserver (bot mode) only the operational endpoints.
+pub fn router(hs: Option<Arc<Homeserver>>, media: Option<ShardSet>, started: Instant) -> Router {
+    let metrics_hs = hs.clone();
+    let ops = Router::new().route("/healthz", get(|| async { "ok\n" })).route(
+        "/metrics",
+        get(move || {
+            let (hs, media) = (metrics_hs.clone(), media.clone());
+            async move {
+                let shards = match &media {
+                    Some(media) => media.stats().await,
+                    None => Vec::new(),
+                };
+                let body = crate::metrics::render(started, hs.as_deref(), &shards);
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+            }
+        }),
+    );
+    match hs {
+        Some(hs) => ops.merge(homeserver::router(hs)),
+        None => ops,
+    }
 }

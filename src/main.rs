@@ -40,10 +40,26 @@ struct Cli {
 enum Command {
     /// Only the companion homeserver.
     Homeserver,
+    /// The conference bot and the SFU, attached to another homeserver (Synapse,
+    /// tuwunel, another Switchboard). Give its password in SWITCHBOARD_BOT_PASSWORD
+    /// or its access token in SWITCHBOARD_BOT_ACCESS_TOKEN (or the config file).
+    Bot {
+        /// The homeserver's client URL, e.g. https://matrix.example.org.
+        #[arg(long)]
+        homeserver: String,
+        /// The bot user's localpart or full user id.
+        #[arg(long, default_value = "conference")]
+        user: String,
+    },
 }
 
 fn sources(cli: &Cli) -> Result<Sources> {
     let mut overrides = Vec::new();
+    if let Some(Command::Bot { homeserver, user }) = &cli.command {
+        overrides.push(("bot.homeserver_url".to_string(), homeserver.clone()));
+        let localpart = user.trim_start_matches('@').split(':').next().unwrap_or(user);
+        overrides.push(("bot.localpart".to_string(), localpart.to_string()));
+    }
     let mut flag = |key: &str, value: Option<String>| {
         if let Some(value) = value {
             overrides.push((key.to_string(), value));
@@ -106,16 +122,15 @@ async fn run(cli: Cli) -> Result<()> {
     let mode = match cli.command {
         None => Mode::AllInOne,
         Some(Command::Homeserver) => Mode::Homeserver,
+        Some(Command::Bot { .. }) => Mode::Bot,
     };
     let mut running = app::start(config, mode).await?;
-    println!(
-        "Switchboard is running ({}). Open:",
-        if mode == Mode::AllInOne {
-            "all-in-one"
-        } else {
-            "homeserver"
-        }
-    );
+    let what = match mode {
+        Mode::AllInOne => "all-in-one",
+        Mode::Homeserver => "homeserver",
+        Mode::Bot => "conference bot and SFU",
+    };
+    println!("Switchboard is running ({what}). Open:");
     for (what, url) in running.urls() {
         println!("  {what}: {url}");
     }

@@ -1,9 +1,10 @@
 //! Prometheus text exposition. Metric names live here, in one place; the parts
 //! expose their counters as plain values.
 
-use homeserver::Homeserver;
+use homeserver::{Homeserver, Stats};
 use sfu::{DropReason, ShardStats};
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -20,81 +21,87 @@ fn metric(out: &mut String, name: &str, kind: Kind, help: &str, value: f64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
 }
 
+/// A homeserver counter: name, kind, help, and which counter.
+type HomeserverSeries = (&'static str, Kind, &'static str, fn(&Stats) -> &AtomicU64);
+
 /// Renders every metric of the running parts.
-pub fn render(started: Instant, hs: &Homeserver, shards: &[ShardStats]) -> String {
+pub fn render(started: Instant, hs: Option<&Homeserver>, shards: &[ShardStats]) -> String {
     let mut out = String::new();
-    let s = &hs.stats;
-    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as f64;
+    let uptime = started.elapsed().as_secs_f64();
     metric(
         &mut out,
         "switchboard_uptime_seconds",
         Kind::Gauge,
         "Seconds since the process started.",
-        started.elapsed().as_secs_f64(),
+        uptime,
     );
-    metric(
-        &mut out,
-        "switchboard_http_requests_total",
-        Kind::Counter,
-        "HTTP requests received by the homeserver.",
-        get(&s.requests),
-    );
-    metric(
-        &mut out,
-        "switchboard_registrations_total",
-        Kind::Counter,
-        "Users registered.",
-        get(&s.registrations),
-    );
-    metric(
-        &mut out,
-        "switchboard_logins_total",
-        Kind::Counter,
-        "Successful password logins.",
-        get(&s.logins),
-    );
-    metric(
-        &mut out,
-        "switchboard_events_sent_total",
-        Kind::Counter,
-        "Room events sent by clients.",
-        get(&s.events_sent),
-    );
-    metric(
-        &mut out,
-        "switchboard_to_device_messages_total",
-        Kind::Counter,
-        "To-device messages queued.",
-        get(&s.to_device_sent),
-    );
-    metric(
-        &mut out,
-        "switchboard_sync_requests_total",
-        Kind::Counter,
-        "/sync requests.",
-        get(&s.syncs),
-    );
-    metric(
-        &mut out,
-        "switchboard_sync_waiting",
-        Kind::Gauge,
-        "/sync requests currently long-polling.",
-        get(&s.syncs_waiting),
-    );
-    metric(
-        &mut out,
-        "switchboard_rate_limited_total",
-        Kind::Counter,
-        "Requests refused with M_LIMIT_EXCEEDED.",
-        get(&s.rate_limited),
-    );
-    metric(
-        &mut out,
-        "switchboard_turn_credentials_total",
-        Kind::Counter,
-        "TURN REST credentials minted.",
-        get(&s.turn_credentials),
-    );
+    if let Some(hs) = hs {
+        let series: [HomeserverSeries; 9] = [
+            (
+                "switchboard_http_requests_total",
+                Kind::Counter,
+                "HTTP requests received by the homeserver.",
+                |s| &s.requests,
+            ),
+            (
+                "switchboard_registrations_total",
+                Kind::Counter,
+                "Users registered.",
+                |s| &s.registrations,
+            ),
+            (
+                "switchboard_logins_total",
+                Kind::Counter,
+                "Successful password logins.",
+                |s| &s.logins,
+            ),
+            (
+                "switchboard_events_sent_total",
+                Kind::Counter,
+                "Room events sent by clients.",
+                |s| &s.events_sent,
+            ),
+            (
+                "switchboard_to_device_messages_total",
+                Kind::Counter,
+                "To-device messages queued.",
+                |s| &s.to_device_sent,
+            ),
+            (
+                "switchboard_sync_requests_total",
+                Kind::Counter,
+                "/sync requests.",
+                |s| &s.syncs,
+            ),
+            (
+                "switchboard_sync_waiting",
+                Kind::Gauge,
+                "/sync requests currently long-polling.",
+                |s| &s.syncs_waiting,
+            ),
+            (
+                "switchboard_rate_limited_total",
+                Kind::Counter,
+                "Requests refused with M_LIMIT_EXCEEDED.",
+                |s| &s.rate_limited,
+            ),
+            (
+                "switchboard_turn_credentials_total",
+                Kind::Counter,
+                "TURN REST credentials minted.",
+                |s| &s.turn_credentials,
+            ),
+        ];
+        for (name, kind, help, counter) in series {
+            metric(
+                &mut out,
+                name,
+                kind,
+                help,
+                counter(&hs.stats).load(Ordering::Relaxed) as f64,
+            );
+        }
+    }
     render_sfu(&mut out, shards);
     out
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Client, TestServer, enc};
+use common::{BinaryServer, Client, TestServer, enc};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -213,13 +213,9 @@ async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     panic!("timed out waiting until {what}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callers_of_the_bot_receive_each_other() {
-    let server = TestServer::start().await;
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let carol = server.user("carol").await;
-    let dave = server.user("dave").await;
+/// Four users in one room with the bot: three call it and receive each
+/// other, a fourth joins late, one hangs up.
+async fn conference(alice: Client, bob: Client, carol: Client, dave: Client) {
     let room = alice
         .create_room(
             json!({"preset": "private_chat", "invite": ["@bob:localhost", "@carol:localhost", "@dave:localhost", BOT]}),
@@ -229,7 +225,7 @@ async fn callers_of_the_bot_receive_each_other() {
         assert_eq!(client.join(&room).await.0, 200);
     }
     // The bot joins on its own.
-    for _ in 0..100 {
+    for _ in 0..300 {
         let (_, members) = alice.get(&format!("/rooms/{}/joined_members", enc(&room))).await;
         if members["joined"].get(BOT).is_some() {
             break;
@@ -293,12 +289,118 @@ async fn callers_of_the_bot_receive_each_other() {
             "{} still receives the caller who hung up",
             caller.client.user_id
         );
-        let next = &callers[(i + 1) % callers.len()].client.user_id;
+        let next = next_of(i);
         assert!(
-            seen.packets_of(next, MediaKind::Audio) > others_before[i] + 50,
+            seen.packets_of(&next, MediaKind::Audio) > others_before[i] + 50,
             "{} stopped receiving {next}",
             caller.client.user_id
         );
     }
     assert!(gone.call_id.starts_with("call"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_of_the_bot_receive_each_other() {
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    conference(
+        server.user("alice").await,
+        server.user("bob").await,
+        server.user("carol").await,
+        server.user("dave").await,
+    )
+    .await;
+}
+
+/// The same, with the homeserver and the bot as two separate processes: the
+/// bot reaches its homeserver only through the Client-Server API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bot_attached_to_a_separate_homeserver() {
+    let hs_dir = tempfile::tempdir().unwrap();
+    let homeserver = BinaryServer::start(hs_dir.path(), &["homeserver"]).await;
+    let bot_dir = tempfile::tempdir().unwrap();
+    let mut bot = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["bot", "--homeserver", &homeserver.base, "--user", "conference"])
+        .args(["--data-dir", bot_dir.path().to_str().unwrap(), "--bind", "127.0.0.1:0"])
+        .env("SWITCHBOARD_BOT_PASSWORD", "a-bot-password")
+        .env("SWITCHBOARD_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let user = |name: &'static str| {
+        let base = homeserver.base.clone();
+        async move {
+            let mut client = Client::new(&base);
+            client.register(name, "correct horse").await;
+            client
+        }
+    };
+    conference(
+        user("alice").await,
+        user("bob").await,
+        user("carol").await,
+        user("dave").await,
+    )
+    .await;
+    bot.start_kill().unwrap();
+}
+
+async fn membership_of_bot(client: &Client, room: &str) -> Option<String> {
+    let (status, body) = client
+        .get(&format!("/rooms/{}/state/m.room.member/{}", enc(room), enc(BOT)))
+        .await;
+    (status == 200).then(|| body["membership"].as_str().unwrap_or_default().to_string())
+}
+
+async fn wait_for_bot(client: &Client, room: &str, membership: &str) {
+    for _ in 0..100 {
+        if membership_of_bot(client, room).await.as_deref() == Some(membership) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the bot's membership never became {membership}");
+}
+
+#[tokio::test]
+async fn the_bot_serves_allowed_inviters_and_leaves_empty_rooms() {
+    let server = TestServer::start_with(|c| {
+        c.bot.enabled = true;
+        c.bot.allowed = vec!["@alice:localhost".into()];
+    })
+    .await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+
+    // Bob is not on the allow-list: his invite is declined.
+    let bobs = bob.create_room(json!({"invite": [BOT]})).await;
+    wait_for_bot(&bob, &bobs, "leave").await;
+
+    // Alice is: the bot joins, and leaves once everyone else has gone.
+    let room = alice.create_room(json!({"invite": [BOT, "@bob:localhost"]})).await;
+    wait_for_bot(&alice, &room, "join").await;
+    assert_eq!(bob.join(&room).await.0, 200);
+    assert_eq!(alice.leave(&room).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        membership_of_bot(&bob, &room).await.as_deref(),
+        Some("join"),
+        "bob is still there"
+    );
+    assert_eq!(bob.leave(&room).await.0, 200);
+    // Nobody else is left: the bot leaves too (read from the server's store,
+    // since no member remains to look).
+    let hs = server.running.homeserver.clone().unwrap();
+    for _ in 0..100 {
+        let (room_, hs_) = (room.clone(), hs.clone());
+        let membership = hs_
+            .with_store(move |store| Ok(store.membership(&room_, BOT)?))
+            .await
+            .unwrap();
+        if membership.is_some_and(|m| m.membership == homeserver::store::Membership::Leave) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the bot stayed in a room where it was alone");
 }

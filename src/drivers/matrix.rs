@@ -22,9 +22,9 @@ pub struct MatrixClient {
 #[derive(Debug, Default)]
 pub struct SyncBatch {
     pub next_batch: String,
-    /// Rooms we are invited to.
-    pub invites: Vec<String>,
-    /// Timeline events per joined room, in order: (room, event).
+    /// Rooms we are invited to, with who invited us.
+    pub invites: Vec<(String, Option<String>)>,
+    /// State (before the timeline) and timeline events of joined rooms, in order: (room, event).
     pub timeline: Vec<(String, Value)>,
     /// Rooms we left or were removed from.
     pub left: Vec<String>,
@@ -69,6 +69,32 @@ impl MatrixClient {
         })
     }
 
+    /// Uses an existing access token (`whoami` tells the user and device).
+    pub async fn with_token(base: &str, token: &str) -> Result<Self> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(90)).build()?;
+        let base = base.trim_end_matches('/').to_string();
+        let response = http
+            .get(format!("{base}/_matrix/client/v3/account/whoami"))
+            .bearer_auth(token)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await.context("whoami answer")?;
+        if !status.is_success() {
+            bail!(
+                "the access token was refused: {status} {}",
+                body["errcode"].as_str().unwrap_or("")
+            );
+        }
+        Ok(Self {
+            http,
+            base,
+            token: token.to_string(),
+            user_id: body["user_id"].as_str().context("user_id")?.to_string(),
+            device_id: body["device_id"].as_str().unwrap_or("SWITCHBOARDBOT").to_string(),
+        })
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}/_matrix/client/v3{path}", self.base)
     }
@@ -94,11 +120,25 @@ impl MatrixClient {
             ..Default::default()
         };
         if let Some(invites) = body["rooms"]["invite"].as_object() {
-            batch.invites.extend(invites.keys().cloned());
+            for (room, data) in invites {
+                // The inviter is the sender of our own member event in the invite state.
+                let inviter = data["invite_state"]["events"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|e| {
+                        (e["type"] == "m.room.member" && e["state_key"] == self.user_id.as_str())
+                            .then(|| e["sender"].as_str().map(str::to_string))
+                            .flatten()
+                    });
+                batch.invites.push((room.clone(), inviter));
+            }
         }
         if let Some(joined) = body["rooms"]["join"].as_object() {
             for (room, data) in joined {
-                for event in data["timeline"]["events"].as_array().into_iter().flatten() {
+                let state = data["state"]["events"].as_array().into_iter().flatten();
+                let timeline = data["timeline"]["events"].as_array().into_iter().flatten();
+                for event in state.chain(timeline) {
                     batch.timeline.push((room.clone(), event.clone()));
                 }
             }
