@@ -91,7 +91,7 @@ struct BotLogin {
 }
 
 impl BotLogin {
-    async fn connect(self) -> Result<MatrixClient> {
+    async fn connect(&self) -> Result<MatrixClient> {
         if self.access_token.is_empty() {
             MatrixClient::login_or_register(&self.homeserver, &self.localpart, &self.password, "SWITCHBOARDBOT").await
         } else {
@@ -205,14 +205,29 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
                 allowed: config.bot.allowed.clone(),
                 sync_token_path: Some(config.data_dir.join("bot_sync_token")),
             };
+            // All-in-one: our own server answers at once, so the bot is ready
+            // before the URLs are printed. Attached elsewhere: retry until the
+            // homeserver answers.
+            let ready = if mode == Mode::AllInOne {
+                Some(login.connect().await.context("starting the conference bot")?)
+            } else {
+                None
+            };
             tokio::spawn(async move {
-                match login.connect().await {
-                    Ok(matrix) => {
-                        if let Err(e) = Bot::new(matrix, shards, policy).run(events).await {
-                            tracing::error!(error = %e, "the conference bot stopped");
+                let matrix = match ready {
+                    Some(matrix) => matrix,
+                    None => loop {
+                        match login.connect().await {
+                            Ok(matrix) => break matrix,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the conference bot could not log in; retrying in 5 s");
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
                         }
-                    }
-                    Err(e) => tracing::error!(error = %e, "the conference bot could not log in"),
+                    },
+                };
+                if let Err(e) = Bot::new(matrix, shards, policy).run(events).await {
+                    tracing::error!(error = %e, "the conference bot stopped");
                 }
             });
         } else {

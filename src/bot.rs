@@ -64,6 +64,10 @@ pub struct Bot {
     by_session: HashMap<MediaRef, String>,
     /// The streams each call receives (for `sdp_stream_metadata`).
     streams: HashMap<String, Vec<StreamInfo>>,
+    /// Who is on each call.
+    participants: HashMap<String, Participant>,
+    /// The latest `sdp_stream_metadata` each caller sent about its own streams (mute state).
+    published: HashMap<String, SdpStreamMetadata>,
     txn_prefix: String,
     txn_counter: u64,
 }
@@ -77,25 +81,24 @@ impl std::fmt::Debug for Bot {
     }
 }
 
-/// Labels for the streams a caller receives: purpose, and whose stream it is.
-fn metadata_for(streams: &[StreamInfo]) -> SdpStreamMetadata {
-    streams
-        .iter()
-        .map(|s| {
-            let mut extra = serde_json::Map::new();
-            extra.insert("user_id".into(), s.publisher.user_id.clone().into());
-            if !s.publisher.device_id.is_empty() {
-                extra.insert("device_id".into(), s.publisher.device_id.clone().into());
-            }
-            let entry = StreamMetadata {
-                purpose: "m.usermedia".into(),
-                audio_muted: false,
-                video_muted: false,
-                extra,
-            };
-            (s.stream_id.clone(), entry)
-        })
-        .collect()
+/// The label of one stream a caller receives: its publisher's own metadata
+/// (purpose, mute state) when known, plus whose stream it is.
+fn label(stream: &StreamInfo, own: Option<&StreamMetadata>) -> StreamMetadata {
+    let mut entry = own.cloned().unwrap_or(StreamMetadata {
+        purpose: "m.usermedia".into(),
+        audio_muted: false,
+        video_muted: false,
+        extra: serde_json::Map::new(),
+    });
+    entry
+        .extra
+        .insert("user_id".into(), stream.publisher.user_id.clone().into());
+    if !stream.publisher.device_id.is_empty() {
+        entry
+            .extra
+            .insert("device_id".into(), stream.publisher.device_id.clone().into());
+    }
+    entry
 }
 
 impl Bot {
@@ -113,6 +116,8 @@ impl Bot {
             calls: HashMap::new(),
             by_session: HashMap::new(),
             streams: HashMap::new(),
+            participants: HashMap::new(),
+            published: HashMap::new(),
             txn_prefix: format!("sb{started}"),
             txn_counter: 0,
         }
@@ -258,7 +263,7 @@ impl Bot {
                 let Some(handle) = self.media.shard(shard) else { return };
                 match handle.create_offer(session).await {
                     Ok(Some(offer)) => {
-                        let metadata = metadata_for(&offer.streams);
+                        let metadata = self.metadata_for(&offer.streams);
                         self.streams.insert(call_id.clone(), offer.streams);
                         if !self.signalling.renegotiate(now, &call_id, offer.sdp, metadata) {
                             tracing::info!("this caller cannot renegotiate (version 0); it keeps its first streams");
@@ -293,7 +298,7 @@ impl Bot {
                     caller,
                     caller_party,
                     offer,
-                    ..
+                    metadata,
                 } => {
                     let room = RoomId(room_id);
                     let (shard, handle) = self.media.shard_for(&room);
@@ -301,6 +306,10 @@ impl Bot {
                         user_id: caller,
                         device_id: caller_party.unwrap_or_default(),
                     };
+                    self.participants.insert(call_id.clone(), participant.clone());
+                    if let Some(own) = metadata {
+                        self.published.insert(call_id.clone(), own);
+                    }
                     match handle.open_session(room, participant, offer).await {
                         Ok((session, answer)) => {
                             let media = MediaRef { shard, session };
@@ -321,7 +330,8 @@ impl Bot {
                     };
                     match handle.accept_offer(media.session, offer).await {
                         Ok(answer) => {
-                            let metadata = metadata_for(self.streams.get(&call_id).map_or(&[][..], Vec::as_slice));
+                            let streams = self.streams.get(&call_id).cloned().unwrap_or_default();
+                            let metadata = self.metadata_for(&streams);
                             self.signalling
                                 .handle_media_renegotiated(now, &call_id, answer, metadata);
                         }
@@ -336,7 +346,7 @@ impl Bot {
                         tracing::info!(error = %e, "the caller's renegotiation answer was refused");
                     }
                 }
-                Action::PeerMetadata { .. } => {}
+                Action::PeerMetadata { call_id, metadata } => self.relay_metadata(now, &call_id, metadata),
                 Action::CloseMedia { call_id } => {
                     if let Some((media, handle)) = self.handle_of(&call_id) {
                         let _ = handle.close_session(media.session).await;
@@ -344,6 +354,8 @@ impl Bot {
                     }
                     self.calls.remove(&call_id);
                     self.streams.remove(&call_id);
+                    self.participants.remove(&call_id);
+                    self.published.remove(&call_id);
                 }
                 Action::Send { room_id, event } => {
                     self.txn_counter += 1;
@@ -354,6 +366,51 @@ impl Bot {
                     }
                 }
             }
+        }
+    }
+
+    /// Labels for every stream a caller receives.
+    fn metadata_for(&self, streams: &[StreamInfo]) -> SdpStreamMetadata {
+        streams
+            .iter()
+            .map(|stream| {
+                let own = self
+                    .participants
+                    .iter()
+                    .find(|(_, p)| **p == stream.publisher)
+                    .and_then(|(call, _)| self.published.get(call))
+                    .and_then(|m| m.get(&stream.publisher_stream_id));
+                (stream.stream_id.clone(), label(stream, own))
+            })
+            .collect()
+    }
+
+    /// A caller's streams changed (mute): tell everyone who receives them.
+    fn relay_metadata(&mut self, now: Instant, call_id: &str, metadata: SdpStreamMetadata) {
+        let Some(publisher) = self.participants.get(call_id).cloned() else {
+            return;
+        };
+        self.published
+            .entry(call_id.to_string())
+            .or_default()
+            .extend(metadata.clone());
+        let mut updates = Vec::new();
+        for (other_call, streams) in &self.streams {
+            let changed: SdpStreamMetadata = streams
+                .iter()
+                .filter(|s| s.publisher == publisher)
+                .filter_map(|s| {
+                    metadata
+                        .get(&s.publisher_stream_id)
+                        .map(|own| (s.stream_id.clone(), label(s, Some(own))))
+                })
+                .collect();
+            if !changed.is_empty() {
+                updates.push((other_call.clone(), changed));
+            }
+        }
+        for (other_call, changed) in updates {
+            self.signalling.send_metadata(now, &other_call, changed);
         }
     }
 

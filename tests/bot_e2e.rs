@@ -27,6 +27,8 @@ const BOT: &str = "@conference:localhost";
 #[derive(Default, Debug)]
 struct Seen {
     labels: HashMap<String, String>,
+    /// Audio mute state per stream, from the bot's metadata.
+    audio_muted: HashMap<String, bool>,
     by_stream: HashMap<(String, MediaKind), usize>,
 }
 
@@ -42,6 +44,8 @@ impl Seen {
 
 struct Caller {
     client: Client,
+    /// The caller's own msid stream id.
+    stream: String,
     seen: Arc<Mutex<Seen>>,
     stop: Option<oneshot::Sender<()>>,
     call_id: String,
@@ -67,7 +71,7 @@ async fn call_bot(client: Client, room: String) -> Caller {
     let call_id = format!("call{}", client.device_id);
     let invite = json!({"version": "1", "call_id": call_id, "party_id": client.device_id, "lifetime": 60000,
         "invitee": BOT, "offer": {"type": "offer", "sdp": offer.to_sdp_string()},
-        "sdp_stream_metadata": {stream: {"purpose": "m.usermedia"}}});
+        "sdp_stream_metadata": {stream.clone(): {"purpose": "m.usermedia"}}});
     let (status, body) = client
         .send(&room, "m.call.invite", &format!("inv-{call_id}"), invite)
         .await;
@@ -144,9 +148,11 @@ async fn call_bot(client: Client, room: String) -> Caller {
                 }
                 Some((kind, content)) = events.recv() => {
                     for (stream, entry) in content["sdp_stream_metadata"].as_object().into_iter().flatten() {
+                        let mut seen = seen_.lock().unwrap();
                         if let Some(user) = entry["user_id"].as_str() {
-                            seen_.lock().unwrap().labels.insert(stream.clone(), user.to_string());
+                            seen.labels.insert(stream.clone(), user.to_string());
                         }
+                        seen.audio_muted.insert(stream.clone(), entry["audio_muted"].as_bool().unwrap_or(false));
                     }
                     match kind.as_str() {
                         "m.call.answer" => {
@@ -197,6 +203,7 @@ async fn call_bot(client: Client, room: String) -> Caller {
     });
     Caller {
         client,
+        stream,
         seen,
         stop: Some(stop),
         call_id,
@@ -204,7 +211,7 @@ async fn call_bot(client: Client, room: String) -> Caller {
 }
 
 async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    for _ in 0..300 {
+    for _ in 0..600 {
         if ok() {
             return;
         }
@@ -335,6 +342,14 @@ async fn the_bot_attached_to_a_separate_homeserver() {
             client
         }
     };
+    // The bot registers itself on its first start: wait for its user to exist.
+    let probe = Client::new(&homeserver.base);
+    for _ in 0..100 {
+        if probe.get(&format!("/profile/{}", enc(BOT))).await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     conference(
         user("alice").await,
         user("bob").await,
@@ -403,4 +418,67 @@ async fn the_bot_serves_allowed_inviters_and_leaves_empty_rooms() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the bot stayed in a room where it was alone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mute_changes_reach_the_other_callers() {
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let room = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
+    assert_eq!(bob.join(&room).await.0, 200);
+    wait_for_bot(&alice, &room, "join").await;
+    let a = call_bot(alice, room.clone()).await;
+    let b = call_bot(bob, room.clone()).await;
+    wait_until("bob receives alice", || {
+        b.seen.lock().unwrap().packets_of(&a.client.user_id, MediaKind::Audio) > 10
+    })
+    .await;
+    let muted = |b: &Caller| {
+        let seen = b.seen.lock().unwrap();
+        seen.labels
+            .iter()
+            .filter(|(_, user)| **user == a.client.user_id)
+            .any(|(stream, _)| seen.audio_muted.get(stream) == Some(&true))
+    };
+    assert!(!muted(&b));
+    let change = json!({"version": "1", "call_id": a.call_id, "party_id": a.client.device_id,
+        "sdp_stream_metadata": {a.stream.clone(): {"purpose": "m.usermedia", "audio_muted": true}}});
+    let (status, _) = a
+        .client
+        .send(&room, "m.call.sdp_stream_metadata_changed", "mute-1", change)
+        .await;
+    assert_eq!(status, 200);
+    wait_until("bob learns that alice muted", || muted(&b)).await;
+}
+
+#[tokio::test]
+async fn an_invite_with_unusable_sdp_is_rejected() {
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    let alice = server.user("alice").await;
+    let room = alice.create_room(json!({"invite": [BOT]})).await;
+    wait_for_bot(&alice, &room, "join").await;
+    let mut since = alice.sync("?timeout=0").await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let invite = json!({"version": "1", "call_id": "badsdp", "party_id": alice.device_id, "lifetime": 60000,
+        "invitee": BOT, "offer": {"type": "offer", "sdp": "this is not SDP"}});
+    assert_eq!(alice.send(&room, "m.call.invite", "bad-1", invite).await.0, 200);
+    for _ in 0..50 {
+        let body = alice.sync(&format!("?since={since}&timeout=2000")).await;
+        since = body["next_batch"].as_str().unwrap().to_string();
+        let events = body["rooms"]["join"][&room]["timeline"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if let Some(reject) = events
+            .iter()
+            .find(|e| e["sender"] == BOT && e["content"]["call_id"] == "badsdp")
+        {
+            assert_eq!(reject["type"], "m.call.reject");
+            return;
+        }
+    }
+    panic!("the bot never rejected the call");
 }

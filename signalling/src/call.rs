@@ -414,6 +414,24 @@ impl Signalling {
         true
     }
 
+    /// Tells a (v1) caller that streams it receives changed without new SDP
+    /// (another participant muted or unmuted). Returns false for v0 callers.
+    pub fn send_metadata(&mut self, _now: Instant, call_id: &str, metadata: SdpStreamMetadata) -> bool {
+        let Some(call) = self.calls.get(call_id) else {
+            return false;
+        };
+        if call.version != Version::V1 || call.state == CallState::AwaitingMedia {
+            return false;
+        }
+        let header = Self::header_for(call_id, call.version, &self.party_id);
+        let room_id = call.room_id.clone();
+        self.actions.push_back(Action::Send {
+            room_id,
+            event: CallEvent::MetadataChanged { header, metadata },
+        });
+        true
+    }
+
     /// The media session answered the caller's renegotiation offer.
     pub fn handle_media_renegotiated(
         &mut self,
