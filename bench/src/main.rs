@@ -4,6 +4,7 @@
 
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
+mod bot;
 mod homeserver;
 mod proc_stat;
 mod sfu;
@@ -27,6 +28,9 @@ enum Bench {
     /// SFU: egress packets per CPU-second, loss, latency and memory with real
     /// WebRTC clients; baseline: a plain UDP fan-out forwarder on the same stream.
     Sfu(sfu::Args),
+    /// Conference bot: invite -> answer and invite -> connected times; baseline:
+    /// a plain message's round trip through the same homeserver.
+    Bot(bot::Args),
     /// (internal) The SFU under test, driven over a control connection.
     #[command(hide = true)]
     SfuServer {
@@ -47,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     match cli.bench {
         Bench::Homeserver(args) => runtime.block_on(homeserver::run(args)),
         Bench::Sfu(args) => runtime.block_on(sfu::run(args)),
+        Bench::Bot(args) => runtime.block_on(bot::run(args)),
         Bench::SfuServer { shards } => runtime.block_on(sfu_server::serve(shards)),
         Bench::UdpForwarder => {
             // The baseline runs on one thread, like a media shard.
