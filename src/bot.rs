@@ -266,7 +266,7 @@ impl Bot {
                         let metadata = self.metadata_for(&offer.streams);
                         self.streams.insert(call_id.clone(), offer.streams);
                         if !self.signalling.renegotiate(now, &call_id, offer.sdp, metadata) {
-                            tracing::info!("this caller cannot renegotiate (version 0); it keeps its first streams");
+                            tracing::debug!("a renegotiation for a caller that cannot take one");
                         }
                     }
                     Ok(None) => {}
@@ -297,6 +297,7 @@ impl Bot {
                     room_id,
                     caller,
                     caller_party,
+                    renegotiates,
                     offer,
                     metadata,
                 } => {
@@ -312,6 +313,10 @@ impl Bot {
                     }
                     match handle.open_session(room, participant, offer).await {
                         Ok((session, answer)) => {
+                            if !renegotiates {
+                                // Version 0: the active speaker, on the caller's own m-lines.
+                                let _ = handle.set_single_stream(session).await;
+                            }
                             let media = MediaRef { shard, session };
                             self.calls.insert(call_id.clone(), media);
                             self.by_session.insert(media, call_id.clone());

@@ -169,6 +169,8 @@ struct Session {
     scheduled: Option<Instant>,
     /// Packets were written to it that str0m has not sent yet (see `Sfu::flush`).
     dirty: bool,
+    /// Receives one stream on its own m-lines (the active speaker's), no renegotiation.
+    single_stream: bool,
     connect_deadline: Option<Instant>,
     addrs: Vec<SocketAddr>,
     /// Tracks this participant publishes, by the m-line they arrive on.
@@ -185,6 +187,23 @@ struct Session {
 }
 
 impl Session {
+    /// Single-stream mode: what we send on one of the caller's own m-lines
+    /// comes from a subscription we re-point at whoever speaks.
+    fn bind_own_mline(&mut self, mid: Mid, kind: MediaKind) {
+        let video = kind == MediaKind::Video;
+        self.subscriptions.entry(mid).or_insert_with(|| Subscription {
+            track: TrackId(0),
+            layer: None,
+            target: 0,
+            max_quality: simulcast::Quality::High,
+            forwarder: Forwarder::new(if video { 90_000 } else { 48_000 }, video),
+            pt_map: Vec::new(),
+        });
+        if let Some(tx) = self.rtc.direct_api().stream_tx_by_mid(mid, None) {
+            tx.set_unpaced(true);
+        }
+    }
+
     /// Puts the changes of an offer that did not take back into the queue.
     fn requeue(&mut self, added: &[(Mid, TrackId)], deactivated: &[Mid]) {
         self.wanted.extend(added.iter().map(|(_, t)| Change::Subscribe(*t)));
@@ -413,6 +432,7 @@ impl Sfu {
             next_timeout: now,
             scheduled: None,
             dirty: false,
+            single_stream: false,
             connect_deadline: Some(now + self.config.connect_timeout),
             addrs: Vec::new(),
             published: HashMap::new(),
@@ -918,6 +938,9 @@ impl Sfu {
         let stream_id = msid_token(&format!("sb{}-{}", id.0, publisher_stream_id));
         let room = session.room.clone();
         session.published.insert(mid, track_id);
+        if session.single_stream && direction.is_sending() {
+            session.bind_own_mline(mid, kind);
+        }
         self.tracks.insert(
             track_id,
             Track {
@@ -943,12 +966,18 @@ impl Sfu {
             let Some(session) = self.sessions.get_mut(&other) else {
                 continue;
             };
+            if session.single_stream {
+                continue;
+            }
             session.wanted.push(Change::Subscribe(track_id));
             if session.rtc.is_connected() && session.pending.is_none() {
                 self.events.push_back(SfuEvent::NegotiationNeeded(other));
             }
         }
-        let _ = now;
+        let room_id = self.tracks.get(&track_id).map(|t| t.room.clone());
+        if let Some(room_id) = room_id {
+            self.retarget_single_stream(now, &room_id);
+        }
     }
 
     /// Asks a track's publisher for a keyframe on `layer`, at most once per interval.
@@ -1054,6 +1083,12 @@ impl Sfu {
             let Some(subscription) = subscriber.subscriptions.get_mut(&mid) else {
                 continue;
             };
+            // Nothing can be written before DTLS-SRTP is up (a single-stream
+            // subscription exists from the start, before the session connects).
+            if !subscriber.rtc.is_connected() {
+                self.out.stats.drop(DropReason::NotConnected);
+                continue;
+            }
             if subscription.layer != Some(layer) {
                 if layer != subscription.target {
                     continue; // another layer than this subscriber's
@@ -1205,6 +1240,91 @@ impl Sfu {
                 room: room_id.clone(),
                 session,
             });
+            self.retarget_single_stream(now, room_id);
+        }
+    }
+
+    /// Makes a session receive one stream per kind on its own m-lines — the
+    /// active speaker's — instead of one renegotiated stream per participant:
+    /// for callers that cannot renegotiate (call protocol version 0).
+    pub fn set_single_stream(&mut self, now: Instant, id: SessionId) {
+        self.advance(now);
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        session.single_stream = true;
+        session.wanted.retain(|c| !matches!(c, Change::Subscribe(_)));
+        // Bind a subscription to each of its own m-lines we can send on.
+        let own: Vec<(Mid, MediaKind)> = session
+            .published
+            .iter()
+            .filter_map(|(mid, track)| self.tracks.get(track).map(|t| (*mid, t.kind)))
+            .filter(|(mid, _)| session.rtc.media(*mid).is_some_and(|m| m.direction().is_sending()))
+            .collect();
+        for (mid, kind) in own {
+            session.bind_own_mline(mid, kind);
+        }
+        let room = session.room.clone();
+        self.drain(id);
+        self.retarget_single_stream(now, &room);
+        self.process(now);
+    }
+
+    /// Points every single-stream session of a room at the current speaker's
+    /// tracks (or, before anyone spoke, at the first other publisher's), never
+    /// at its own. A switch keeps sequence numbers continuous and asks for a keyframe.
+    fn retarget_single_stream(&mut self, now: Instant, room_id: &RoomId) {
+        let Some(room) = self.rooms.get(room_id) else { return };
+        let speaker = room.speaker;
+        let listeners: Vec<SessionId> = room
+            .sessions
+            .iter()
+            .copied()
+            .filter(|s| self.sessions.get(s).is_some_and(|s| s.single_stream))
+            .collect();
+        let mut keyframes = Vec::new();
+        for listener in listeners {
+            let source = speaker.filter(|s| *s != listener).or_else(|| {
+                room.tracks
+                    .iter()
+                    .filter_map(|t| self.tracks.get(t))
+                    .map(|t| t.publisher)
+                    .find(|p| *p != listener)
+            });
+            let Some(source) = source else { continue };
+            let Some(session) = self.sessions.get_mut(&listener) else {
+                continue;
+            };
+            for (mid, subscription) in session.subscriptions.iter_mut() {
+                let Some(kind) = session.rtc.media(*mid).map(|m| m.kind()) else {
+                    continue;
+                };
+                let Some(new_track) = room.tracks.iter().copied().find(|t| {
+                    self.tracks
+                        .get(t)
+                        .is_some_and(|t| t.publisher == source && t.kind == kind)
+                }) else {
+                    continue;
+                };
+                if subscription.track == new_track {
+                    continue;
+                }
+                if let Some(old) = self.tracks.get_mut(&subscription.track) {
+                    old.subscribers.retain(|(s, m)| !(*s == listener && m == mid));
+                }
+                if let Some(track) = self.tracks.get_mut(&new_track) {
+                    track.subscribers.push((listener, *mid));
+                    subscription.target = simulcast::select(&track.layers, now, None, subscription.max_quality);
+                }
+                subscription.track = new_track;
+                subscription.layer = None;
+                subscription.pt_map.clear();
+                subscription.forwarder.switch_source();
+                keyframes.push((new_track, subscription.target));
+            }
+        }
+        for (track, layer) in keyframes {
+            self.request_keyframe(now, track, layer);
         }
     }
 
@@ -1225,6 +1345,13 @@ impl Sfu {
                 let Some(subscriber) = self.sessions.get_mut(&sub_id) else {
                     continue;
                 };
+                if subscriber.single_stream {
+                    // Its own m-line stays; it gets another source below.
+                    if let Some(subscription) = subscriber.subscriptions.get_mut(&mid) {
+                        subscription.track = TrackId(0);
+                    }
+                    continue;
+                }
                 subscriber.subscriptions.remove(&mid);
                 subscriber.wanted.push(Change::Deactivate(mid));
                 self.out.stats.subscriptions = self.out.stats.subscriptions.saturating_sub(1);
@@ -1252,6 +1379,8 @@ impl Sfu {
                 self.rooms.remove(&session.room);
             }
         }
+        // Single-stream listeners that heard this session get another source.
+        self.retarget_single_stream(now, &session.room);
         for addr in &session.addrs {
             self.by_addr.remove(addr);
         }
@@ -1263,7 +1392,6 @@ impl Sfu {
             // Nothing it says now matters any more.
             self.out.deferred.truncate(deferred);
         }
-        let _ = now;
     }
 }
 

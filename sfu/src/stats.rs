@@ -23,10 +23,12 @@ pub enum DropReason {
     WaitingForKeyframe,
     /// A late packet from before a source switch.
     BeforeSwitch,
+    /// The subscriber's DTLS-SRTP is not up yet.
+    NotConnected,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::UnknownSource,
         DropReason::Malformed,
         DropReason::BadStun,
@@ -36,6 +38,7 @@ impl DropReason {
         DropReason::CodecMismatch,
         DropReason::WaitingForKeyframe,
         DropReason::BeforeSwitch,
+        DropReason::NotConnected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +52,7 @@ impl DropReason {
             DropReason::CodecMismatch => "codec_mismatch",
             DropReason::WaitingForKeyframe => "waiting_for_keyframe",
             DropReason::BeforeSwitch => "before_switch",
+            DropReason::NotConnected => "not_connected",
         }
     }
 }

@@ -513,3 +513,77 @@ fn replayed_media_is_not_forwarded_twice() {
         "alice's live media still flows"
     );
 }
+
+#[test]
+fn a_single_stream_caller_gets_the_active_speaker_on_its_own_m_lines() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    let carol = world.join("carol");
+    let now = world.now;
+    let alice_session = world.clients[alice].session.expect("session");
+    world.sfu.set_single_stream(now, alice_session);
+    world.clients[bob].audio_level = 20;
+    world.clients[carol].audio_level = 90;
+    world.clients[alice].audio_level = 90;
+    world.run(Duration::from_secs(3));
+    let (audio_mid, video_mid) = world.clients[alice].own_mids;
+    let recent_sources = |world: &World, mid, byte: usize| -> Vec<u8> {
+        let since = world.now - Duration::from_millis(500);
+        world.clients[alice].received.get(&mid).map_or(Vec::new(), |r| {
+            r.packets
+                .iter()
+                .filter(|p| p.1 > since)
+                .filter_map(|p| p.2.get(byte).copied())
+                .collect()
+        })
+    };
+    let audio = recent_sources(&world, audio_mid, 1);
+    assert!(
+        !audio.is_empty() && audio.iter().all(|&who| who == bob as u8),
+        "alice hears bob: {audio:?}"
+    );
+    let video = recent_sources(&world, video_mid, 10);
+    assert!(
+        !video.is_empty() && video.iter().all(|&who| who == bob as u8),
+        "alice sees bob"
+    );
+    assert!(
+        world.clients[alice].streams.is_empty(),
+        "no renegotiation for a single-stream caller"
+    );
+
+    // Carol takes over.
+    world.clients[bob].audio_level = 90;
+    world.clients[carol].audio_level = 20;
+    world.run(Duration::from_secs(3));
+    let audio = recent_sources(&world, audio_mid, 1);
+    assert!(
+        !audio.is_empty() && audio.iter().all(|&who| who == carol as u8),
+        "alice hears carol: {audio:?}"
+    );
+    let video = recent_sources(&world, video_mid, 10);
+    assert!(
+        !video.is_empty() && video.iter().all(|&who| who == carol as u8),
+        "alice sees carol"
+    );
+    // One continuous stream on each of alice's m-lines across the switch.
+    for mid in [audio_mid, video_mid] {
+        let mut seqs: Vec<u64> = world.clients[alice].received[&mid]
+            .packets
+            .iter()
+            .map(|p| p.0)
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs[seqs.len() - 1] - seqs[0] + 1, seqs.len() as u64, "no gap on {mid}");
+    }
+    // The others still get everyone, alice included.
+    for i in [bob, carol] {
+        let got = world.received_from(i);
+        assert!(
+            got.contains_key(&(user("alice"), MediaKind::Audio)),
+            "client {i} receives alice"
+        );
+    }
+}

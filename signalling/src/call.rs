@@ -52,6 +52,9 @@ pub enum Action {
         caller: String,
         /// The caller's party id (matrix-js-sdk uses its device id); absent for v0.
         caller_party: Option<String>,
+        /// Whether the caller can renegotiate (version 1); a version-0 caller
+        /// can only take streams on the m-lines of its own offer.
+        renegotiates: bool,
         offer: String,
         metadata: Option<SdpStreamMetadata>,
     },
@@ -306,6 +309,7 @@ impl Signalling {
             room_id,
             caller: sender,
             caller_party: header.party_id,
+            renegotiates: header.version == Version::V1,
             offer: offer.sdp,
             metadata,
         });

@@ -48,6 +48,9 @@ enum Command {
     Close {
         session: SessionId,
     },
+    SingleStream {
+        session: SessionId,
+    },
     Stats {
         reply: oneshot::Sender<ShardStats>,
     },
@@ -172,6 +175,7 @@ fn execute(sfu: &mut Sfu, command: Command) {
             let _ = reply.send(sfu.accept_offer(now, session, &offer));
         }
         Command::Close { session } => sfu.close_session(now, session),
+        Command::SingleStream { session } => sfu.set_single_stream(now, session),
         Command::Stats { reply } => {
             let _ = reply.send(sfu.stats());
         }
@@ -225,6 +229,14 @@ impl ShardHandle {
     pub async fn close_session(&self, session: SessionId) -> Result<()> {
         self.commands
             .send(Command::Close { session })
+            .await
+            .map_err(|_| anyhow::anyhow!("the media shard has stopped"))
+    }
+
+    /// The session receives the active speaker on its own m-lines (no renegotiation).
+    pub async fn set_single_stream(&self, session: SessionId) -> Result<()> {
+        self.commands
+            .send(Command::SingleStream { session })
             .await
             .map_err(|_| anyhow::anyhow!("the media shard has stopped"))
     }

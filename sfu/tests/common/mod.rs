@@ -40,6 +40,8 @@ pub struct Received {
 
 pub struct Client {
     pub name: String,
+    /// The m-lines of its own offer (audio, video).
+    pub own_mids: (Mid, Mid),
     pub rtc: Rtc,
     pub addr: SocketAddr,
     pub session: Option<SessionId>,
@@ -142,6 +144,7 @@ impl World {
             .expect("accept");
         self.clients.push(Client {
             name: name.to_string(),
+            own_mids: (audio, video),
             rtc,
             addr,
             session: Some(session),
@@ -209,7 +212,7 @@ impl World {
                             entry.stream_id = media.stream_id().to_string();
                             entry.kind = Some(media.kind());
                         }
-                        let head = packet.payload.iter().take(10).copied().collect();
+                        let head = packet.payload.iter().take(11).copied().collect();
                         entry.packets.push((*packet.seq_no, now, head, packet.payload.len()));
                     }
                     Event::KeyframeRequest(request)
@@ -285,7 +288,10 @@ impl World {
                     ..Default::default()
                 };
                 let ts = (client.audio_seq * 960) as u32;
-                tx.write_rtp(RtpWrite::new(pt, client.audio_seq.into(), ts, now, vec![0xfc; 80]).ext_vals(ext));
+                // Byte 1 says who sent it.
+                let mut payload = vec![0xfc; 80];
+                payload[1] = index as u8;
+                tx.write_rtp(RtpWrite::new(pt, client.audio_seq.into(), ts, now, payload).ext_vals(ext));
                 client.audio_seq += 1;
             }
         }
@@ -324,8 +330,9 @@ impl World {
                     let first = part == 0;
                     let mut payload = vec![if first { 0x10 } else { 0x00 }, if keyframe { 0x00 } else { 0x01 }];
                     payload.resize(1000, 0x55);
-                    // The virtual send time, for latency checks.
+                    // The virtual send time, for latency checks; then who sent it.
                     payload[2..10].copy_from_slice(&(now - start).as_micros().to_le_bytes()[..8]);
+                    payload[10] = index as u8;
                     let ts = (frame * 3000) as u32;
                     let last = part + 1 == client.video_packets_per_frame;
                     let seq = client.video_packet_seq;
