@@ -9,16 +9,15 @@
 //!   opening a session);
 //! - **connected**: invite sent → ICE + DTLS-SRTP up at the caller.
 
+use crate::homeserver::{Client, enc, start_server};
 use crate::proc_stat;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use str0m::change::SdpAnswer;
 use str0m::media::{Direction, MediaKind};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, RtcConfig};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UdpSocket;
 
 #[derive(clap::Args, Debug)]
@@ -29,36 +28,16 @@ pub struct Args {
 }
 
 struct Caller {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-    device: String,
+    api: Client,
     since: String,
 }
 
 impl Caller {
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let mut request = self
-            .http
-            .request(method, format!("{}/_matrix/client/v3{path}", self.base))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        let value: Value = response.json().await?;
-        if !status.is_success() {
-            bail!("{path}: {status} {value}");
-        }
-        Ok(value)
-    }
-
     /// Waits (bounded) for a timeline event in `room` matching `want`; returns it.
     async fn wait_for(&mut self, room: &str, want: impl Fn(&Value) -> bool) -> Result<Value> {
         for _ in 0..20 {
             let path = format!("/sync?since={}&timeout=2000", self.since);
-            let body = self.call(reqwest::Method::GET, &path, None).await?;
+            let body = self.api.call(reqwest::Method::GET, &path, None).await?;
             self.since = body["next_batch"].as_str().context("next_batch")?.to_string();
             let events = body["rooms"]["join"][room]["timeline"]["events"]
                 .as_array()
@@ -70,18 +49,10 @@ impl Caller {
         }
         bail!("the awaited event never came")
     }
-}
 
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+        self.api.call(method, path, body).await
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -91,46 +62,11 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 #[allow(clippy::print_stdout)]
 pub async fn run(args: Args) -> Result<()> {
-    let exe = std::env::current_exe()?.with_file_name("switchboard");
-    let dir = tempfile::tempdir()?;
-    let mut child = tokio::process::Command::new(&exe)
-        .args([
-            "--data-dir",
-            dir.path().to_str().context("utf-8 path")?,
-            "--bind",
-            "127.0.0.1:0",
-            "--set",
-            "log.level=warn",
-        ])
-        .args(["--set", "media.shards=1"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} (build it with cargo build --release)", exe.display()))?;
-    let pid = child.id().context("pid")?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let base = loop {
-        let line = lines.next_line().await?.context("switchboard exited early")?;
-        if let Some(url) = line.trim().strip_prefix("Homeserver (Matrix Client-Server API): ") {
-            break url.replace("localhost", "127.0.0.1");
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-
+    let mut server = start_server(&["--set", "media.shards=1"]).await?;
+    let pid = server.child.id().context("pid")?;
     let http = reqwest::Client::new();
-    let register = json!({"username": "caller", "password": "bench-password", "auth": {"type": "m.login.dummy"}});
-    let login: Value = http
-        .post(format!("{base}/_matrix/client/v3/register"))
-        .json(&register)
-        .send()
-        .await?
-        .json()
-        .await?;
     let mut caller = Caller {
-        http,
-        base,
-        token: login["access_token"].as_str().context("token")?.to_string(),
-        device: login["device_id"].as_str().context("device")?.to_string(),
+        api: Client::register(&http, &server.base, "caller").await?,
         since: String::new(),
     };
     let bot = "@conference:localhost";
@@ -191,7 +127,7 @@ pub async fn run(args: Args) -> Result<()> {
         api.add_media(MediaKind::Video, Direction::SendRecv, Some("cam".into()), None, None);
         let (offer, pending) = api.apply().context("offer")?;
         let call_id = format!("bench{i}");
-        let invite = json!({"version": "1", "call_id": call_id, "party_id": caller.device, "lifetime": 60000,
+        let invite = json!({"version": "1", "call_id": call_id, "party_id": caller.api.device_id, "lifetime": 60000,
             "invitee": bot, "offer": {"type": "offer", "sdp": offer.to_sdp_string()},
             "sdp_stream_metadata": {"cam": {"purpose": "m.usermedia"}}});
         let started = Instant::now();
@@ -229,7 +165,8 @@ pub async fn run(args: Args) -> Result<()> {
                 () = tokio::time::sleep_until(timeout.min(deadline).into()) => rtc.handle_input(Input::Timeout(Instant::now()))?,
             }
         }
-        let hangup = json!({"version": "1", "call_id": call_id, "party_id": caller.device, "reason": "user_hangup"});
+        let hangup =
+            json!({"version": "1", "call_id": call_id, "party_id": caller.api.device_id, "reason": "user_hangup"});
         let path = format!("/rooms/{}/send/m.call.hangup/h{i}", enc(&room));
         caller.call(reqwest::Method::PUT, &path, Some(hangup)).await?;
     }
@@ -264,6 +201,6 @@ pub async fn run(args: Args) -> Result<()> {
         answers.len(),
         cpu.as_secs_f64()
     );
-    child.kill().await.ok();
+    server.child.kill().await.ok();
     Ok(())
 }

@@ -39,13 +39,14 @@ pub struct Args {
     burst: usize,
 }
 
-struct Server {
-    child: tokio::process::Child,
-    base: String,
+pub(crate) struct Server {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) base: String,
     _dir: tempfile::TempDir,
 }
 
-async fn start_server() -> Result<Server> {
+/// Starts the release `switchboard` all-in-one with `extra` arguments and waits for its URL.
+pub(crate) async fn start_server(extra: &[&str]) -> Result<Server> {
     let exe = std::env::current_exe()?.with_file_name("switchboard");
     if !exe.exists() {
         bail!(
@@ -62,6 +63,7 @@ async fn start_server() -> Result<Server> {
             "127.0.0.1:0",
         ])
         .args(["--set", "rate_limit.login_burst=100000", "--set", "log.level=warn"])
+        .args(extra)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -77,15 +79,17 @@ async fn start_server() -> Result<Server> {
     Ok(Server { child, base, _dir: dir })
 }
 
+/// A registered user of the server under test.
 #[derive(Clone)]
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
+    pub(crate) device_id: String,
 }
 
 impl Client {
-    async fn register(http: &reqwest::Client, base: &str, name: &str) -> Result<Self> {
+    pub(crate) async fn register(http: &reqwest::Client, base: &str, name: &str) -> Result<Self> {
         let body = json!({"username": name, "password": "bench-password", "auth": {"type": "m.login.dummy"}});
         let resp: Value = http
             .post(format!("{base}/_matrix/client/v3/register"))
@@ -102,10 +106,11 @@ impl Client {
             http: http.clone(),
             base: base.to_string(),
             token,
+            device_id: resp["device_id"].as_str().unwrap_or_default().to_string(),
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
+    pub(crate) async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
         let mut req = self
             .http
             .request(method, format!("{}/_matrix/client/v3{path}", self.base))
@@ -123,7 +128,8 @@ impl Client {
     }
 }
 
-fn enc(s: &str) -> String {
+/// Percent-encodes a path segment.
+pub(crate) fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -181,7 +187,7 @@ async fn receiver(
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    let mut server = start_server().await?;
+    let mut server = start_server(&["--set", "bot.enabled=false"]).await?;
     let pid = server.child.id().context("server pid")?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
     let base = server.base.clone();
