@@ -90,6 +90,11 @@ async fn place_call(client: Client, room: String, v0: bool) -> Caller {
     } else {
         invite
     };
+    // Take the sync position before inviting: the bot may answer at once.
+    let since = client.sync("?timeout=0").await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (status, body) = client
         .send(&room, "m.call.invite", &format!("inv-{call_id}"), invite)
         .await;
@@ -100,10 +105,7 @@ async fn place_call(client: Client, room: String, v0: bool) -> Caller {
     let syncer = client.clone();
     let (room_, call_id_) = (room.clone(), call_id.clone());
     let sync_task = tokio::spawn(async move {
-        let mut since = syncer.sync("?timeout=0").await["next_batch"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let mut since = since;
         loop {
             let (status, body) = syncer.get(&format!("/sync?since={since}&timeout=5000")).await;
             if status != 200 {
