@@ -7,6 +7,21 @@ use common::{TestServer, bodies, enc, types};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
+/// Waits (bounded) until the server reports `n` long-polling syncs, so an
+/// event sent next is known to wake a waiting request rather than race it.
+async fn wait_until_syncing(server: &TestServer, n: usize) {
+    let metrics = server.client();
+    let line = format!("switchboard_sync_waiting {n}");
+    for _ in 0..500 {
+        let (_, text) = metrics.get("/metrics").await;
+        if text.as_str().unwrap().lines().any(|l| l == line) {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("no long-polling sync showed up");
+}
+
 fn joined<'a>(sync: &'a Value, room: &str) -> &'a Value {
     &sync["rooms"]["join"][room]
 }
@@ -194,14 +209,7 @@ async fn long_poll_wakes_on_new_event() {
         })
     };
     // Wait until the server reports the sync as waiting, then send.
-    let metrics = server.client();
-    for _ in 0..200 {
-        let (_, text) = metrics.get("/metrics").await;
-        if text.as_str().unwrap().contains("switchboard_sync_waiting 1") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until_syncing(&server, 1).await;
     alice.send_text(&room, "wake", "wake up").await;
     let (elapsed, body) = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
@@ -283,7 +291,7 @@ async fn to_device_delivery_and_acknowledgement() {
         let bob = bob.clone();
         tokio::spawn(async move { bob.sync(&format!("?since={since}&timeout=20000")).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until_syncing(&server, 1).await;
     let msg = json!({"messages": {"@bob:localhost": {"*": {"n": 3}}}});
     alice.put("/sendToDevice/m.call.candidates/tx3", msg).await;
     let woken = tokio::time::timeout(Duration::from_secs(10), waiter)

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 /// How many ended call ids are remembered (oldest forgotten first).
 const ENDED_MEMORY: usize = 10_000;
+/// Longest an invite is taken to stay valid, whatever `lifetime` it claims.
+pub const MAX_INVITE_LIFETIME: Duration = Duration::from_secs(3600);
 /// Lifetime of our renegotiation offers.
 pub const NEGOTIATE_LIFETIME: Duration = Duration::from_secs(10);
 
@@ -290,7 +292,8 @@ impl Signalling {
             self.remember_ended(header.call_id.clone());
             return;
         }
-        let expires = now + Duration::from_millis(lifetime - age);
+        // `lifetime` comes from the caller: cap it, so no value can overflow the clock.
+        let expires = now + Duration::from_millis(lifetime - age).min(MAX_INVITE_LIFETIME);
         self.calls.insert(
             header.call_id.clone(),
             Call {

@@ -492,3 +492,12 @@ fn leaving_the_room_or_hanging_up_locally_ends_the_call() {
     assert_eq!(event.header().version, Version::V1);
     assert_eq!(event.to_content()["reason"], "user_hangup");
 }
+
+#[test]
+fn an_absurd_lifetime_is_capped() {
+    let now = Instant::now();
+    let mut s = Signalling::new(BOT, BOT_PARTY);
+    s.handle_event(now, invite("c", json!({"lifetime": u64::MAX})));
+    assert!(matches!(&actions(&mut s)[..], [Action::OpenMedia { .. }]));
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(3600)));
+}
