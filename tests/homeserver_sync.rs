@@ -14,7 +14,7 @@ async fn wait_until_syncing(server: &TestServer, n: usize) {
     let line = format!("switchboard_sync_waiting {n}");
     for _ in 0..500 {
         let (_, text) = metrics.get("/metrics").await;
-        if text.as_str().unwrap().lines().any(|l| l == line) {
+        if text.as_str().expect("metrics are text").lines().any(|l| l == line) {
             return;
         }
         tokio::task::yield_now().await;
