@@ -46,6 +46,15 @@ impl Seen {
             .map(|(_, n)| *n)
             .sum()
     }
+
+    /// Packets of a kind from anyone (a single-stream caller gets unlabelled media).
+    fn packets_of_kind(&self, kind: MediaKind) -> usize {
+        self.by_stream
+            .iter()
+            .filter(|((_, k), _)| *k == kind)
+            .map(|(_, n)| *n)
+            .sum()
+    }
 }
 
 struct Caller {
@@ -138,7 +147,7 @@ async fn place_call(client: Client, room: String, v0: bool) -> Caller {
         let mut txn = 0;
         loop {
             let timeout = loop {
-                match rtc.poll_output().unwrap() {
+                match rtc.poll_output().unwrap_or_else(|e| panic!("caller (v0: {v0}): {e}")) {
                     Output::Timeout(t) => break t,
                     Output::Transmit(t) => {
                         socket.send_to(&t.contents, t.destination).await.unwrap();
@@ -511,4 +520,40 @@ async fn an_invite_with_unusable_sdp_is_rejected() {
         }
     }
     panic!("the bot never rejected the call");
+}
+
+/// A version-0 caller (no renegotiation, no metadata) and two v1 callers in one
+/// conference: the v0 caller gets the others' audio and video on its own
+/// m-lines, and they get its streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_0_caller_joins_a_conference() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let carol = server.user("carol").await;
+    let room = alice
+        .create_room(json!({"invite": ["@bob:localhost", "@carol:localhost", BOT]}))
+        .await;
+    assert_eq!(bob.join(&room).await.0, 200);
+    assert_eq!(carol.join(&room).await.0, 200);
+    wait_for_bot(&alice, &room, "join").await;
+    let old = place_call(alice, room.clone(), true).await;
+    let b = call_bot(bob, room.clone()).await;
+    let c = call_bot(carol, room.clone()).await;
+    let alice_id = old.client.user_id.clone();
+    wait_until("the v1 callers receive the v0 caller and each other", || {
+        [(&b, &c), (&c, &b)].iter().all(|(me, other)| {
+            let seen = me.seen.lock().unwrap();
+            [MediaKind::Audio, MediaKind::Video]
+                .iter()
+                .all(|k| seen.packets_of(&alice_id, *k) >= 25 && seen.packets_of(&other.client.user_id, *k) >= 25)
+        })
+    })
+    .await;
+    wait_until("the v0 caller receives audio and video", || {
+        let seen = old.seen.lock().unwrap();
+        seen.packets_of_kind(MediaKind::Audio) >= 25 && seen.packets_of_kind(MediaKind::Video) >= 25
+    })
+    .await;
 }

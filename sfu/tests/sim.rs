@@ -587,3 +587,29 @@ fn a_single_stream_caller_gets_the_active_speaker_on_its_own_m_lines() {
         );
     }
 }
+
+/// The bot makes a version-0 caller single-stream right after opening its
+/// session, before ICE and DTLS are up: it connects and receives all the same.
+#[test]
+fn a_single_stream_caller_set_before_it_connects() {
+    let mut world = World::new();
+    let bob = world.join("bob");
+    world.run(Duration::from_secs(1));
+    let alice = world.join("alice");
+    let alice_session = world.clients[alice].session.expect("session");
+    let now = world.now;
+    world.sfu.set_single_stream(now, alice_session);
+    world.clients[bob].audio_level = 90;
+    world.run(Duration::from_secs(3));
+    assert!(world.sfu.is_connected(alice_session), "alice connects");
+    let (audio_mid, video_mid) = world.clients[alice].own_mids;
+    for mid in [audio_mid, video_mid] {
+        let got = world.clients[alice].received.get(&mid).map_or(0, |r| r.packets.len());
+        assert!(got > 20, "alice receives on her own m-line {mid}: {got}");
+    }
+    let from_alice = world.received_from(bob);
+    assert!(
+        from_alice.values().map(|r| r.packets.len()).sum::<usize>() > 40,
+        "bob receives alice"
+    );
+}

@@ -232,8 +232,11 @@ impl Signalling {
             CallEvent::SelectAnswer { selected_party_id, .. } if from_caller && selected_party_id != self.party_id => {
                 self.end(&header.call_id, EndReason::AnsweredElsewhere, None);
             }
-            // Another device of ours answered first.
-            CallEvent::Answer { .. } if sender == self.user_id => {
+            // Another device of ours answered. (A version-0 answer carries no
+            // party id: once we have answered, it is our own echo.)
+            CallEvent::Answer { .. }
+                if sender == self.user_id && (header.party_id.is_some() || call.state == CallState::AwaitingMedia) =>
+            {
                 self.end(&header.call_id, EndReason::AnsweredElsewhere, None);
             }
             CallEvent::Negotiate { description, .. } if from_caller && call.version == Version::V1 => {

@@ -324,6 +324,14 @@ fn version_0_callers() {
         !s.renegotiate(now, "c", "offer".into(), metadata()),
         "v0 cannot renegotiate"
     );
+    // Our own v0 answer comes back through sync without a party id: it is our
+    // echo, not another device of ours answering.
+    s.handle_event(now, incoming(BOT, "m.call.answer", content.clone()));
+    assert_eq!(
+        s.state("c"),
+        Some(CallState::Answered),
+        "our echo does not end the call"
+    );
     // A v0 hangup has no party and no reason.
     s.handle_event(
         now,
