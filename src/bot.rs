@@ -6,11 +6,17 @@
 //! Each Matrix room is one conference (one SFU room), so every caller in a room
 //! receives the others' streams, labelled in `sdp_stream_metadata` with their
 //! user and device.
+//!
+//! Dial-in: clients that only call in two-member rooms (Element Web's legacy
+//! calls) reach a group room's conference through a direct room of their own.
+//! `!dialin` in the group room makes the bot create one, linked to the
+//! conference by a state event ([`DIALIN_STATE`]), and call the user there once
+//! they join; calls in that room, either way, join the group's conference.
 
 use crate::drivers::matrix::{MatrixClient, SyncBatch};
 use crate::drivers::media::ShardSet;
 use anyhow::Result;
-use serde_json::Value;
+use serde_json::{Value, json};
 use sfu::{Participant, RoomId, SessionId, SfuEvent, StreamInfo};
 use signalling::call::{Action, Incoming, Signalling};
 use signalling::events::{CallEvent, SdpStreamMetadata, StreamMetadata};
@@ -18,6 +24,12 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// The state event that links a dial-in room to its conference room
+/// (content: `conference`, the group room; `user`, who is dialled in).
+pub const DIALIN_STATE: &str = "io.switchboard.dialin";
+/// The room command that asks for a dial-in room.
+pub const DIALIN_COMMAND: &str = "!dialin";
 
 /// How long one `/sync` long-poll waits.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,6 +80,8 @@ pub struct Bot {
     participants: HashMap<String, Participant>,
     /// The latest `sdp_stream_metadata` each caller sent about its own streams (mute state).
     published: HashMap<String, SdpStreamMetadata>,
+    /// Dial-in rooms: room → (conference room, the user dialled in there).
+    dialins: HashMap<String, (String, String)>,
     txn_prefix: String,
     txn_counter: u64,
 }
@@ -101,6 +115,15 @@ fn label(stream: &StreamInfo, own: Option<&StreamMetadata>) -> StreamMetadata {
     entry
 }
 
+/// A publisher's own metadata entry for one of its streams. Someone the bot
+/// called publishes on m-lines of the bot's offer, whose msid is ours: their
+/// single stream's entry stands for it.
+fn own_entry<'a>(metadata: &'a SdpStreamMetadata, stream_id: &str) -> Option<&'a StreamMetadata> {
+    metadata
+        .get(stream_id)
+        .or_else(|| (metadata.len() == 1).then(|| metadata.values().next()).flatten())
+}
+
 impl Bot {
     pub fn new(matrix: MatrixClient, media: ShardSet, policy: BotPolicy) -> Self {
         let signalling = Signalling::new(matrix.user_id.clone(), matrix.device_id.clone());
@@ -118,6 +141,7 @@ impl Bot {
             streams: HashMap::new(),
             participants: HashMap::new(),
             published: HashMap::new(),
+            dialins: HashMap::new(),
             txn_prefix: format!("sb{started}"),
             txn_counter: 0,
         }
@@ -132,8 +156,21 @@ impl Bot {
             .sync_token_path
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok());
+        let resume: Option<String> = resume.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+        if resume.is_some() {
+            // Resuming after a restart: relearn who is in which room and the
+            // dial-in links from a full sync, without acting on its old events.
+            match self.matrix.sync(None, Duration::ZERO).await {
+                Ok(full) => {
+                    for (room_id, event) in &full.timeline {
+                        self.learn(room_id, event);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not relearn room state after a restart"),
+            }
+        }
         tokio::spawn(async move {
-            let mut since: Option<String> = resume.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
+            let mut since = resume;
             let mut backoff = SYNC_BACKOFF;
             loop {
                 match syncer
@@ -195,21 +232,32 @@ impl Bot {
             self.members.remove(room);
         }
         let mut calls = Vec::new();
+        let mut dial = Vec::new();
+        let mut dialin_requests = Vec::new();
         for (room_id, event) in batch.timeline {
             let kind = event["type"].as_str().unwrap_or_default();
             let sender = event["sender"].as_str().unwrap_or_default().to_string();
-            if kind == "m.room.member" {
+            if kind == "m.room.member" || kind == DIALIN_STATE {
+                self.learn(&room_id, &event);
                 let membership = event["content"]["membership"].as_str().unwrap_or_default();
-                let target = event["state_key"].as_str().unwrap_or_default().to_string();
-                let members = self.members.entry(room_id.clone()).or_default();
-                if membership == "join" {
-                    members.insert(target);
-                } else {
-                    members.remove(&target);
-                    if target != self.matrix.user_id && matches!(membership, "leave" | "ban") {
-                        self.signalling.handle_member_left(Instant::now(), &room_id, &target);
+                let target = event["state_key"].as_str().unwrap_or_default();
+                if kind == "m.room.member" && target != self.matrix.user_id {
+                    if matches!(membership, "leave" | "ban") {
+                        self.signalling.handle_member_left(Instant::now(), &room_id, target);
+                    }
+                    // The user we dial in joined their dial-in room: call them.
+                    if membership == "join" && self.dialins.get(&room_id).is_some_and(|(_, user)| user == target) {
+                        dial.push((room_id.clone(), target.to_string()));
                     }
                 }
+                continue;
+            }
+            if kind == "m.room.message"
+                && sender != self.matrix.user_id
+                && event["content"]["body"].as_str().map(str::trim) == Some(DIALIN_COMMAND)
+                && !self.dialins.contains_key(&room_id)
+            {
+                dialin_requests.push((room_id, sender));
                 continue;
             }
             if !kind.starts_with("m.call.") && !kind.starts_with("org.matrix.call.") {
@@ -235,11 +283,18 @@ impl Bot {
             }
         }
         self.signalling.handle_batch(Instant::now(), calls);
+        for (room_id, user) in dial {
+            self.dial(&room_id, &user);
+        }
+        for (conference, user) in dialin_requests {
+            self.open_dialin(&conference, &user).await;
+        }
         // Leave rooms where nobody but the bot is left.
         let empty: Vec<String> = self
             .members
             .iter()
-            .filter(|(_, m)| m.len() == 1 && m.contains(&self.matrix.user_id))
+            // (A dial-in room waits for its user to join.)
+            .filter(|(room, m)| m.len() == 1 && m.contains(&self.matrix.user_id) && !self.dialins.contains_key(*room))
             .map(|(room, _)| room.clone())
             .collect();
         for room in empty {
@@ -251,6 +306,106 @@ impl Bot {
             && let Err(e) = std::fs::write(path, &batch.next_batch)
         {
             tracing::warn!(error = %e, "could not save the sync token");
+        }
+    }
+
+    /// Takes in a state event: room membership and dial-in links.
+    fn learn(&mut self, room_id: &str, event: &Value) {
+        match event["type"].as_str() {
+            Some("m.room.member") => {
+                let Some(target) = event["state_key"].as_str() else {
+                    return;
+                };
+                let membership = event["content"]["membership"].as_str().unwrap_or_default();
+                let members = self.members.entry(room_id.to_string()).or_default();
+                if membership == "join" {
+                    members.insert(target.to_string());
+                } else {
+                    members.remove(target);
+                }
+                // A dial-in room whose user is gone is an ordinary room again.
+                if matches!(membership, "leave" | "ban")
+                    && self.dialins.get(room_id).is_some_and(|(_, user)| user == target)
+                {
+                    self.dialins.remove(room_id);
+                }
+            }
+            // Only links the bot made itself count.
+            Some(DIALIN_STATE) if event["sender"] == self.matrix.user_id.as_str() => {
+                let content = &event["content"];
+                if let (Some(conference), Some(user)) = (content["conference"].as_str(), content["user"].as_str()) {
+                    self.dialins
+                        .insert(room_id.to_string(), (conference.to_string(), user.to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The conference (SFU room) a call in `room_id` belongs to: the room's own,
+    /// or for a dial-in room the group room it is linked to.
+    fn conference_of(&self, room_id: &str) -> RoomId {
+        RoomId(
+            self.dialins
+                .get(room_id)
+                .map_or(room_id, |(conference, _)| conference.as_str())
+                .to_string(),
+        )
+    }
+
+    /// `!dialin` from `user` in `conference`: a direct room for them linked to
+    /// the conference, where the bot calls them once they join (or where they
+    /// call the bot). One that already exists is dialled again.
+    async fn open_dialin(&mut self, conference: &str, user: &str) {
+        let existing = self
+            .dialins
+            .iter()
+            .find(|(_, (c, u))| c == conference && u == user)
+            .map(|(room, _)| room.clone());
+        if let Some(room) = existing {
+            let joined = self.members.get(&room).is_some_and(|m| m.contains(user));
+            if joined {
+                self.dial(&room, user);
+                return;
+            }
+        }
+        let body = json!({
+            "preset": "trusted_private_chat",
+            "is_direct": true,
+            "invite": [user],
+            "name": "Conference dial-in",
+            "topic": format!("Calls here join the conference of {conference}"),
+            "initial_state": [{"type": DIALIN_STATE, "state_key": "", "content": {"conference": conference, "user": user}}],
+        });
+        let room = match self.matrix.create_room(&body).await {
+            Ok(room) => room,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not create a dial-in room");
+                return;
+            }
+        };
+        tracing::info!("created a dial-in room");
+        self.dialins
+            .insert(room.clone(), (conference.to_string(), user.to_string()));
+        let notice = json!({"msgtype": "m.notice",
+            "body": format!("{user}: I have invited you to a direct room linked to this conference. \
+                Join it and I will call you there; calling me there works too.")});
+        self.send_raw(conference, "m.room.message", &notice).await;
+    }
+
+    /// Calls `user` in their dial-in room `room_id`.
+    fn dial(&mut self, room_id: &str, user: &str) {
+        self.txn_counter += 1;
+        let call_id = format!("{}c{}", self.txn_prefix, self.txn_counter);
+        tracing::info!("calling a user in their dial-in room");
+        self.signalling.place_call(Instant::now(), &call_id, room_id, user);
+    }
+
+    async fn send_raw(&mut self, room_id: &str, event_type: &str, content: &Value) {
+        self.txn_counter += 1;
+        let txn = format!("{}-{}", self.txn_prefix, self.txn_counter);
+        if let Err(e) = self.matrix.send(room_id, event_type, &txn, content).await {
+            tracing::warn!(error = %e, event_type, "could not send an event");
         }
     }
 
@@ -301,7 +456,7 @@ impl Bot {
                     offer,
                     metadata,
                 } => {
-                    let room = RoomId(room_id);
+                    let room = self.conference_of(&room_id);
                     let (shard, handle) = self.media.shard_for(&room);
                     let participant = Participant {
                         user_id: caller,
@@ -325,6 +480,57 @@ impl Bot {
                         }
                         Err(e) => {
                             tracing::info!(error = %e, "could not open a media session for a call");
+                            self.signalling.handle_media_failed(now, &call_id);
+                        }
+                    }
+                }
+                Action::CreateOffer {
+                    call_id,
+                    room_id,
+                    callee,
+                } => {
+                    let room = self.conference_of(&room_id);
+                    let (shard, handle) = self.media.shard_for(&room);
+                    let participant = Participant {
+                        user_id: callee,
+                        device_id: String::new(),
+                    };
+                    self.participants.insert(call_id.clone(), participant.clone());
+                    match handle.open_offer(room, participant).await {
+                        Ok((session, offer)) => {
+                            let media = MediaRef { shard, session };
+                            self.calls.insert(call_id.clone(), media);
+                            self.by_session.insert(media, call_id.clone());
+                            self.signalling
+                                .handle_media_offer(now, &call_id, offer, SdpStreamMetadata::new());
+                        }
+                        Err(e) => {
+                            tracing::info!(error = %e, "could not open a media session to call someone");
+                            self.signalling.handle_media_failed(now, &call_id);
+                        }
+                    }
+                }
+                Action::PeerAnswer {
+                    call_id,
+                    answer,
+                    renegotiates,
+                    metadata,
+                    ..
+                } => {
+                    let Some((media, handle)) = self.handle_of(&call_id) else {
+                        continue;
+                    };
+                    if let Some(own) = metadata {
+                        self.published.insert(call_id.clone(), own);
+                    }
+                    match handle.accept_answer(media.session, answer).await {
+                        Ok(()) if !renegotiates => {
+                            // Version 0: the active speaker, on the m-lines of our offer.
+                            let _ = handle.set_single_stream(media.session).await;
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            tracing::info!(error = %e, "the callee's answer was refused");
                             self.signalling.handle_media_failed(now, &call_id);
                         }
                     }
@@ -363,12 +569,7 @@ impl Bot {
                     self.published.remove(&call_id);
                 }
                 Action::Send { room_id, event } => {
-                    self.txn_counter += 1;
-                    let txn = format!("{}-{}", self.txn_prefix, self.txn_counter);
-                    let content: Value = event.to_content();
-                    if let Err(e) = self.matrix.send(&room_id, event.event_type(), &txn, &content).await {
-                        tracing::warn!(error = %e, "could not send a call event");
-                    }
+                    self.send_raw(&room_id, event.event_type(), &event.to_content()).await;
                 }
             }
         }
@@ -384,7 +585,7 @@ impl Bot {
                     .iter()
                     .find(|(_, p)| **p == stream.publisher)
                     .and_then(|(call, _)| self.published.get(call))
-                    .and_then(|m| m.get(&stream.publisher_stream_id));
+                    .and_then(|m| own_entry(m, &stream.publisher_stream_id));
                 (stream.stream_id.clone(), label(stream, own))
             })
             .collect()
@@ -405,9 +606,7 @@ impl Bot {
                 .iter()
                 .filter(|s| s.publisher == publisher)
                 .filter_map(|s| {
-                    metadata
-                        .get(&s.publisher_stream_id)
-                        .map(|own| (s.stream_id.clone(), label(s, Some(own))))
+                    own_entry(&metadata, &s.publisher_stream_id).map(|own| (s.stream_id.clone(), label(s, Some(own))))
                 })
                 .collect();
             if !changed.is_empty() {

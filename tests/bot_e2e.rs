@@ -12,12 +12,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind};
+use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
-use str0m::{Candidate, Event, Input, Output, RtcConfig};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,6 +35,8 @@ struct Seen {
     audio_muted: HashMap<String, bool>,
     /// RTP packets received in all.
     total: usize,
+    /// Every call event the bot sent for this call: (type, content).
+    events: Vec<(String, Value)>,
     by_stream: HashMap<(String, MediaKind), usize>,
 }
 
@@ -74,21 +76,49 @@ async fn call_bot(client: Client, room: String) -> Caller {
 
 /// Places a call; `v0` makes it a version-0 call (no party, no metadata, no renegotiation).
 async fn place_call(client: Client, room: String, v0: bool) -> Caller {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let local = socket.local_addr().unwrap();
-    let mut rtc = RtcConfig::new()
-        .set_rtp_mode(true)
-        .clear_codecs()
-        .enable_opus(true, false)
-        .enable_vp8(true)
-        .build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    let call_id = format!("call{}", client.device_id);
+    place_call_as(client, room, v0, call_id).await
+}
+
+/// A WebRTC peer of the test: str0m on a loopback UDP socket, sending audio
+/// and video on two m-lines.
+struct Peer {
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+}
+
+impl Peer {
+    async fn new() -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let local = socket.local_addr().unwrap();
+        let mut rtc = RtcConfig::new()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+        Self { rtc, socket, local }
+    }
+}
+
+/// The position of `client`'s sync now (take it before anything the bot may answer).
+async fn sync_position(client: &Client) -> String {
+    client.sync("?timeout=0").await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Places a call with a given `call_id`.
+async fn place_call_as(client: Client, room: String, v0: bool, call_id: String) -> Caller {
+    let mut peer = Peer::new().await;
     let stream = format!("{}-cam", client.device_id);
-    let mut api = rtc.sdp_api();
+    let mut api = peer.rtc.sdp_api();
     let audio = api.add_media(MediaKind::Audio, Direction::SendRecv, Some(stream.clone()), None, None);
     let video = api.add_media(MediaKind::Video, Direction::SendRecv, Some(stream.clone()), None, None);
     let (offer, pending) = api.apply().unwrap();
-    let call_id = format!("call{}", client.device_id);
     let invite = json!({"version": "1", "call_id": call_id, "party_id": client.device_id, "lifetime": 60000,
         "invitee": BOT, "offer": {"type": "offer", "sdp": offer.to_sdp_string()},
         "sdp_stream_metadata": {stream.clone(): {"purpose": "m.usermedia"}}});
@@ -100,16 +130,94 @@ async fn place_call(client: Client, room: String, v0: bool) -> Caller {
         invite
     };
     // Take the sync position before inviting: the bot may answer at once.
-    let since = client.sync("?timeout=0").await["next_batch"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let since = sync_position(&client).await;
     let (status, body) = client
         .send(&room, "m.call.invite", &format!("inv-{call_id}"), invite)
         .await;
     assert_eq!(status, 200, "{body}");
+    run_peer(
+        client,
+        room,
+        call_id,
+        peer,
+        (audio, video),
+        Some(pending),
+        since,
+        v0,
+        stream,
+    )
+}
 
-    // The caller's sync: call events from the bot for this call.
+/// Waits for the bot's invite in `room` (taking events after `since`) and
+/// answers it; returns the call's id and the running peer.
+async fn answer_bot(client: Client, room: String, since: String) -> Caller {
+    let mut since = since;
+    let (call_id, offer) = 'wait: {
+        for _ in 0..100 {
+            let body = client.sync(&format!("?since={since}&timeout=2000")).await;
+            since = body["next_batch"].as_str().unwrap().to_string();
+            for event in body["rooms"]["join"][&room]["timeline"]["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if event["sender"] == BOT && event["type"] == "m.call.invite" {
+                    assert_eq!(event["content"]["invitee"], client.user_id.as_str());
+                    let call_id = event["content"]["call_id"].as_str().unwrap().to_string();
+                    break 'wait (call_id, event["content"]["offer"]["sdp"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        panic!("the bot never called");
+    };
+    let mut peer = Peer::new().await;
+    let answer = peer
+        .rtc
+        .sdp_api()
+        .accept_offer(SdpOffer::from_sdp_string(&offer).unwrap())
+        .unwrap();
+    let mids: Vec<Mid> = offer
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("a=mid:"))
+        .map(Mid::from)
+        .collect();
+    let stream = peer.rtc.media(mids[0]).unwrap().stream_id().to_string();
+    let content = json!({"version": "1", "call_id": call_id, "party_id": client.device_id,
+        "answer": {"type": "answer", "sdp": answer.to_sdp_string()},
+        "sdp_stream_metadata": {format!("{}-cam", client.device_id): {"purpose": "m.usermedia"}}});
+    let (status, body) = client
+        .send(&room, "m.call.answer", &format!("ans-{call_id}"), content)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    run_peer(
+        client,
+        room,
+        call_id,
+        peer,
+        (mids[0], mids[1]),
+        None,
+        since,
+        false,
+        stream,
+    )
+}
+
+/// Runs a peer in a call until stopped: media both ways, the bot's
+/// renegotiations answered, what arrives counted.
+#[allow(clippy::too_many_arguments)]
+fn run_peer(
+    client: Client,
+    room: String,
+    call_id: String,
+    peer: Peer,
+    (audio, video): (Mid, Mid),
+    pending: Option<SdpPendingOffer>,
+    since: String,
+    v0: bool,
+    stream: String,
+) -> Caller {
+    let Peer { mut rtc, socket, local } = peer;
+    // The peer's sync: call events from the bot for this call.
     let (events_tx, mut events) = mpsc::unbounded_channel::<(String, Value)>();
     let syncer = client.clone();
     let (room_, call_id_) = (room.clone(), call_id.clone());
@@ -140,14 +248,14 @@ async fn place_call(client: Client, room: String, v0: bool) -> Caller {
     let sender = client.clone();
     let (room_, call_id_) = (room.clone(), call_id.clone());
     tokio::spawn(async move {
-        let mut pending = Some(pending);
+        let mut pending = pending;
         let mut buf = vec![0u8; 2048];
         let mut seq = (0u64, 0u64);
         let mut next_media = Instant::now();
         let mut txn = 0;
         loop {
             let timeout = loop {
-                match rtc.poll_output().unwrap_or_else(|e| panic!("caller (v0: {v0}): {e}")) {
+                match rtc.poll_output().unwrap_or_else(|e| panic!("peer (v0: {v0}): {e}")) {
                     Output::Timeout(t) => break t,
                     Output::Transmit(t) => {
                         socket.send_to(&t.contents, t.destination).await.unwrap();
@@ -178,12 +286,15 @@ async fn place_call(client: Client, room: String, v0: bool) -> Caller {
                     }
                 }
                 Some((kind, content)) = events.recv() => {
-                    for (stream, entry) in content["sdp_stream_metadata"].as_object().into_iter().flatten() {
+                    {
                         let mut seen = seen_.lock().unwrap();
-                        if let Some(user) = entry["user_id"].as_str() {
-                            seen.labels.insert(stream.clone(), user.to_string());
+                        seen.events.push((kind.clone(), content.clone()));
+                        for (stream, entry) in content["sdp_stream_metadata"].as_object().into_iter().flatten() {
+                            if let Some(user) = entry["user_id"].as_str() {
+                                seen.labels.insert(stream.clone(), user.to_string());
+                            }
+                            seen.audio_muted.insert(stream.clone(), entry["audio_muted"].as_bool().unwrap_or(false));
                         }
-                        seen.audio_muted.insert(stream.clone(), entry["audio_muted"].as_bool().unwrap_or(false));
                     }
                     match kind.as_str() {
                         "m.call.answer" => {
@@ -556,4 +667,176 @@ async fn a_version_0_caller_joins_a_conference() {
         seen.packets_of_kind(MediaKind::Audio) >= 25 && seen.packets_of_kind(MediaKind::Video) >= 25
     })
     .await;
+}
+
+/// Syncs `client` from `since` until an event in `room` matches `want`;
+/// returns it and the new sync position.
+async fn wait_for_event(client: &Client, room: &str, since: &mut String, want: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..100 {
+        let body = client.sync(&format!("?since={since}&timeout=2000")).await;
+        *since = body["next_batch"].as_str().unwrap().to_string();
+        for event in body["rooms"]["join"][room]["timeline"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if want(event) {
+                return event.clone();
+            }
+        }
+    }
+    panic!("no matching event arrived in {room}");
+}
+
+/// `!dialin` in the group room: the bot opens a direct room with the user,
+/// calls them there once they join, and the call is part of the group's
+/// conference. Returns the direct room and the sync position before the
+/// bot's invite.
+async fn dial_in(client: &Client, group: &str) -> (String, String) {
+    let mut since = sync_position(client).await;
+    client.send_text(group, "dialin-1", "!dialin").await;
+    let mut dm = None;
+    for _ in 0..100 {
+        let body = client.sync(&format!("?since={since}&timeout=2000")).await;
+        since = body["next_batch"].as_str().unwrap().to_string();
+        if let Some(room) = body["rooms"]["invite"]
+            .as_object()
+            .and_then(|r| r.keys().next().cloned())
+        {
+            dm = Some(room);
+            break;
+        }
+    }
+    let dm = dm.expect("the bot invites the user to a dial-in room");
+    let since = sync_position(client).await;
+    assert_eq!(client.join(&dm).await.0, 200);
+    (dm, since)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_in_brings_a_one_to_one_caller_into_the_conference() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let group = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
+    assert_eq!(bob.join(&group).await.0, 200);
+    wait_for_bot(&alice, &group, "join").await;
+    let b = call_bot(bob, group.clone()).await;
+
+    let (dm, since) = dial_in(&alice, &group).await;
+    let (_, members) = alice.get(&format!("/rooms/{}/joined_members", enc(&dm))).await;
+    assert_eq!(
+        members["joined"].as_object().map(|m| m.len()),
+        Some(2),
+        "a two-member room, where Element Web places legacy calls"
+    );
+    let a = answer_bot(alice, dm.clone(), since).await;
+    let alice_id = a.client.user_id.clone();
+    wait_until("the dialled-in user and the group caller receive each other", || {
+        let (sa, sb) = (a.seen.lock().unwrap(), b.seen.lock().unwrap());
+        [MediaKind::Audio, MediaKind::Video]
+            .iter()
+            .all(|k| sa.packets_of(&b.client.user_id, *k) >= 25 && sb.packets_of(&alice_id, *k) >= 25)
+    })
+    .await;
+    let seen = a.seen.lock().unwrap();
+    assert!(
+        seen.events.iter().any(|(kind, _)| kind == "m.call.select_answer"),
+        "the bot selected alice's answer"
+    );
+}
+
+/// Glare in a dial-in room: both call each other. The smaller call_id wins:
+/// a larger invite of the user's is hung up as `replaced`; a smaller one
+/// replaces the bot's call and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn glare_keeps_the_smaller_call_id() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let group = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
+    assert_eq!(bob.join(&group).await.0, 200);
+    wait_for_bot(&alice, &group, "join").await;
+    let b = call_bot(bob, group.clone()).await;
+    let (dm, mut since) = dial_in(&alice, &group).await;
+    let bots = wait_for_event(&alice, &dm, &mut since, |e| {
+        e["sender"] == BOT && e["type"] == "m.call.invite"
+    })
+    .await;
+    let bots_call = bots["content"]["call_id"].as_str().unwrap().to_string();
+
+    // Alice calls too, with a larger call_id: hers gives way.
+    let larger = format!("{bots_call}~");
+    let invite = json!({"version": "1", "call_id": larger, "party_id": alice.device_id, "lifetime": 60000,
+        "invitee": BOT, "offer": bots["content"]["offer"].clone()});
+    assert_eq!(alice.send(&dm, "m.call.invite", "glare-1", invite).await.0, 200);
+    let hangup = wait_for_event(&alice, &dm, &mut since, |e| {
+        e["sender"] == BOT && e["type"] == "m.call.hangup" && e["content"]["call_id"] == larger.as_str()
+    })
+    .await;
+    assert_eq!(hangup["content"]["reason"], "replaced");
+
+    // Then with a smaller one: the bot's call gives way and hers is answered.
+    let smaller = bots_call[..bots_call.len() - 1].to_string();
+    let a = place_call_as(alice.clone(), dm.clone(), false, smaller.clone()).await;
+    let hangup = wait_for_event(&alice, &dm, &mut since, |e| {
+        e["sender"] == BOT && e["type"] == "m.call.hangup" && e["content"]["call_id"] == bots_call.as_str()
+    })
+    .await;
+    assert_eq!(hangup["content"]["reason"], "replaced");
+    let alice_id = alice.user_id.clone();
+    wait_until("alice's own call joins the conference", || {
+        let (sa, sb) = (a.seen.lock().unwrap(), b.seen.lock().unwrap());
+        sa.packets_of(&b.client.user_id, MediaKind::Audio) >= 25 && sb.packets_of(&alice_id, MediaKind::Audio) >= 25
+    })
+    .await;
+    assert!(smaller < bots_call);
+}
+
+/// An invite whose lifetime passed before the bot saw it is never answered;
+/// the same invite, still live, is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_invite_is_not_answered() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    let alice = server.user("alice").await;
+    let mut offerer = Peer::new().await;
+    let mut api = offerer.rtc.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let (offer, _pending) = api.apply().unwrap();
+    // Two rooms, each with an invite to the bot sent before the bot is there:
+    // one lives 1.5 s, the other a minute. The bot joins both after 2 s.
+    let mut rooms = Vec::new();
+    for (call_id, lifetime) in [("stale", 1500), ("live", 60000)] {
+        let room = alice.create_room(json!({})).await;
+        let invite = json!({"version": "1", "call_id": call_id, "party_id": alice.device_id, "lifetime": lifetime,
+            "invitee": BOT, "offer": {"type": "offer", "sdp": offer.to_sdp_string()}});
+        assert_eq!(alice.send(&room, "m.call.invite", call_id, invite).await.0, 200);
+        rooms.push((room, call_id));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut since = sync_position(&alice).await;
+    for (room, _) in &rooms {
+        assert_eq!(alice.invite(room, BOT).await.0, 200);
+    }
+    let (live_room, _) = &rooms[1];
+    let answer = wait_for_event(&alice, live_room, &mut since, |e| {
+        e["sender"] == BOT && e["type"] == "m.call.answer"
+    })
+    .await;
+    assert_eq!(answer["content"]["call_id"], "live", "the live invite is answered");
+    // By now the bot has seen both rooms' history: the stale invite got nothing.
+    let (stale_room, _) = &rooms[0];
+    let (_, messages) = alice
+        .get(&format!("/rooms/{}/messages?dir=b&limit=50", enc(stale_room)))
+        .await;
+    let from_bot: Vec<&Value> = messages["chunk"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["sender"] == BOT && e["type"].as_str().is_some_and(|t| t.starts_with("m.call.")))
+        .collect();
+    assert!(from_bot.is_empty(), "the bot answered an expired invite: {from_bot:?}");
 }

@@ -235,6 +235,10 @@ struct PendingOffer {
     pending: SdpPendingOffer,
     added: Vec<(Mid, TrackId)>,
     deactivated: Vec<Mid>,
+    /// M-lines of a first offer of ours (we called the peer), which the peer
+    /// publishes on. str0m announces m-lines it was offered, not those it
+    /// offered, so these are published when the answer comes.
+    own: Vec<(Mid, MediaKind)>,
 }
 
 struct Track {
@@ -417,6 +421,57 @@ impl Sfu {
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
         let answer = rtc.sdp_api().accept_offer(offer)?;
+        let id = self.insert_session(now, room, participant, rtc, None);
+        Ok((id, answer.to_sdp_string()))
+    }
+
+    /// Opens a session for `participant` in `room` with an offer of ours (we
+    /// call them): one audio and one video m-line, both ways. The peer's answer
+    /// goes to [`Sfu::accept_answer`]; from then on the session is like any
+    /// other (what the peer sends on those m-lines is published, and the
+    /// room's streams follow by renegotiation once connected).
+    pub fn open_offer(
+        &mut self,
+        now: Instant,
+        room: RoomId,
+        participant: Participant,
+    ) -> Result<(SessionId, String), SfuError> {
+        self.advance(now);
+        let mut rtc = rtc_config(false, true).build(now);
+        let candidate = Candidate::host(self.config.advertised_addr, "udp")
+            .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
+        rtc.add_local_candidate(candidate);
+        let stream = msid_token(&format!("sb-{}", participant.user_id));
+        let mut api = rtc.sdp_api();
+        let own = [MediaKind::Audio, MediaKind::Video].map(|kind| {
+            (
+                api.add_media(kind, Direction::SendRecv, Some(stream.clone()), None, None),
+                kind,
+            )
+        });
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| SfuError::InvalidSdp("no offer to make".into()))?;
+        let pending = PendingOffer {
+            pending,
+            added: Vec::new(),
+            deactivated: Vec::new(),
+            own: own.to_vec(),
+        };
+        let id = self.insert_session(now, room, participant, rtc, Some(pending));
+        Ok((id, offer.to_sdp_string()))
+    }
+
+    /// Adds a new session to its room; it will subscribe to everything already
+    /// published there.
+    fn insert_session(
+        &mut self,
+        now: Instant,
+        room: RoomId,
+        participant: Participant,
+        mut rtc: Rtc,
+        pending: Option<PendingOffer>,
+    ) -> SessionId {
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         let id = SessionId(self.next_id());
         let wanted = self
@@ -439,7 +494,7 @@ impl Sfu {
             ssrc_tracks: HashMap::new(),
             subscriptions: HashMap::new(),
             wanted,
-            pending: None,
+            pending,
             stats: SessionStats::default(),
         };
         self.sessions.insert(id, session);
@@ -450,7 +505,7 @@ impl Sfu {
         self.rooms.entry(room).or_default().sessions.push(id);
         self.drain(id);
         self.process(now);
-        Ok((id, answer.to_sdp_string()))
+        id
     }
 
     /// A renegotiation offer for the session's pending subscription changes, or
@@ -498,6 +553,7 @@ impl Sfu {
             pending,
             added,
             deactivated,
+            own: Vec::new(),
         });
         let sdp = offer.to_sdp_string();
         self.drain(id);
@@ -521,12 +577,17 @@ impl Sfu {
             pending,
             added,
             deactivated,
+            own,
         } = pending;
         if let Err(e) = session.rtc.sdp_api().accept_answer(pending, answer) {
             // Our changes did not take: ask for them again in the next offer.
             session.requeue(&added, &deactivated);
             return Err(e.into());
         }
+        let publishes: Vec<(Mid, MediaKind, Direction)> = own
+            .into_iter()
+            .filter_map(|(mid, kind)| session.rtc.media(mid).map(|m| (mid, kind, m.direction())))
+            .collect();
         for (mid, track_id) in added {
             let Some(track) = self.tracks.get_mut(&track_id) else {
                 session.wanted.push(Change::Deactivate(mid));
@@ -557,6 +618,9 @@ impl Sfu {
         }
         let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
         self.drain(id);
+        for (mid, kind, direction) in publishes {
+            self.on_media_added(now, id, mid, kind, direction, vec![None]);
+        }
         if renegotiate {
             self.events.push_back(SfuEvent::NegotiationNeeded(id));
         }

@@ -613,3 +613,44 @@ fn a_single_stream_caller_set_before_it_connects() {
         "bob receives alice"
     );
 }
+
+/// The bot calls someone: the session starts from the SFU's offer. What the
+/// callee sends on the offered m-lines is published, and the room's streams
+/// reach it by renegotiation like anyone else's.
+#[test]
+fn a_session_the_sfu_offers_publishes_and_subscribes() {
+    let mut world = World::new();
+    let bob = world.join("bob");
+    let carol = world.join_called("carol");
+    world.run(Duration::from_secs(3));
+    let carol_session = world.clients[carol].session.expect("session");
+    assert!(world.sfu.is_connected(carol_session), "carol connects");
+    for (me, other) in [(bob, "@carol:test"), (carol, "@bob:test")] {
+        let got = world.received_from(me);
+        for kind in [MediaKind::Audio, MediaKind::Video] {
+            let n = got.get(&(other.to_string(), kind)).map_or(0, |r| r.packets.len());
+            assert!(n > 40, "{} receives {other}'s {kind}: {n}", world.clients[me].name);
+        }
+    }
+}
+
+/// A called client that cannot renegotiate (it answered with version 0) gets
+/// the others' media on the offer's own m-lines.
+#[test]
+fn a_called_single_stream_client_receives_on_the_offered_m_lines() {
+    let mut world = World::new();
+    let bob = world.join("bob");
+    world.run(Duration::from_secs(1));
+    let carol = world.join_called("carol");
+    let carol_session = world.clients[carol].session.expect("session");
+    let now = world.now;
+    world.sfu.set_single_stream(now, carol_session);
+    world.clients[bob].audio_level = 90;
+    world.run(Duration::from_secs(3));
+    let (audio_mid, video_mid) = world.clients[carol].own_mids;
+    for mid in [audio_mid, video_mid] {
+        let got = world.clients[carol].received.get(&mid).map_or(0, |r| r.packets.len());
+        assert!(got > 20, "carol receives on the offered m-line {mid}: {got}");
+    }
+    assert!(world.clients[carol].streams.is_empty(), "no renegotiation");
+}

@@ -1,24 +1,28 @@
-//! The bot's calls as **callee**: call protocol v1 (and v0) state machines,
-//! sans-IO.
+//! The bot's calls, as **callee** and as **caller**: call protocol v1 (and v0)
+//! state machines, sans-IO.
 //!
 //! Inputs are `handle_*(now, …)`: room events (parsed [`CallEvent`]s with their
-//! room, sender and age), what the media side reports (the SFU's answer, a
-//! renegotiation answer, connected, closed) and timeouts. Outputs are
+//! room, sender and age), what the media side reports (the SFU's answer or
+//! offer, a renegotiation answer, connected, closed), timeouts, and the bot's
+//! own decisions ([`Signalling::place_call`], [`Signalling::hangup`]). Outputs are
 //! [`Action`]s from [`Signalling::poll_action`]: events to send, media sessions to
-//! open, update or close. Each call moves through
+//! open, update or close. A call moves through
 //!
 //! ```text
-//! invite ──> AwaitingMedia ──(SFU answer)──> Answered ──(ICE+DTLS)──> Connected ──> Ended
-//!                │ lifetime passes / hangup / answered elsewhere ──────────────────────┘
+//! callee: invite ──> AwaitingMedia ──(SFU answer)──> Answered ──(ICE+DTLS)──> Connected ──> Ended
+//! caller: place_call ──> Preparing ──(SFU offer)──> InviteSent ──(answer)──> Answered ──> …
 //! ```
 //!
 //! Rules (spec §"Voice over IP", `matrix-voip.md` §2): an invite is taken only
 //! if it is live (`age` < `lifetime`), addressed to us (or to nobody), not our
 //! own echo, and its `call_id` is new; a sync batch that also holds the call's
-//! hangup or answer never rings. Only the caller's (user, party) may hang up,
+//! hangup or answer never rings. Only the peer's (user, party) may hang up,
 //! select, renegotiate or change metadata; a `select_answer` naming another party
-//! or an answer from another device of ours ends the call silently. Ended calls
-//! are remembered so late events are ignored. The bot is the polite side.
+//! or an answer from another device of ours ends the call silently. As caller
+//! the first answer or reject wins and is selected. Glare (both sides call in
+//! one room): the smaller `call_id` survives, the other is hung up as
+//! `replaced`. Ended calls are remembered so late events are ignored. The bot
+//! is the polite side as callee, the impolite one as caller.
 
 use crate::events::{
     CallEvent, CallHeader, Candidate, HangupReason, SdpStreamMetadata, SdpType, SessionDescription, Version,
@@ -32,6 +36,9 @@ const ENDED_MEMORY: usize = 10_000;
 pub const MAX_INVITE_LIFETIME: Duration = Duration::from_secs(3600);
 /// Lifetime of our renegotiation offers.
 pub const NEGOTIATE_LIFETIME: Duration = Duration::from_secs(10);
+/// Lifetime of our invites (the spec asks for at least 90 s), and how long
+/// preparing one may take.
+pub const INVITE_LIFETIME: Duration = Duration::from_secs(90);
 
 /// A room event as the driver hands it over.
 #[derive(Debug, Clone)]
@@ -70,6 +77,23 @@ pub enum Action {
         call_id: String,
         metadata: SdpStreamMetadata,
     },
+    /// We call someone: open a media session that makes the offer, then report
+    /// it with [`Signalling::handle_media_offer`] (or a failure).
+    CreateOffer {
+        call_id: String,
+        room_id: String,
+        callee: String,
+    },
+    /// The callee answered our invite: apply its answer to the media session.
+    PeerAnswer {
+        call_id: String,
+        answer: String,
+        /// The answering device's party id; absent for v0.
+        callee_party: Option<String>,
+        /// Whether the callee can renegotiate (it answered with version 1).
+        renegotiates: bool,
+        metadata: Option<SdpStreamMetadata>,
+    },
     /// End the media session of a call.
     CloseMedia { call_id: String },
     /// Send a call event into a room.
@@ -83,7 +107,7 @@ pub enum EndReason {
     Hangup(HangupReason),
     /// Another device answered, or the caller selected another answer.
     AnsweredElsewhere,
-    /// The invite's lifetime passed before we answered.
+    /// The invite's lifetime passed before it was answered.
     InviteExpired,
     /// The media session could not be set up.
     MediaFailed,
@@ -91,31 +115,60 @@ pub enum EndReason {
     Ice(HangupReason),
     /// We hung up.
     Local(HangupReason),
-    /// The caller left the room.
+    /// The peer left the room.
     PeerLeft,
+    /// The callee declined our call.
+    Rejected,
+    /// Glare: this call gave way to the other side's call.
+    Replaced,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallState {
-    /// Waiting for the media session's answer.
+    /// Caller: waiting for the media session's offer (nothing sent yet).
+    Preparing,
+    /// Caller: invite sent, waiting for an answer or a reject.
+    InviteSent,
+    /// Callee: waiting for the media session's answer.
     AwaitingMedia,
-    /// Answer sent; waiting for ICE/DTLS (and, from v1 callers, `select_answer`).
+    /// Answer sent (callee) or taken (caller); waiting for ICE/DTLS (and, from
+    /// v1 callers, `select_answer`).
     Answered,
     Connected,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Callee,
+    Caller,
 }
 
 #[derive(Debug)]
 struct Call {
     room_id: String,
-    caller: String,
-    caller_party: Option<String>,
+    role: Role,
+    /// The other side: the caller, or the callee we invited.
+    peer: String,
+    /// The peer's party id (matrix-js-sdk uses its device id): the caller's
+    /// from its invite, the callee's from the answer we selected.
+    peer_party: Option<String>,
     version: Version,
     state: CallState,
-    /// While awaiting media: when the invite stops being valid.
+    /// Until answered: when the invite stops being valid.
     expires: Option<Instant>,
     /// Our renegotiation offer waiting for its answer, and when it lapses.
     negotiating: Option<Instant>,
     was_connected: bool,
+}
+
+impl Call {
+    /// Whether the peer takes `m.call.negotiate` (and metadata changes): a v1
+    /// call past its answer.
+    fn renegotiates(&self) -> bool {
+        self.version == Version::V1
+            && self.peer_party.is_some()
+            && matches!(self.state, CallState::Answered | CallState::Connected)
+    }
 }
 
 /// Every call of one bot user and device.
@@ -223,51 +276,112 @@ impl Signalling {
         if call.room_id != room_id {
             return;
         }
-        let from_caller = sender == call.caller
-            && (call.version == Version::V0 || header.party_id.is_none() || header.party_id == call.caller_party);
+        let call_id = header.call_id.clone();
+        // Before the callee's answer is chosen any of its devices may speak;
+        // afterwards only the chosen one (a v0 peer has no party to check).
+        let from_peer = sender == call.peer
+            && (call.version == Version::V0
+                || header.party_id.is_none()
+                || call.peer_party.is_none()
+                || header.party_id == call.peer_party);
         match event {
-            CallEvent::Hangup { reason, .. } if from_caller => {
-                self.end(&header.call_id, EndReason::Hangup(reason), None);
+            // As caller the first answer wins; later ones are ignored.
+            CallEvent::Answer { answer, metadata, .. }
+                if call.role == Role::Caller && from_peer && call.state == CallState::InviteSent =>
+            {
+                self.on_answer(&call_id, header, answer.sdp, metadata);
             }
-            CallEvent::SelectAnswer { selected_party_id, .. } if from_caller && selected_party_id != self.party_id => {
-                self.end(&header.call_id, EndReason::AnsweredElsewhere, None);
+            CallEvent::Reject { .. }
+                if call.role == Role::Caller && from_peer && call.state == CallState::InviteSent =>
+            {
+                let select = header
+                    .party_id
+                    .clone()
+                    .map(|selected_party_id| CallEvent::SelectAnswer {
+                        header: Self::header_for(&call_id, Version::V1, &self.party_id),
+                        selected_party_id,
+                    });
+                let room_id = call.room_id.clone();
+                self.end(&call_id, EndReason::Rejected, select.map(|e| (room_id, e)));
+            }
+            CallEvent::Hangup { reason, .. } if from_peer => {
+                self.end(&call_id, EndReason::Hangup(reason), None);
+            }
+            CallEvent::SelectAnswer { selected_party_id, .. }
+                if call.role == Role::Callee && from_peer && selected_party_id != self.party_id =>
+            {
+                self.end(&call_id, EndReason::AnsweredElsewhere, None);
             }
             // Another device of ours answered. (A version-0 answer carries no
             // party id: once we have answered, it is our own echo.)
             CallEvent::Answer { .. }
-                if sender == self.user_id && (header.party_id.is_some() || call.state == CallState::AwaitingMedia) =>
+                if call.role == Role::Callee
+                    && sender == self.user_id
+                    && (header.party_id.is_some() || call.state == CallState::AwaitingMedia) =>
             {
-                self.end(&header.call_id, EndReason::AnsweredElsewhere, None);
+                self.end(&call_id, EndReason::AnsweredElsewhere, None);
             }
-            CallEvent::Negotiate { description, .. } if from_caller && call.version == Version::V1 => {
+            CallEvent::Negotiate { description, .. }
+                if from_peer && call.version == Version::V1 && call.peer_party.is_some() =>
+            {
                 match description.kind {
+                    // As callee we are polite: the peer's offer wins over ours.
+                    // As caller we are impolite: while our offer is out, theirs
+                    // is ignored (they roll back and answer ours).
+                    SdpType::Offer if call.role == Role::Caller && call.negotiating.is_some() => {}
                     SdpType::Offer => {
-                        // We are the polite side: an offer of the caller wins over ours.
                         call.negotiating = None;
                         self.actions.push_back(Action::MediaOffer {
-                            call_id: header.call_id,
+                            call_id,
                             offer: description.sdp,
                         });
                     }
                     SdpType::Answer if call.negotiating.is_some() => {
                         call.negotiating = None;
                         self.actions.push_back(Action::MediaAnswer {
-                            call_id: header.call_id,
+                            call_id,
                             answer: description.sdp,
                         });
                     }
                     SdpType::Answer => {}
                 }
             }
-            CallEvent::MetadataChanged { metadata, .. } if from_caller => {
-                self.actions.push_back(Action::PeerMetadata {
-                    call_id: header.call_id,
-                    metadata,
-                });
+            CallEvent::MetadataChanged { metadata, .. } if from_peer => {
+                self.actions.push_back(Action::PeerMetadata { call_id, metadata });
             }
-            // Candidates: our SFU is ICE-lite and learns the caller's addresses
+            // Candidates: our SFU is ICE-lite and learns the peer's addresses
             // from its connectivity checks, so trickled candidates need no action.
             _ => {}
+        }
+    }
+
+    /// The callee answered our invite: take the answer and select it.
+    fn on_answer(&mut self, call_id: &str, header: CallHeader, answer: String, metadata: Option<SdpStreamMetadata>) {
+        let Some(call) = self.calls.get_mut(call_id) else {
+            return;
+        };
+        call.state = CallState::Answered;
+        call.expires = None;
+        call.version = header.version;
+        call.peer_party = header.party_id.clone();
+        let renegotiates = header.version == Version::V1 && header.party_id.is_some();
+        let room_id = call.room_id.clone();
+        self.actions.push_back(Action::PeerAnswer {
+            call_id: call_id.to_string(),
+            answer,
+            callee_party: header.party_id.clone(),
+            renegotiates,
+            metadata,
+        });
+        // A v0 answer has no party to select.
+        if let Some(selected_party_id) = header.party_id {
+            self.actions.push_back(Action::Send {
+                room_id,
+                event: CallEvent::SelectAnswer {
+                    header: Self::header_for(call_id, Version::V1, &self.party_id),
+                    selected_party_id,
+                },
+            });
         }
     }
 
@@ -295,14 +409,18 @@ impl Signalling {
             self.remember_ended(header.call_id.clone());
             return;
         }
+        if !self.resolve_glare(&room_id, &sender, &header) {
+            return;
+        }
         // `lifetime` comes from the caller: cap it, so no value can overflow the clock.
         let expires = now + Duration::from_millis(lifetime - age).min(MAX_INVITE_LIFETIME);
         self.calls.insert(
             header.call_id.clone(),
             Call {
                 room_id: room_id.clone(),
-                caller: sender.clone(),
-                caller_party: header.party_id.clone(),
+                role: Role::Callee,
+                peer: sender.clone(),
+                peer_party: header.party_id.clone(),
                 version: header.version,
                 state: CallState::AwaitingMedia,
                 expires: Some(expires),
@@ -318,6 +436,104 @@ impl Signalling {
             renegotiates: header.version == Version::V1,
             offer: offer.sdp,
             metadata,
+        });
+    }
+
+    /// An invite arrives in a room where we are calling its sender: glare. A
+    /// call of ours still being prepared gives way; one already sent survives
+    /// if its `call_id` is the smaller. Returns whether to take the invite.
+    fn resolve_glare(&mut self, room_id: &str, sender: &str, theirs: &CallHeader) -> bool {
+        let ours = self.calls.iter().find(|(_, c)| {
+            c.role == Role::Caller
+                && c.room_id == room_id
+                && c.peer == sender
+                && matches!(c.state, CallState::Preparing | CallState::InviteSent)
+        });
+        let Some((our_id, ours)) = ours else { return true };
+        let our_id = our_id.clone();
+        if ours.state == CallState::Preparing {
+            self.end(&our_id, EndReason::Replaced, None);
+            return true;
+        }
+        let room_id = room_id.to_string();
+        if theirs.call_id < our_id {
+            let hangup = CallEvent::Hangup {
+                header: Self::header_for(&our_id, Version::V1, &self.party_id),
+                reason: HangupReason::Replaced,
+            };
+            self.end(&our_id, EndReason::Replaced, Some((room_id, hangup)));
+            true
+        } else {
+            let hangup = CallEvent::Hangup {
+                header: Self::header_for(&theirs.call_id, theirs.version, &self.party_id),
+                reason: HangupReason::Replaced,
+            };
+            self.actions.push_back(Action::Send { room_id, event: hangup });
+            self.remember_ended(theirs.call_id.clone());
+            false
+        }
+    }
+
+    /// We call `callee` in `room_id` (as call `call_id`, which the driver makes
+    /// unique): the media side is asked for an offer first.
+    pub fn place_call(&mut self, now: Instant, call_id: &str, room_id: &str, callee: &str) {
+        if self.calls.contains_key(call_id) || self.ended.contains(call_id) {
+            return;
+        }
+        self.calls.insert(
+            call_id.to_string(),
+            Call {
+                room_id: room_id.to_string(),
+                role: Role::Caller,
+                peer: callee.to_string(),
+                peer_party: None,
+                version: Version::V1,
+                state: CallState::Preparing,
+                expires: Some(now + INVITE_LIFETIME),
+                negotiating: None,
+                was_connected: false,
+            },
+        );
+        self.actions.push_back(Action::CreateOffer {
+            call_id: call_id.to_string(),
+            room_id: room_id.to_string(),
+            callee: callee.to_string(),
+        });
+    }
+
+    /// The media session made our offer: send the invite (our candidates are
+    /// in the SDP, so the end-of-candidates marker follows at once).
+    pub fn handle_media_offer(&mut self, now: Instant, call_id: &str, offer: String, metadata: SdpStreamMetadata) {
+        let party_id = self.party_id.clone();
+        let Some(call) = self.calls.get_mut(call_id) else {
+            return;
+        };
+        if call.state != CallState::Preparing {
+            return;
+        }
+        call.state = CallState::InviteSent;
+        call.expires = Some(now + INVITE_LIFETIME);
+        let header = Self::header_for(call_id, Version::V1, &party_id);
+        let room_id = call.room_id.clone();
+        self.actions.push_back(Action::Send {
+            room_id: room_id.clone(),
+            event: CallEvent::Invite {
+                header: header.clone(),
+                offer: SessionDescription {
+                    kind: SdpType::Offer,
+                    sdp: offer,
+                },
+                lifetime: INVITE_LIFETIME.as_millis() as u64,
+                invitee: Some(call.peer.clone()),
+                metadata: Some(metadata),
+            },
+        });
+        self.actions.push_back(Action::Send {
+            room_id,
+            event: CallEvent::Candidates {
+                header,
+                candidates: vec![Candidate::end()],
+            },
         });
     }
 
@@ -356,19 +572,21 @@ impl Signalling {
         });
     }
 
-    /// The media session could not be opened: reject (v1) or hang up (v0).
+    /// The media session could not be opened: reject (v1) or hang up (v0); a
+    /// call we were placing ends before anything was sent.
     pub fn handle_media_failed(&mut self, _now: Instant, call_id: &str) {
         let Some(call) = self.calls.get(call_id) else { return };
         let header = Self::header_for(call_id, call.version, &self.party_id);
-        let event = match call.version {
-            Version::V1 if call.state == CallState::AwaitingMedia => CallEvent::Reject { header },
-            _ => CallEvent::Hangup {
+        let event = match (call.state, call.version) {
+            (CallState::Preparing, _) => None, // nothing was sent
+            (CallState::AwaitingMedia, Version::V1) => Some(CallEvent::Reject { header }),
+            _ => Some(CallEvent::Hangup {
                 header,
                 reason: HangupReason::UserMediaFailed,
-            },
+            }),
         };
         let room_id = call.room_id.clone();
-        self.end(call_id, EndReason::MediaFailed, Some((room_id, event)));
+        self.end(call_id, EndReason::MediaFailed, event.map(|e| (room_id, e)));
     }
 
     /// ICE and DTLS are up.
@@ -403,7 +621,7 @@ impl Signalling {
         let Some(call) = self.calls.get_mut(call_id) else {
             return false;
         };
-        if call.version != Version::V1 || call.state == CallState::AwaitingMedia {
+        if !call.renegotiates() {
             return false;
         }
         call.negotiating = Some(now + NEGOTIATE_LIFETIME);
@@ -430,7 +648,7 @@ impl Signalling {
         let Some(call) = self.calls.get(call_id) else {
             return false;
         };
-        if call.version != Version::V1 || call.state == CallState::AwaitingMedia {
+        if !call.renegotiates() {
             return false;
         }
         let header = Self::header_for(call_id, call.version, &self.party_id);
@@ -484,7 +702,7 @@ impl Signalling {
         let gone: Vec<String> = self
             .calls
             .iter()
-            .filter(|(_, c)| c.room_id == room_id && c.caller == user_id)
+            .filter(|(_, c)| c.room_id == room_id && c.peer == user_id)
             .map(|(id, _)| id.clone())
             .collect();
         for call_id in gone {
@@ -492,8 +710,9 @@ impl Signalling {
         }
     }
 
-    /// Invites not answered within their lifetime end; renegotiations whose
-    /// offer lapsed are dropped (the SFU will ask again).
+    /// Invites not answered within their lifetime end (ours with a hangup,
+    /// `invite_timeout`); renegotiations whose offer lapsed are dropped (the
+    /// SFU will ask again).
     pub fn handle_timeout(&mut self, now: Instant) {
         let expired: Vec<String> = self
             .calls
@@ -502,7 +721,16 @@ impl Signalling {
             .map(|(id, _)| id.clone())
             .collect();
         for call_id in expired {
-            self.end(&call_id, EndReason::InviteExpired, None);
+            let Some(call) = self.calls.get(&call_id) else { continue };
+            let hangup = (call.state == CallState::InviteSent).then(|| {
+                let header = Self::header_for(&call_id, Version::V1, &self.party_id);
+                let event = CallEvent::Hangup {
+                    header,
+                    reason: HangupReason::InviteTimeout,
+                };
+                (call.room_id.clone(), event)
+            });
+            self.end(&call_id, EndReason::InviteExpired, hangup);
         }
         for call in self.calls.values_mut() {
             if call.negotiating.is_some_and(|t| t <= now) {

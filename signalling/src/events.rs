@@ -122,6 +122,8 @@ pub enum HangupReason {
     UserMediaFailed,
     UserBusy,
     UnknownError,
+    /// Glare: the call gave way to the other side's (matrix-js-sdk's reason).
+    Replaced,
     Other(String),
 }
 
@@ -135,6 +137,7 @@ impl HangupReason {
             "user_media_failed" => Self::UserMediaFailed,
             "user_busy" => Self::UserBusy,
             "unknown_error" => Self::UnknownError,
+            "replaced" => Self::Replaced,
             other => Self::Other(other.to_string()),
         }
     }
@@ -148,6 +151,7 @@ impl HangupReason {
             Self::UserMediaFailed => "user_media_failed",
             Self::UserBusy => "user_busy",
             Self::UnknownError => "unknown_error",
+            Self::Replaced => "replaced",
             Self::Other(other) => other,
         }
     }
@@ -528,7 +532,21 @@ mod tests {
             &json!({"version": "1", "call_id": "c", "party_id": "p", "reason": "replaced"}),
         )
         .expect("parses");
-        assert!(matches!(replaced, CallEvent::Hangup { reason: HangupReason::Other(ref r), .. } if r == "replaced"));
+        assert!(matches!(
+            replaced,
+            CallEvent::Hangup {
+                reason: HangupReason::Replaced,
+                ..
+            }
+        ));
+        let unknown = CallEvent::parse(
+            "m.call.hangup",
+            &json!({"version": "1", "call_id": "c", "party_id": "p", "reason": "out_of_coffee"}),
+        )
+        .expect("an unknown reason is accepted");
+        assert!(
+            matches!(unknown, CallEvent::Hangup { reason: HangupReason::Other(ref r), .. } if r == "out_of_coffee")
+        );
         let candidates = CallEvent::parse("m.call.candidates", &json!({"version": "1", "call_id": "c", "party_id": "p",
             "candidates": [{"candidate": "candidate:1 1 udp 1 192.0.2.1 4000 typ host", "sdpMid": "0", "sdpMLineIndex": 0,
                             "usernameFragment": "x"}, {"candidate": ""}]})).expect("parses");

@@ -175,6 +175,26 @@ impl MatrixClient {
         Ok(())
     }
 
+    /// Creates a room (`body` as `/createRoom` takes it) and returns its id.
+    pub async fn create_room(&self, body: &Value) -> Result<String> {
+        let response = self
+            .http
+            .post(self.url("/createRoom"))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let answer: Value = response.json().await.context("createRoom answer")?;
+        if !status.is_success() {
+            bail!(
+                "creating a room failed: {status} {}",
+                answer["errcode"].as_str().unwrap_or("")
+            );
+        }
+        Ok(answer["room_id"].as_str().context("room_id")?.to_string())
+    }
+
     /// Sends a room event with transaction id `txn_id`, retrying on transient
     /// failures (the same id makes a retry idempotent).
     pub async fn send(&self, room_id: &str, event_type: &str, txn_id: &str, content: &Value) -> Result<String> {

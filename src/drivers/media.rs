@@ -31,6 +31,11 @@ enum Command {
         offer: String,
         reply: Reply<(SessionId, String)>,
     },
+    OpenOffer {
+        room: RoomId,
+        participant: Participant,
+        reply: Reply<(SessionId, String)>,
+    },
     CreateOffer {
         session: SessionId,
         reply: Reply<Option<Offer>>,
@@ -165,6 +170,13 @@ fn execute(sfu: &mut Sfu, command: Command) {
         } => {
             let _ = reply.send(sfu.open_session(now, room, participant, &offer));
         }
+        Command::OpenOffer {
+            room,
+            participant,
+            reply,
+        } => {
+            let _ = reply.send(sfu.open_offer(now, room, participant));
+        }
         Command::CreateOffer { session, reply } => {
             let _ = reply.send(sfu.create_offer(now, session));
         }
@@ -208,6 +220,17 @@ impl ShardHandle {
             room,
             participant,
             offer,
+            reply,
+        })
+        .await
+    }
+
+    /// Opens a session with our own offer (we call the participant); returns
+    /// its id and the offer. The answer goes to [`ShardHandle::accept_answer`].
+    pub async fn open_offer(&self, room: RoomId, participant: Participant) -> Result<(SessionId, String)> {
+        self.call(|reply| Command::OpenOffer {
+            room,
+            participant,
             reply,
         })
         .await

@@ -142,6 +142,52 @@ impl World {
         rtc.sdp_api()
             .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("answer"))
             .expect("accept");
+        self.add_client(name, rtc, addr, session, (audio, video), simulcast)
+    }
+
+    /// The SFU calls a client (the bot dialling out): the SFU's offer, the
+    /// client's answer, and the client sends on the offer's two m-lines.
+    pub fn join_called(&mut self, name: &str) -> usize {
+        let index = self.clients.len();
+        let addr: SocketAddr = format!("127.0.0.{}:5000", 10 + index).parse().expect("addr");
+        let participant = Participant {
+            user_id: format!("@{name}:test"),
+            device_id: format!("{name}DEV"),
+        };
+        let (session, offer) = self
+            .sfu
+            .open_offer(self.now, self.room.clone(), participant)
+            .expect("the SFU makes an offer");
+        let mut rtc = client_config().build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").expect("candidate"));
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(SdpOffer::from_sdp_string(&offer).expect("offer parses"))
+            .expect("the client accepts the offer");
+        let mids: Vec<Mid> = offer
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a=mid:"))
+            .map(Mid::from)
+            .collect();
+        let [audio, video] = mids[..] else {
+            panic!("the SFU offers one audio and one video m-line: {mids:?}")
+        };
+        self.sfu
+            .accept_answer(self.now, session, &answer.to_sdp_string())
+            .expect("the SFU accepts the answer");
+        self.add_client(name, rtc, addr, session, (audio, video), false)
+    }
+
+    fn add_client(
+        &mut self,
+        name: &str,
+        rtc: Rtc,
+        addr: SocketAddr,
+        session: SessionId,
+        (audio, video): (Mid, Mid),
+        simulcast: bool,
+    ) -> usize {
+        let index = self.clients.len();
         self.clients.push(Client {
             name: name.to_string(),
             own_mids: (audio, video),
