@@ -234,6 +234,7 @@ impl Bot {
         let mut calls = Vec::new();
         let mut dial = Vec::new();
         let mut dialin_requests = Vec::new();
+        let mut left = Vec::new();
         for (room_id, event) in batch.timeline {
             let kind = event["type"].as_str().unwrap_or_default();
             let sender = event["sender"].as_str().unwrap_or_default().to_string();
@@ -243,7 +244,7 @@ impl Bot {
                 let target = event["state_key"].as_str().unwrap_or_default();
                 if kind == "m.room.member" && target != self.matrix.user_id {
                     if matches!(membership, "leave" | "ban") {
-                        self.signalling.handle_member_left(Instant::now(), &room_id, target);
+                        left.push((room_id.clone(), target.to_string()));
                     }
                     // The user we dial in joined their dial-in room: call them.
                     if membership == "join" && self.dialins.get(&room_id).is_some_and(|(_, user)| user == target) {
@@ -265,13 +266,6 @@ impl Bot {
             }
             match CallEvent::parse(kind, &event["content"]) {
                 Ok(parsed) => {
-                    // An invite to nobody in particular is for the bot only in a
-                    // two-member room (a 1:1 call with it, as Element Web places them).
-                    if let CallEvent::Invite { invitee: None, .. } = &parsed
-                        && self.members.get(&room_id).map_or(0, HashSet::len) != 2
-                    {
-                        continue;
-                    }
                     calls.push(Incoming {
                         room_id,
                         sender,
@@ -282,7 +276,25 @@ impl Bot {
                 Err(e) => tracing::info!(kind, error = %e, "ignoring a malformed call event"),
             }
         }
+        // Invites are judged by the room as it is after the batch.
+        calls.retain(|call| {
+            let CallEvent::Invite { invitee, .. } = &call.event else {
+                return true;
+            };
+            let members = self.members.get(&call.room_id);
+            // Only members of the room may call into its conference.
+            if !members.is_some_and(|m| m.contains(&call.sender)) {
+                tracing::info!("ignoring a call from someone who is not in the room");
+                return false;
+            }
+            // An invite to nobody in particular is for the bot only in a
+            // two-member room (a 1:1 call with it, as Element Web places them).
+            invitee.is_some() || members.map_or(0, HashSet::len) == 2
+        });
         self.signalling.handle_batch(Instant::now(), calls);
+        for (room_id, user) in left {
+            self.signalling.handle_member_left(Instant::now(), &room_id, &user);
+        }
         for (room_id, user) in dial {
             self.dial(&room_id, &user);
         }
