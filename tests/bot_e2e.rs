@@ -472,15 +472,7 @@ async fn the_bot_attached_to_a_separate_homeserver() {
     let hs_dir = tempfile::tempdir().unwrap();
     let homeserver = BinaryServer::start(hs_dir.path(), &["homeserver"]).await;
     let bot_dir = tempfile::tempdir().unwrap();
-    let mut bot = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["bot", "--homeserver", &homeserver.base, "--user", "conference"])
-        .args(["--data-dir", bot_dir.path().to_str().unwrap(), "--bind", "127.0.0.1:0"])
-        .env("SWITCHBOARD_BOT_PASSWORD", "a-bot-password")
-        .env("SWITCHBOARD_LOG_LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut bot = spawn_bot(&homeserver.base, bot_dir.path());
     let user = |name: &'static str| {
         let base = homeserver.base.clone();
         async move {
@@ -505,6 +497,64 @@ async fn the_bot_attached_to_a_separate_homeserver() {
     )
     .await;
     bot.start_kill().unwrap();
+}
+
+/// `switchboard bot` attached to the homeserver at `base`, its state in `dir`.
+fn spawn_bot(base: &str, dir: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["bot", "--homeserver", base, "--user", "conference"])
+        .args(["--data-dir", dir.to_str().unwrap(), "--bind", "127.0.0.1:0"])
+        .env("SWITCHBOARD_BOT_PASSWORD", "a-bot-password")
+        .env("SWITCHBOARD_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// A restarted bot resumes from its saved sync position and still knows its
+/// rooms: a call without `invitee` in a two-member room (which needs the
+/// member list) is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bot_resumes_after_a_restart() {
+    let _serial = SERIAL.lock().await;
+    let hs_dir = tempfile::tempdir().unwrap();
+    let homeserver = BinaryServer::start(hs_dir.path(), &["homeserver"]).await;
+    let bot_dir = tempfile::tempdir().unwrap();
+    let mut bot = spawn_bot(&homeserver.base, bot_dir.path());
+    let probe = Client::new(&homeserver.base);
+    for _ in 0..100 {
+        if probe.get(&format!("/profile/{}", enc(BOT))).await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut alice = Client::new(&homeserver.base);
+    alice.register("alice", "correct horse").await;
+    let dm = alice.create_room(json!({"is_direct": true, "invite": [BOT]})).await;
+    wait_for_bot(&alice, &dm, "join").await;
+    // Let the bot save a sync position past its join, then restart it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bot.kill().await.unwrap();
+    assert!(
+        bot_dir.path().join("bot_sync_token").exists(),
+        "the bot saved its position"
+    );
+    let _bot = spawn_bot(&homeserver.base, bot_dir.path());
+
+    let mut offerer = Peer::new().await;
+    let mut api = offerer.rtc.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let (offer, _pending) = api.apply().unwrap();
+    let mut since = sync_position(&alice).await;
+    let invite = json!({"version": "1", "call_id": "after-restart", "party_id": alice.device_id, "lifetime": 60000,
+        "offer": {"type": "offer", "sdp": offer.to_sdp_string()}});
+    assert_eq!(alice.send(&dm, "m.call.invite", "restart-1", invite).await.0, 200);
+    let answer = wait_for_event(&alice, &dm, &mut since, |e| {
+        e["sender"] == BOT && e["type"] == "m.call.answer"
+    })
+    .await;
+    assert_eq!(answer["content"]["call_id"], "after-restart");
 }
 
 async fn membership_of_bot(client: &Client, room: &str) -> Option<String> {
