@@ -174,12 +174,12 @@ struct Session {
     connect_deadline: Option<Instant>,
     addrs: Vec<SocketAddr>,
     /// Tracks this participant publishes, by the m-line they arrive on.
-    published: HashMap<Mid, TrackId>,
+    published: FastMap<Mid, TrackId>,
     /// Incoming SSRC → track (filled on first sight).
     /// Incoming SSRC → (track, layer index), filled on first sight.
-    ssrc_tracks: HashMap<Ssrc, (TrackId, usize)>,
+    ssrc_tracks: FastMap<Ssrc, (TrackId, usize)>,
     /// What this participant receives, by our send-only m-line.
-    subscriptions: HashMap<Mid, Subscription>,
+    subscriptions: FastMap<Mid, Subscription>,
     /// Changes waiting for the next offer.
     wanted: Vec<Change>,
     pending: Option<PendingOffer>,
@@ -273,11 +273,11 @@ struct Room {
 /// The SFU core of one shard.
 pub struct Sfu {
     config: SfuConfig,
-    sessions: HashMap<SessionId, Session>,
+    sessions: FastMap<SessionId, Session>,
     rooms: HashMap<RoomId, Room>,
-    tracks: HashMap<TrackId, Track>,
-    by_addr: HashMap<SocketAddr, SessionId>,
-    by_ufrag: HashMap<String, SessionId>,
+    tracks: FastMap<TrackId, Track>,
+    by_addr: FastMap<SocketAddr, SessionId>,
+    by_ufrag: FastMap<String, SessionId>,
     next_id: u64,
     events: VecDeque<SfuEvent>,
     /// Where draining sessions puts things (a field apart from `sessions`, so a
@@ -361,6 +361,11 @@ fn offer_prefers_h264(sdp: &str) -> bool {
 /// Packets of history kept per outgoing video stream for NACK/RTX.
 const VIDEO_SEND_BUFFER: usize = 256;
 
+/// Maps on the forwarding path, keyed by our own ids or by addresses and
+/// SSRCs of sessions that passed ICE: no key is chosen by an unauthenticated
+/// peer, so a fast non-keyed hash is safe.
+type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+
 /// How often subscribers' simulcast layers are re-evaluated.
 const LAYER_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -376,11 +381,11 @@ impl Sfu {
     pub fn new(config: SfuConfig) -> Self {
         Self {
             config,
-            sessions: HashMap::new(),
+            sessions: FastMap::default(),
             rooms: HashMap::new(),
-            tracks: HashMap::new(),
-            by_addr: HashMap::new(),
-            by_ufrag: HashMap::new(),
+            tracks: FastMap::default(),
+            by_addr: FastMap::default(),
+            by_ufrag: FastMap::default(),
             next_id: 1,
             events: VecDeque::new(),
             out: Outputs::default(),
@@ -490,9 +495,9 @@ impl Sfu {
             single_stream: false,
             connect_deadline: Some(now + self.config.connect_timeout),
             addrs: Vec::new(),
-            published: HashMap::new(),
-            ssrc_tracks: HashMap::new(),
-            subscriptions: HashMap::new(),
+            published: FastMap::default(),
+            ssrc_tracks: FastMap::default(),
+            subscriptions: FastMap::default(),
             wanted,
             pending,
             stats: SessionStats::default(),
@@ -1110,8 +1115,14 @@ impl Sfu {
         }
         if let (Some(level), Some(track)) = (packet.header.ext_vals.audio_level, self.tracks.get_mut(&track_id)) {
             track.level.add(now, level, packet.header.ext_vals.voice_activity);
-            let room = track.room.clone();
-            self.check_speaker(now, &room);
+            let due = self
+                .rooms
+                .get(&track.room)
+                .is_some_and(|r| r.next_speaker_check.is_none_or(|at| now >= at));
+            if due {
+                let room = track.room.clone();
+                self.check_speaker(now, &room);
+            }
         }
         let Some(track) = self.tracks.get(&track_id) else {
             return self.out.stats.drop(DropReason::NoTrack);
