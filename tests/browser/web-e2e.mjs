@@ -1,0 +1,343 @@
+// Browser end-to-end scenarios for the web demo: Debian's Chromium (headless,
+// fake camera and microphone) driven by playwright-core against the real
+// all-in-one `switchboard` binary. tests/web_e2e.rs runs this inside a
+// loopback-only network namespace, so every ICE candidate is on 127.0.0.1.
+//
+// usage: node web-e2e.mjs SWITCHBOARD_BINARY OUTPUT_DIR [SCENARIO...]
+// Prints one JSON line at the end: {scenario: "ok" | "failure message"}.
+
+import { chromium } from "playwright-core";
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+
+const [binary, outDir, ...only] = process.argv.slice(2);
+const ALL = ["one-to-one", "declined", "unreachable", "conference"];
+const scenarios = only.length ? only : ALL;
+const CHROMIUM = process.env.SWITCHBOARD_CHROMIUM || "/usr/bin/chromium";
+const BOT = "@conference:localhost";
+mkdirSync(outDir, { recursive: true });
+
+const log = (...args) => console.log(new Date().toISOString().slice(11, 23), ...args);
+
+/** Polls `probe` until it returns a truthy value; fails after `ms` with `what`. */
+async function until(what, probe, ms = 30000) {
+  const deadline = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      last = await probe();
+      if (last) return last;
+    } catch (e) {
+      last = e.message;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what} (last: ${JSON.stringify(last)})`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+async function startServer() {
+  const dataDir = mkdtempSync(join(tmpdir(), "switchboard-web-e2e-"));
+  const child = spawn(binary, ["--data-dir", dataDir, "--bind", "127.0.0.1:0", "--set", "media.shards=1"], {
+    env: { ...process.env, SWITCHBOARD_LOG_LEVEL: process.env.SWITCHBOARD_LOG_LEVEL || "warn" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const lines = createInterface({ input: child.stdout });
+  const url = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("switchboard did not print its web demo URL within 30 s")), 30000);
+    child.on("exit", (code) => reject(new Error(`switchboard exited (${code}) before printing its URL`)));
+    lines.on("line", (line) => {
+      const m = line.match(/Web demo[^:]*: (http\S+)/);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1].replace("localhost", "127.0.0.1"));
+      }
+    });
+  });
+  return { url, stop: () => child.kill("SIGTERM"), dataDir };
+}
+
+function launch() {
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    chromiumSandbox: false,
+    args: [
+      "--headless=new",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--use-fake-device-for-media-stream",
+      "--use-fake-ui-for-media-stream",
+      "--autoplay-policy=no-user-gesture-required",
+      // The namespace has only `lo`: let WebRTC use it, with raw addresses.
+      "--allow-loopback-in-peer-connection",
+      "--disable-features=WebRtcHideLocalIpsWithMdns",
+    ],
+  });
+}
+
+class User {
+  constructor(name, page) {
+    this.name = name;
+    this.id = `@${name}:localhost`;
+    this.page = page;
+    page.on("console", (m) => {
+      if (m.type() === "error" || m.type() === "warning") log(`[${name} console.${m.type()}]`, m.text());
+    });
+    page.on("pageerror", (e) => log(`[${name} page error]`, e.message));
+  }
+
+  static async open(browser, url, name) {
+    const context = await browser.newContext({ viewport: { width: 1200, height: 860 } });
+    const page = await context.newPage();
+    await page.goto(`${url}?lowres`);
+    return new User(name, page);
+  }
+
+  async register() {
+    const p = this.page;
+    await p.fill("#username", this.name);
+    await p.fill("#password", "correct horse battery");
+    await p.click("#register-button");
+    await p.locator("#whoami", { hasText: this.id }).waitFor({ timeout: 20000 });
+  }
+
+  async createRoom(name, invite, withBot = false) {
+    const p = this.page;
+    await p.fill("#new-room-name", name);
+    await p.fill("#new-room-invite", invite.join(", "));
+    if (withBot) await p.check("#new-room-bot");
+    await p.click("#create-room-form button[type=submit]");
+    await p.locator("#room-name", { hasText: name }).waitFor({ timeout: 15000 });
+  }
+
+  async acceptInvite(roomName) {
+    const li = this.page.locator("#invites li", { hasText: roomName });
+    await li.getByRole("button", { name: /^Join/ }).click({ timeout: 20000 });
+    await this.page.locator("#room-name", { hasText: roomName }).waitFor({ timeout: 15000 });
+  }
+
+  async status() {
+    return (await this.page.locator("#call-status").textContent())?.trim();
+  }
+
+  async waitConnected() {
+    await until(`${this.name}'s call to be connected`, async () => (await this.status()) === "Connected", 40000);
+  }
+
+  bytesIn() {
+    return this.page.locator("#stat-bytes-in").getAttribute("data-value").then(Number);
+  }
+
+  /** The stats panel's received byte count grows by at least `by` bytes. */
+  async inboundGrows(by = 20000) {
+    const start = await until(`${this.name} to receive media`, async () => (await this.bytesIn()) > 0 && (await this.bytesIn()), 30000);
+    await until(`${this.name}'s inbound bytes to grow past ${start + by}`, async () => (await this.bytesIn()) > start + by, 30000);
+  }
+
+  /** The selected candidate pair, as the stats panel shows it. */
+  async pair() {
+    const dd = this.page.locator("#stat-pair");
+    return {
+      localType: await dd.getAttribute("data-local-type"),
+      remoteType: await dd.getAttribute("data-remote-type"),
+      localAddress: await dd.getAttribute("data-local-address"),
+      remoteAddress: await dd.getAttribute("data-remote-address"),
+    };
+  }
+
+  async assertLoopbackPair() {
+    const pair = await until(`${this.name}'s selected candidate pair`, async () => {
+      const p = await this.pair();
+      return p.localAddress ? p : null;
+    });
+    if (pair.localAddress !== "127.0.0.1" || pair.remoteAddress !== "127.0.0.1") {
+      throw new Error(`${this.name}'s selected pair is not on loopback: ${JSON.stringify(pair)}`);
+    }
+    return pair;
+  }
+
+  /** Remote tiles: [{userId, bytes}]. */
+  remoteTiles() {
+    return this.page.$$eval("#tiles > .tile.remote", (nodes) =>
+      nodes.map((n) => ({ userId: n.dataset.userId, bytes: Number(n.dataset.bytes || 0), name: n.querySelector(".name")?.textContent })),
+    );
+  }
+
+  /** Waits until the remote tiles are exactly `users` and each one's bytes grow. */
+  async seesTiles(users) {
+    const want = [...users].sort().join(",");
+    await until(`${this.name} to see tiles of ${want}`, async () => {
+      const tiles = await this.remoteTiles();
+      return tiles.map((t) => t.userId).sort().join(",") === want;
+    }, 45000);
+    const tiles = await this.remoteTiles();
+    for (const t of tiles) {
+      if (!t.name.includes(t.userId)) throw new Error(`${this.name}'s tile for ${t.userId} is labelled ${t.name}`);
+    }
+    const before = new Map(tiles.map((t) => [t.userId, t.bytes]));
+    await until(`${this.name}'s inbound bytes from each of ${want} to grow`, async () => {
+      const now = await this.remoteTiles();
+      return now.length === users.length && now.every((t) => t.bytes > (before.get(t.userId) || 0) + 5000);
+    }, 40000);
+  }
+
+  async bannerText() {
+    const banner = this.page.locator("#banner");
+    return (await banner.isVisible()) ? (await banner.textContent()).trim() : "";
+  }
+
+  async waitBanner(re, what) {
+    return until(`${this.name} to show ${what}`, async () => {
+      const text = await this.bannerText();
+      return re.test(text) && text;
+    }, 30000);
+  }
+
+  async callViewHidden() {
+    return this.page.locator("#call-view").isHidden();
+  }
+
+  shot(scenario) {
+    return this.page.screenshot({ path: join(outDir, `${scenario}-${this.name}.png`), fullPage: true });
+  }
+}
+
+// ---- scenarios ---------------------------------------------------------------
+
+async function oneToOne(ctx) {
+  const [alice, bob] = await ctx.users("alice", "bob");
+  await alice.createRoom("Alice and Bob", [bob.id]);
+  await bob.acceptInvite("Alice and Bob");
+  await alice.page.getByRole("button", { name: `Video call ${bob.id}` }).click({ timeout: 20000 });
+  await bob.page.locator("#incoming", { hasText: alice.id }).waitFor({ timeout: 20000 });
+  await bob.page.click("#answer");
+  await Promise.all([alice.waitConnected(), bob.waitConnected()]);
+  await Promise.all([alice.inboundGrows(), bob.inboundGrows()]);
+  for (const [me, other] of [
+    [alice, bob],
+    [bob, alice],
+  ]) {
+    const pair = await me.assertLoopbackPair();
+    log(`${me.name} pair`, JSON.stringify(pair));
+    const tiles = await me.remoteTiles();
+    if (tiles.length !== 1 || tiles[0].userId !== other.id) throw new Error(`${me.name} shows tiles ${JSON.stringify(tiles)}`);
+  }
+  await Promise.all([alice.shot("one-to-one"), bob.shot("one-to-one")]);
+  await alice.page.click("#hangup");
+  await bob.waitBanner(/hung up/, "that alice hung up");
+  await until("both call views to close", async () => (await alice.callViewHidden()) && (await bob.callViewHidden()));
+}
+
+async function declined(ctx) {
+  const [alice, bob] = await ctx.users("alice", "bob");
+  await alice.page.getByRole("button", { name: `Video call ${bob.id}` }).click({ timeout: 20000 });
+  await bob.page.locator("#incoming", { hasText: alice.id }).waitFor({ timeout: 20000 });
+  await bob.page.click("#decline");
+  await alice.waitBanner(/declined the call/, "the declined message");
+  await until("alice's call view to close", () => alice.callViewHidden());
+  await alice.shot("declined");
+}
+
+async function unreachable(ctx) {
+  const page = (await (await ctx.browser.newContext()).newPage());
+  const user = new User("nobody", page);
+  await page.goto(`${ctx.url}?lowres`);
+  // Nothing listens on this port in the namespace (the test made it; only switchboard runs).
+  await page.fill("#hs-url", "http://127.0.0.1:59999");
+  await page.fill("#username", "nobody");
+  await page.fill("#password", "irrelevant");
+  await page.click("#login-button");
+  await until("the unreachable-homeserver message", async () =>
+    /Cannot reach the homeserver at http:\/\/127\.0\.0\.1:59999/.test(await page.locator("#login-error").textContent()),
+  );
+  await user.shot("unreachable");
+}
+
+async function conference(ctx) {
+  const [carol, dave, erin, frank] = await ctx.users("carol", "dave", "erin", "frank");
+  await carol.createRoom("Standup", [dave.id, erin.id, frank.id], true);
+  for (const u of [dave, erin, frank]) await u.acceptInvite("Standup");
+  const first = [carol, dave, erin];
+  for (const u of first) await u.page.click("#join-conference");
+  const ids = (users) => users.map((u) => u.id);
+  await Promise.all(first.map((u) => u.waitConnected()));
+  await Promise.all(first.map((u) => u.seesTiles(ids(first.filter((o) => o !== u)))));
+  log("three in the conference: each sees two");
+  await frank.page.click("#join-conference");
+  const all = [...first, frank];
+  await frank.waitConnected();
+  await Promise.all(all.map((u) => u.seesTiles(ids(all.filter((o) => o !== u)))));
+  log("four in the conference: each sees three");
+  await frank.assertLoopbackPair();
+  await Promise.all(all.map((u) => u.shot("conference-four")));
+  await frank.page.click("#hangup");
+  await Promise.all(first.map((u) => u.seesTiles(ids(first.filter((o) => o !== u)))));
+  log("frank left: each sees two again");
+  await carol.shot("conference-after-leave");
+}
+
+const SCENARIOS = { "one-to-one": oneToOne, declined, unreachable, conference };
+
+// ---- main --------------------------------------------------------------------
+
+const verdict = {};
+let server;
+let browser;
+try {
+  server = await startServer();
+  log("switchboard at", server.url);
+  browser = await launch();
+  log("chromium", browser.version());
+  const registered = new Map();
+  const ctx = {
+    browser,
+    url: server.url,
+    /** Users by name: opened and registered once, reused across scenarios. */
+    async users(...names) {
+      const users = [];
+      for (const name of names) {
+        if (!registered.has(name)) {
+          const user = await User.open(browser, server.url, name);
+          await user.register();
+          registered.set(name, user);
+        }
+        users.push(registered.get(name));
+      }
+      return users;
+    },
+  };
+  for (const name of scenarios) {
+    const run = SCENARIOS[name];
+    if (!run) {
+      verdict[name] = "no such scenario";
+      continue;
+    }
+    log("scenario", name);
+    try {
+      await run(ctx);
+      verdict[name] = "ok";
+    } catch (e) {
+      verdict[name] = e.message;
+      log("FAILED", name, e.stack);
+      for (const [n, u] of registered) await u.shot(`${name}-failure`).catch(() => {});
+      void n;
+    }
+  }
+} catch (e) {
+  verdict.setup = e.message;
+  log("setup failed", e.stack);
+} finally {
+  await browser?.close().catch(() => {});
+  server?.stop();
+  if (server) rmSync(server.dataDir, { recursive: true, force: true });
+}
+console.log(JSON.stringify(verdict));
+process.exit(Object.values(verdict).every((v) => v === "ok") ? 0 : 1);
