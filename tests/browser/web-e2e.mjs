@@ -16,7 +16,7 @@ import { createInterface } from "node:readline";
 const [binary, outDir, ...only] = process.argv.slice(2);
 const ALL = ["one-to-one", "declined", "unreachable", "conference"];
 const scenarios = only.length ? only : ALL;
-const CHROMIUM = process.env.SWITCHBOARD_CHROMIUM || "/usr/bin/chromium";
+const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
 const BOT = "@conference:localhost";
 mkdirSync(outDir, { recursive: true });
 
