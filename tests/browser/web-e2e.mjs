@@ -14,7 +14,7 @@ import { join } from "node:path";
 import { createInterface } from "node:readline";
 
 const [binary, outDir, ...only] = process.argv.slice(2);
-const ALL = ["one-to-one", "declined", "unreachable", "conference"];
+const ALL = ["one-to-one", "declined", "relay-unavailable", "unreachable", "camera-denied", "conference"];
 const scenarios = only.length ? only : ALL;
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
 const BOT = "@conference:localhost";
@@ -59,7 +59,8 @@ async function startServer() {
   return { url, stop: () => child.kill("SIGTERM"), dataDir };
 }
 
-function launch() {
+function launch(extra = []) {
+  const fakeUi = extra.some((a) => a.startsWith("--use-fake-ui-for-media-stream"));
   return chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
@@ -74,7 +75,8 @@ function launch() {
       "--disable-component-update",
       "--disable-sync",
       "--use-fake-device-for-media-stream",
-      "--use-fake-ui-for-media-stream",
+      ...(fakeUi ? [] : ["--use-fake-ui-for-media-stream"]),
+      ...extra,
       "--autoplay-policy=no-user-gesture-required",
       // The namespace has only `lo`: let WebRTC use it, with raw addresses.
       "--allow-loopback-in-peer-connection",
@@ -230,7 +232,11 @@ async function oneToOne(ctx) {
     const tiles = await me.remoteTiles();
     if (tiles.length !== 1 || tiles[0].userId !== other.id) throw new Error(`${me.name} shows tiles ${JSON.stringify(tiles)}`);
   }
-  await Promise.all([alice.shot("one-to-one"), bob.shot("one-to-one")]);
+  await alice.shot("one-to-one");
+  // Bob looks at the call on a phone-sized window.
+  await bob.page.setViewportSize({ width: 390, height: 844 });
+  await bob.shot("one-to-one-phone");
+  await bob.page.setViewportSize({ width: 1200, height: 860 });
   await alice.page.click("#hangup");
   await bob.waitBanner(/hung up/, "that alice hung up");
   await until("both call views to close", async () => (await alice.callViewHidden()) && (await bob.callViewHidden()));
@@ -244,6 +250,31 @@ async function declined(ctx) {
   await alice.waitBanner(/declined the call/, "the declined message");
   await until("alice's call view to close", () => alice.callViewHidden());
   await alice.shot("declined");
+}
+
+async function relayUnavailable(ctx) {
+  // Without a TURN server (none is configured in this test), "Relay only" cannot work: say so.
+  const [alice, bob] = await ctx.users("alice", "bob");
+  await alice.page.check("#relay-only");
+  await alice.page.getByRole("button", { name: `Video call ${bob.id}` }).click({ timeout: 20000 });
+  await alice.waitBanner(/Relay only.*needs a TURN server/, "the relay-unavailable message");
+  await alice.shot("relay-unavailable");
+  await alice.page.uncheck("#relay-only");
+}
+
+async function cameraDenied(ctx) {
+  // A second browser whose (fake) permission prompt answers "deny".
+  const browser = await launch(["--use-fake-ui-for-media-stream=deny"]);
+  try {
+    const grace = await User.open(browser, ctx.url, "grace");
+    await grace.register();
+    await grace.createRoom("Grace alone", [], true);
+    await grace.page.click("#join-conference");
+    await grace.waitBanner(/Camera and microphone access was denied/, "the permission message");
+    await grace.shot("camera-denied");
+  } finally {
+    await browser.close();
+  }
 }
 
 async function unreachable(ctx) {
@@ -271,6 +302,19 @@ async function conference(ctx) {
   await Promise.all(first.map((u) => u.waitConnected()));
   await Promise.all(first.map((u) => u.seesTiles(ids(first.filter((o) => o !== u)))));
   log("three in the conference: each sees two");
+  // Carol mutes her microphone and camera: the others see it on her tile.
+  await carol.page.click("#mute-mic");
+  await carol.page.click("#camera-off");
+  const carolsTile = (u) => u.page.locator(`#tiles > .tile.remote[data-user-id="${carol.id}"] .name`);
+  for (const u of [dave, erin]) {
+    await until(`${u.name} to see carol muted`, async () => /microphone off, camera off/.test(await carolsTile(u).textContent()));
+  }
+  await carol.page.click("#mute-mic");
+  await carol.page.click("#camera-off");
+  for (const u of [dave, erin]) {
+    await until(`${u.name} to see carol unmuted`, async () => !/off/.test(await carolsTile(u).textContent()));
+  }
+  log("mute and unmute reached the others");
   await frank.page.click("#join-conference");
   const all = [...first, frank];
   await frank.waitConnected();
@@ -284,7 +328,14 @@ async function conference(ctx) {
   await carol.shot("conference-after-leave");
 }
 
-const SCENARIOS = { "one-to-one": oneToOne, declined, unreachable, conference };
+const SCENARIOS = {
+  "one-to-one": oneToOne,
+  declined,
+  "relay-unavailable": relayUnavailable,
+  unreachable,
+  "camera-denied": cameraDenied,
+  conference,
+};
 
 // ---- main --------------------------------------------------------------------
 

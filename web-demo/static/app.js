@@ -570,18 +570,17 @@ function renderTiles() {
     return;
   }
   const nodes = [];
+  let localTile = null;
   if (call.localStream) {
-    nodes.push(
-      tile("local", {
-        userId: state.client.userId,
-        label: "You",
-        stream: call.localStream,
-        local: true,
-        muted: call.micMuted,
-        videoMuted: call.cameraOff,
-        hasVideo: call.kind === "video",
-      }),
-    );
+    localTile = tile("local", {
+      userId: state.client.userId,
+      label: "You",
+      stream: call.localStream,
+      local: true,
+      muted: call.micMuted,
+      videoMuted: call.cameraOff,
+      hasVideo: call.kind === "video",
+    });
   }
   for (const remote of call.remoteStreams) {
     const node = tile(`remote:${remote.streamId}`, {
@@ -597,6 +596,8 @@ function renderTiles() {
     node.dataset.trackIds = remote.trackIds.join(" ");
     nodes.push(node);
   }
+  // The others first, yourself last.
+  if (localTile) nodes.push(localTile);
   tiles.replaceChildren(...nodes);
   tiles.dataset.remoteCount = String(call.remoteStreams.length);
   $("mute-mic").setAttribute("aria-pressed", String(call.micMuted));

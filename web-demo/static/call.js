@@ -374,7 +374,9 @@ export class Call extends EventTarget {
   /** Inbound, still ringing: decline with m.call.reject. */
   reject() {
     if (this.state !== "ringing") return;
-    this.send("m.call.reject", {}).catch((e) => console.warn("reject not sent", e));
+    // Version 0 callers know no m.call.reject: they are declined with a hangup.
+    const decline = this.remoteVersion === 0 ? this.send("m.call.hangup", { reason: "user_hangup" }) : this.send("m.call.reject", {});
+    decline.catch((e) => console.warn("decline not sent", e));
     this.end("user_hangup", "You declined the call.", false);
   }
 
