@@ -520,6 +520,7 @@ const STATUS = {
   ringing: "Ringing…",
   connecting: "Connecting…",
   connected: "Connected",
+  reconnecting: "Connection interrupted: reconnecting…",
   ended: "Call ended",
 };
 

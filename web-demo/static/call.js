@@ -163,6 +163,12 @@ export class Call extends EventTarget {
   setState(state) {
     if (this.state === state || this.ended) return;
     this.state = state;
+    if (state === "connecting") {
+      // Both descriptions are (about to be) set: no media path by now means ICE failed.
+      this.after(CONNECT_TIMEOUT_MS, () => {
+        if (this.state === "connecting") this.failIce();
+      });
+    }
     this.dispatchEvent(new CustomEvent("state", { detail: state }));
   }
 
@@ -238,8 +244,8 @@ export class Call extends EventTarget {
     return { call_id: this.callId, party_id: this.partyId, version: "1", ...extra };
   }
 
-  send(type, extra) {
-    return this.client.send(this.roomId, type, this.content(extra));
+  send(type, extra, options) {
+    return this.client.send(this.roomId, type, this.content(extra), options);
   }
 
   /** Waits until ICE gathering completes, or at most `GATHER_WAIT_MS`. */
@@ -264,9 +270,6 @@ export class Call extends EventTarget {
     this.outgoingCandidates = this.outgoingCandidates.filter((c) => c.candidate === "");
     this.signalled = true;
     this.scheduleCandidates();
-    this.after(CONNECT_TIMEOUT_MS, () => {
-      if (this.state === "connecting") this.failIce();
-    });
   }
 
   onLocalCandidate(candidate) {
@@ -384,7 +387,8 @@ export class Call extends EventTarget {
   hangup(reason = "user_hangup", message = "Call ended.") {
     if (this.ended) return;
     if (this.state === "ringing") return this.reject();
-    this.send("m.call.hangup", { reason }).catch((e) => console.warn("hangup not sent", e));
+    // keepalive: the hangup still goes out when the page is being closed.
+    this.send("m.call.hangup", { reason }, { keepalive: true }).catch((e) => console.warn("hangup not sent", e));
     this.end(reason, message, reason !== "user_hangup");
   }
 
@@ -545,6 +549,12 @@ export class Call extends EventTarget {
     const state = this.pc?.connectionState;
     if (state === "connected") this.setState("connected");
     else if (state === "failed") this.failIce();
+    else if (state === "disconnected" && this.state === "connected") {
+      this.setState("reconnecting");
+      this.after(CONNECT_TIMEOUT_MS, () => {
+        if (this.state === "reconnecting") this.hangup("ice_timeout", "The connection was lost (ICE timeout).");
+      });
+    }
   }
 
   failIce() {

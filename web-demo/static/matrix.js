@@ -25,7 +25,7 @@ export function normaliseBaseUrl(input) {
   return url;
 }
 
-async function request(baseUrl, method, path, { token, body, query, timeoutMs = 20000, signal } = {}) {
+async function request(baseUrl, method, path, { token, body, query, timeoutMs = 20000, signal, keepalive = false } = {}) {
   const url = new URL(baseUrl + path);
   for (const [k, v] of Object.entries(query || {})) {
     if (v !== undefined && v !== null) url.searchParams.set(k, String(v));
@@ -42,6 +42,7 @@ async function request(baseUrl, method, path, { token, body, query, timeoutMs = 
       headers,
       body: body === undefined ? undefined : JSON.stringify(body),
       signal: combined,
+      keepalive,
     });
   } catch (e) {
     if (signal?.aborted) throw e;
@@ -138,13 +139,13 @@ export class MatrixClient {
   }
 
   /** Sends a room event with a fresh transaction id (retries reuse it). */
-  async send(roomId, type, content) {
+  async send(roomId, type, content, { keepalive = false } = {}) {
     this.txnCounter += 1;
     const txn = `${this.txnPrefix}.${this.txnCounter}`;
     const path = `/rooms/${encodeURIComponent(roomId)}/send/${encodeURIComponent(type)}/${txn}`;
     for (let attempt = 0; ; attempt++) {
       try {
-        return await this.call("PUT", path, { body: content });
+        return await this.call("PUT", path, { body: content, keepalive });
       } catch (e) {
         if (attempt >= 2 || e instanceof MatrixError) throw e;
         await new Promise((r) => setTimeout(r, 300 * (attempt + 1)));
