@@ -3,9 +3,9 @@
 
 use crate::drivers::media::ShardSet;
 use axum::Router;
-use axum::http::header;
 use axum::extract::Path;
 use axum::http::StatusCode;
+use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use homeserver::Homeserver;
@@ -41,7 +41,10 @@ fn web_demo_routes() -> Router {
         .route("/", get(|| async { Redirect::to(web_demo::MOUNT) }))
         .route("/demo", get(|| async { Redirect::to(web_demo::MOUNT) }))
         .route("/demo/", get(|| async { demo_file("") }))
-        .route("/demo/{file}", get(|Path(file): Path<String>| async move { demo_file(&file) }))
+        .route(
+            "/demo/{file}",
+            get(|Path(file): Path<String>| async move { demo_file(&file) }),
+        )
 }
 
 fn demo_file(name: &str) -> Response {

@@ -37,7 +37,11 @@ async fn the_demo_is_served_at_demo_and_the_root_leads_there() {
         ("style.css", "text/css; charset=utf-8", ".tiles"),
         ("favicon.svg", "image/svg+xml", "<svg"),
     ] {
-        let r = http.get(format!("{}/demo/{file}", server.base)).send().await.expect("GET");
+        let r = http
+            .get(format!("{}/demo/{file}", server.base))
+            .send()
+            .await
+            .expect("GET");
         assert_eq!(r.status(), 200, "{file}");
         assert_eq!(r.headers()["content-type"], kind, "{file}");
         assert_eq!(r.headers()["x-content-type-options"], "nosniff", "{file}");
@@ -56,8 +60,15 @@ async fn the_demo_is_served_at_demo_and_the_root_leads_there() {
         .await
         .expect("GET");
     assert_eq!(r.status(), 404);
-    assert_eq!(r.json::<serde_json::Value>().await.expect("json")["errcode"], "M_UNRECOGNIZED");
+    assert_eq!(
+        r.json::<serde_json::Value>().await.expect("json")["errcode"],
+        "M_UNRECOGNIZED"
+    );
 
     let urls = server.running.urls();
-    assert_eq!(urls[0].1, format!("{}/demo/", server.running.base_url), "the demo URL is printed first");
+    assert_eq!(
+        urls[0].1,
+        format!("{}/demo/", server.running.base_url),
+        "the demo URL is printed first"
+    );
 }

@@ -55,7 +55,13 @@ async fn web_demo_in_chromium_calls_one_to_one_and_in_a_conference() {
         command.arg("--map-root-user");
     }
     command
-        .args(["--net", "sh", "-c", r#"ip link set lo up && exec node web-e2e.mjs "$@""#, "sh"])
+        .args([
+            "--net",
+            "sh",
+            "-c",
+            r#"ip link set lo up && exec node web-e2e.mjs "$@""#,
+            "sh",
+        ])
         .arg(env!("CARGO_BIN_EXE_switchboard"))
         .arg(&out_dir)
         .args(SCENARIOS)
@@ -70,17 +76,32 @@ async fn web_demo_in_chromium_calls_one_to_one_and_in_a_conference() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     let verdict = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
     let checks: serde_json::Value = serde_json::from_str(verdict).unwrap_or_else(|_| {
-        panic!("no verdict from the browser scenarios (status {})\nstdout:\n{stdout}\nstderr:\n{stderr}", output.status)
+        panic!(
+            "no verdict from the browser scenarios (status {})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            output.status
+        )
     });
     for scenario in SCENARIOS {
         assert_eq!(
-            checks[scenario], "ok",
+            checks[scenario],
+            "ok",
             "scenario {scenario} failed: {verdict}\nscreenshots in {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
             out_dir.display()
         );
     }
-    assert!(output.status.success(), "{verdict}\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    for shot in ["one-to-one-alice", "declined-alice", "unreachable-nobody", "conference-four-carol"] {
-        assert!(out_dir.join(format!("{shot}.png")).exists(), "screenshot {shot}.png saved");
+    assert!(
+        output.status.success(),
+        "{verdict}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for shot in [
+        "one-to-one-alice",
+        "declined-alice",
+        "unreachable-nobody",
+        "conference-four-carol",
+    ] {
+        assert!(
+            out_dir.join(format!("{shot}.png")).exists(),
+            "screenshot {shot}.png saved"
+        );
     }
 }

@@ -67,7 +67,11 @@ mod tests {
                 let from = line.rsplit_once("from ").map(|(_, f)| f).unwrap_or(line);
                 let target = from.trim_matches(|c| c == '\'' || c == '"' || c == ';' || c == ' ');
                 let name = target.trim_start_matches("./");
-                assert!(asset(name).is_some(), "{} imports {target}, which is not embedded", a.name);
+                assert!(
+                    asset(name).is_some(),
+                    "{} imports {target}, which is not embedded",
+                    a.name
+                );
             }
         }
     }

@@ -264,10 +264,14 @@ export class Call extends EventTarget {
     });
   }
 
-  /** Our SDP (with the candidates gathered so far) is about to go out. */
-  sdpSent() {
-    // Candidates already in the SDP need not be trickled; the end marker must be.
+  /** Our SDP is read now: the candidates found so far are in it. */
+  sdpTaken() {
+    // Those need not be trickled; the end-of-candidates marker must be.
     this.outgoingCandidates = this.outgoingCandidates.filter((c) => c.candidate === "");
+  }
+
+  /** Our SDP went out: trickle the candidates found since. */
+  sdpSent() {
     this.signalled = true;
     this.scheduleCandidates();
   }
@@ -313,13 +317,14 @@ export class Call extends EventTarget {
       }
       if (this.ended) return;
       const offer = { type: "offer", sdp: pc.localDescription.sdp };
-      this.sdpSent();
+      this.sdpTaken();
       await this.send("m.call.invite", {
         offer,
         lifetime: INVITE_LIFETIME_MS,
         invitee: this.opponent,
         sdp_stream_metadata: this.ownMetadata(),
       });
+      this.sdpSent(); // only now: candidates sent before the invite would be dropped
       this.after(INVITE_LIFETIME_MS, () => {
         if (this.state === "inviting") this.hangup("invite_timeout", "No answer.");
       });
@@ -364,11 +369,13 @@ export class Call extends EventTarget {
       await pc.setLocalDescription(await pc.createAnswer());
       await this.gathered();
       if (this.ended) return;
-      this.sdpSent();
+      const answer = { type: "answer", sdp: pc.localDescription.sdp };
+      this.sdpTaken();
       await this.send("m.call.answer", {
-        answer: { type: "answer", sdp: pc.localDescription.sdp },
+        answer,
         sdp_stream_metadata: this.ownMetadata(),
       });
+      this.sdpSent();
       await this.addBufferedCandidates(this.opponentPartyId);
       this.updateStreams();
     });
