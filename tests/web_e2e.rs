@@ -12,7 +12,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const SCENARIOS: [&str; 4] = ["one-to-one", "declined", "unreachable", "conference"];
+const SCENARIOS: [&str; 7] = [
+    "one-to-one",
+    "declined",
+    "relay-unavailable",
+    "ice-failed",
+    "unreachable",
+    "camera-denied",
+    "conference",
+];
 
 fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM_BIN").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from)

@@ -14,7 +14,7 @@ import { join } from "node:path";
 import { createInterface } from "node:readline";
 
 const [binary, outDir, ...only] = process.argv.slice(2);
-const ALL = ["one-to-one", "declined", "relay-unavailable", "unreachable", "camera-denied", "conference"];
+const ALL = ["one-to-one", "declined", "relay-unavailable", "ice-failed", "unreachable", "camera-denied", "conference"];
 const scenarios = only.length ? only : ALL;
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
 const BOT = "@conference:localhost";
@@ -38,9 +38,9 @@ async function until(what, probe, ms = 30000) {
   }
 }
 
-async function startServer() {
+async function startServer(extra = []) {
   const dataDir = mkdtempSync(join(tmpdir(), "switchboard-web-e2e-"));
-  const child = spawn(binary, ["--data-dir", dataDir, "--bind", "127.0.0.1:0", "--set", "media.shards=1"], {
+  const child = spawn(binary, ["--data-dir", dataDir, "--bind", "127.0.0.1:0", "--set", "media.shards=1", ...extra], {
     env: { ...process.env, SWITCHBOARD_LOG_LEVEL: process.env.SWITCHBOARD_LOG_LEVEL || "warn" },
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -196,11 +196,11 @@ class User {
     return (await banner.isVisible()) ? (await banner.textContent()).trim() : "";
   }
 
-  async waitBanner(re, what) {
+  async waitBanner(re, what, ms = 30000) {
     return until(`${this.name} to show ${what}`, async () => {
       const text = await this.bannerText();
       return re.test(text) && text;
-    }, 30000);
+    }, ms);
   }
 
   async callViewHidden() {
@@ -277,6 +277,33 @@ async function cameraDenied(ctx) {
   }
 }
 
+async function iceFailed(ctx) {
+  // A second server whose /voip/turnServer names a TURN server nobody runs: with
+  // "Relay only" the caller has no candidate at all, so ICE cannot succeed even
+  // though both are on loopback, and the caller says so.
+  const server = await startServer(["--set", 'turn.uris=["turn:127.0.0.1:59998?transport=udp"]']);
+  try {
+    const heidi = await User.open(ctx.browser, server.url, "heidi");
+    const ivan = await User.open(ctx.browser, server.url, "ivan");
+    await heidi.register();
+    await ivan.register();
+    await heidi.createRoom("Heidi and Ivan", [ivan.id]);
+    await ivan.acceptInvite("Heidi and Ivan");
+    await heidi.page.check("#relay-only");
+    await heidi.page.getByRole("button", { name: `Voice call ${ivan.id}` }).click({ timeout: 20000 });
+    await ivan.page.locator("#incoming", { hasText: heidi.id }).waitFor({ timeout: 20000 });
+    await ivan.page.click("#answer");
+    await heidi.waitBanner(/ICE failed/, "the ICE-failed message", 60000);
+    // Ivan's side fails too: by its own ICE timeout or by heidi's hangup (ice_failed).
+    await ivan.waitBanner(/ICE failed/, "the ICE-failed message");
+    await heidi.shot("ice-failed");
+    await Promise.all([heidi.page.context().close(), ivan.page.context().close()]);
+  } finally {
+    server.stop();
+    rmSync(server.dataDir, { recursive: true, force: true });
+  }
+}
+
 async function unreachable(ctx) {
   const page = (await (await ctx.browser.newContext()).newPage());
   const user = new User("nobody", page);
@@ -332,6 +359,7 @@ const SCENARIOS = {
   "one-to-one": oneToOne,
   declined,
   "relay-unavailable": relayUnavailable,
+  "ice-failed": iceFailed,
   unreachable,
   "camera-denied": cameraDenied,
   conference,
@@ -378,8 +406,7 @@ try {
     } catch (e) {
       verdict[name] = e.message;
       log("FAILED", name, e.stack);
-      for (const [n, u] of registered) await u.shot(`${name}-failure`).catch(() => {});
-      void n;
+      for (const u of registered.values()) await u.shot(`${name}-failure`).catch(() => {});
     }
   }
 } catch (e) {

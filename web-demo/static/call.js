@@ -20,6 +20,8 @@ const CANDIDATE_BATCH_MS = 200;
 /** Signalled but no media path after this long: ICE failed. */
 const CONNECT_TIMEOUT_MS = 30000;
 
+const RELAY_HINT = " With “Relay only” all media must pass the TURN server: check that it is reachable.";
+
 const METADATA_KEYS = ["sdp_stream_metadata", "org.matrix.msc3077.sdp_stream_metadata"];
 
 export const CALL_EVENT_TYPES = new Set([
@@ -544,7 +546,7 @@ export class Call extends EventTarget {
     if (this.state === "ringing") return this.end(reason, `Missed call from ${this.opponent}.`, false);
     if (this.state === "inviting" && reason === "user_busy") return this.end(reason, `${this.opponentName()} is busy.`, true);
     const messages = {
-      ice_failed: `${this.opponentName()} could not connect (ICE failed).`,
+      ice_failed: `${this.opponentName()} could not connect (ICE failed).${this.relayOnly ? RELAY_HINT : ""}`,
       ice_timeout: "The connection was lost (ICE timeout).",
       invite_timeout: "The call was not answered in time.",
       user_media_failed: `${this.opponentName()} could not open a camera or microphone.`,
@@ -566,7 +568,7 @@ export class Call extends EventTarget {
 
   failIce() {
     const hint = this.relayOnly
-      ? " With “Relay only” all media must pass the TURN server: check that it is reachable."
+      ? RELAY_HINT
       : " No network path was found between you (a firewall or NAT may block it; a TURN server helps).";
     this.hangup("ice_failed", `The connection failed (ICE failed).${hint}`);
   }
