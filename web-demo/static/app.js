@@ -491,6 +491,8 @@ function onCallEvent(roomId, event) {
     return;
   }
   const call = Call.fromInvite(state.client, roomId, event.sender, content);
+  // The bot dials out too (a room linked to a conference): answering joins it.
+  call.conference = event.sender === botId();
   call.relayOnly = $("relay-only").checked;
   call.videoConstraints = VIDEO;
   attach(call);
