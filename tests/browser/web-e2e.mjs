@@ -7,7 +7,7 @@
 // Prints one JSON line at the end: {scenario: "ok" | "failure message"}.
 
 import { chromium } from "playwright-core";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -15,7 +15,6 @@ import { createInterface } from "node:readline";
 
 const [binary, outDir, ...only] = process.argv.slice(2);
 const ALL = ["one-to-one", "declined", "relay-unavailable", "ice-failed", "unreachable", "camera-denied", "conference"];
-const scenarios = only.length ? only : ALL;
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
 const BOT = "@conference:localhost";
 mkdirSync(outDir, { recursive: true });
@@ -36,6 +35,24 @@ async function until(what, probe, ms = 30000) {
     if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what} (last: ${JSON.stringify(last)})`);
     await new Promise((r) => setTimeout(r, 250));
   }
+}
+
+/**
+ * Does this binary embed the TURN relay? Read from its effective config (the
+ * relay's listener keys), so the relay-only scenario runs as soon as the relay
+ * is part of the build, and the other scenarios can turn it off.
+ */
+function hasTurnRelay() {
+  const out = spawnSync(binary, ["--print-config"], { encoding: "utf8" });
+  if (out.status !== 0) throw new Error(`switchboard --print-config failed: ${out.stderr}`);
+  return /\[turn\][^[]*\nlistening_port = /.test(out.stdout);
+}
+const TURN_RELAY = hasTurnRelay();
+
+/** Server flags: with our TURN relay on a free port, or without any relay. */
+function turnArgs(relay) {
+  if (!TURN_RELAY) return [];
+  return relay ? ["--set", "turn.listening_port=0"] : ["--set", "turn.enabled=false"];
 }
 
 async function startServer(extra = []) {
@@ -252,14 +269,49 @@ async function declined(ctx) {
   await alice.shot("declined");
 }
 
-async function relayUnavailable(ctx) {
-  // Without a TURN server (none is configured in this test), "Relay only" cannot work: say so.
+async function relayOnly(ctx) {
+  // Both sides force relayed candidates: the media goes through our TURN relay.
   const [alice, bob] = await ctx.users("alice", "bob");
   await alice.page.check("#relay-only");
+  await bob.page.check("#relay-only");
   await alice.page.getByRole("button", { name: `Video call ${bob.id}` }).click({ timeout: 20000 });
-  await alice.waitBanner(/Relay only.*needs a TURN server/, "the relay-unavailable message");
-  await alice.shot("relay-unavailable");
+  await bob.page.locator("#incoming", { hasText: alice.id }).waitFor({ timeout: 20000 });
+  await bob.page.click("#answer");
+  await Promise.all([alice.waitConnected(), bob.waitConnected()]);
+  await Promise.all([alice.inboundGrows(), bob.inboundGrows()]);
+  for (const user of [alice, bob]) {
+    const pair = await user.assertLoopbackPair();
+    log(`${user.name} pair`, JSON.stringify(pair));
+    if (pair.localType !== "relay" || pair.remoteType !== "relay") {
+      throw new Error(`${user.name}'s selected pair is not relay ↔ relay: ${JSON.stringify(pair)}`);
+    }
+  }
+  await Promise.all([alice.shot("relay-only"), bob.shot("relay-only")]);
+  await alice.page.click("#hangup");
+  await until("both call views to close", async () => (await alice.callViewHidden()) && (await bob.callViewHidden()));
   await alice.page.uncheck("#relay-only");
+  await bob.page.uncheck("#relay-only");
+}
+
+async function relayUnavailable(ctx) {
+  // A server without any TURN server: "Relay only" cannot work, and the demo says so.
+  const server = await startServer(turnArgs(false));
+  try {
+    const judy = await User.open(ctx.browser, server.url, "judy");
+    const ken = await User.open(ctx.browser, server.url, "ken");
+    await judy.register();
+    await ken.register();
+    await judy.createRoom("Judy and Ken", [ken.id]);
+    await ken.acceptInvite("Judy and Ken");
+    await judy.page.check("#relay-only");
+    await judy.page.getByRole("button", { name: `Video call ${ken.id}` }).click({ timeout: 20000 });
+    await judy.waitBanner(/Relay only.*needs a TURN server/, "the relay-unavailable message");
+    await judy.shot("relay-unavailable");
+    await Promise.all([judy.page.context().close(), ken.page.context().close()]);
+  } finally {
+    server.stop();
+    rmSync(server.dataDir, { recursive: true, force: true });
+  }
 }
 
 async function cameraDenied(ctx) {
@@ -281,7 +333,7 @@ async function iceFailed(ctx) {
   // A second server whose /voip/turnServer names a TURN server nobody runs: with
   // "Relay only" the caller has no candidate at all, so ICE cannot succeed even
   // though both are on loopback, and the caller says so.
-  const server = await startServer(["--set", 'turn.uris=["turn:127.0.0.1:59998?transport=udp"]']);
+  const server = await startServer([...turnArgs(false), "--set", 'turn.uris=["turn:127.0.0.1:59998?transport=udp"]']);
   try {
     const heidi = await User.open(ctx.browser, server.url, "heidi");
     const ivan = await User.open(ctx.browser, server.url, "ivan");
@@ -355,8 +407,12 @@ async function conference(ctx) {
   await carol.shot("conference-after-leave");
 }
 
+// Scenario 2 (relay only, through our TURN relay) needs the relay in the binary.
+const scenarios = only.length ? only : TURN_RELAY ? [...ALL.slice(0, 2), "relay-only", ...ALL.slice(2)] : ALL;
+
 const SCENARIOS = {
   "one-to-one": oneToOne,
+  "relay-only": relayOnly,
   declined,
   "relay-unavailable": relayUnavailable,
   "ice-failed": iceFailed,
@@ -371,8 +427,8 @@ const verdict = {};
 let server;
 let browser;
 try {
-  server = await startServer();
-  log("switchboard at", server.url);
+  server = await startServer(turnArgs(true));
+  log("switchboard at", server.url, TURN_RELAY ? "(with its TURN relay)" : "(this build has no TURN relay: no relay-only scenario)");
   browser = await launch();
   log("chromium", browser.version());
   const registered = new Map();
