@@ -45,7 +45,8 @@ async function until(what, probe, ms = 30000) {
 function hasTurnRelay() {
   const out = spawnSync(binary, ["--print-config"], { encoding: "utf8" });
   if (out.status !== 0) throw new Error(`switchboard --print-config failed: ${out.stderr}`);
-  return /\[turn\][^[]*\nlistening_port = /.test(out.stdout);
+  const turn = out.stdout.split("\n[").find((section) => section.startsWith("turn]"));
+  return !!turn && turn.includes("\nlistening_port = ");
 }
 const TURN_RELAY = hasTurnRelay();
 
