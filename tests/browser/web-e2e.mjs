@@ -268,6 +268,10 @@ async function declined(ctx) {
   await alice.waitBanner(/declined the call/, "the declined message");
   await until("alice's call view to close", () => alice.callViewHidden());
   await alice.shot("declined");
+  // A reload keeps the session and finds the room again from the initial sync.
+  await bob.page.reload();
+  await bob.page.locator("#whoami", { hasText: bob.id }).waitFor({ timeout: 20000 });
+  await bob.page.locator("#room-list button", { hasText: "Alice and Bob" }).waitFor({ timeout: 20000 });
 }
 
 async function relayOnly(ctx) {
