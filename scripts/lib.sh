@@ -39,3 +39,18 @@ ensure_interop_clients() {
         (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
     fi
 }
+
+# The browser end-to-end tests: Debian's Chromium, `ip` for the loopback-only
+# network namespace, and playwright-core (pinned by package-lock.json) to drive it.
+ensure_browser_tests() {
+    ensure_apt chromium iproute2
+    local dir="$ROOT/tests/browser"
+    if [ ! -d "$dir/node_modules/playwright-core" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+        say "installing playwright-core for the browser tests"
+        (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    fi
+    if ! [ -x "${CHROMIUM_BIN:-/usr/bin/chromium}" ]; then
+        say "Chromium is missing after installing it: the browser tests cannot run"
+        return 1
+    fi
+}

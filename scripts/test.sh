@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of Switchboard: formatting, lints, unit, simulation,
-# integration and interop tests. Installs what a fresh machine lacks first.
+# integration, interop and browser end-to-end tests. Installs what a fresh machine lacks first.
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 ensure_rust_components
 ensure_interop_clients
+ensure_browser_tests
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,8 +1,8 @@
 //! Starts the parts of Switchboard and owns their lifetime.
 //!
 //! Today the parts are the companion homeserver, the SFU media shards (all-in-one
-//! mode) and the operational endpoints; the TURN relay, the conference bot and
-//! the web demo join the same process as their issues land.
+//! mode), the conference bot, the web demo and the operational endpoints; the
+//! TURN relay joins the same process as its issue lands.
 
 use crate::bot::{Bot, BotPolicy};
 use crate::config::Config;
@@ -52,6 +52,10 @@ impl Running {
     pub fn urls(&self) -> Vec<(&'static str, String)> {
         let mut urls = Vec::new();
         if self.homeserver.is_some() {
+            urls.push((
+                "Web demo (open it in two browser tabs)",
+                format!("{}{}", self.base_url, web_demo::MOUNT),
+            ));
             urls.push(("Homeserver (Matrix Client-Server API)", self.base_url.clone()));
         }
         urls.push(("Health", format!("{}/healthz", self.base_url)));

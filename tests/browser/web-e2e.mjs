@@ -1,0 +1,482 @@
+// Browser end-to-end scenarios for the web demo: Debian's Chromium (headless,
+// fake camera and microphone) driven by playwright-core against the real
+// all-in-one `switchboard` binary. tests/web_e2e.rs runs this inside a
+// loopback-only network namespace, so every ICE candidate is on 127.0.0.1.
+//
+// usage: node web-e2e.mjs SWITCHBOARD_BINARY OUTPUT_DIR [SCENARIO...]
+// Prints one JSON line at the end: {scenario: "ok" | "failure message"}.
+
+import { chromium } from "playwright-core";
+import { spawn, spawnSync } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { createInterface } from "node:readline";
+
+const [binary, outDir, ...only] = process.argv.slice(2);
+const ALL = ["one-to-one", "declined", "relay-unavailable", "ice-failed", "unreachable", "camera-denied", "conference"];
+const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
+const BOT = "@conference:localhost";
+mkdirSync(outDir, { recursive: true });
+
+const log = (...args) => console.log(new Date().toISOString().slice(11, 23), ...args);
+
+/** Polls `probe` until it returns a truthy value; fails after `ms` with `what`. */
+async function until(what, probe, ms = 30000) {
+  const deadline = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      last = await probe();
+      if (last) return last;
+    } catch (e) {
+      last = e.message;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what} (last: ${JSON.stringify(last)})`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+/**
+ * Does this binary embed the TURN relay? Read from its effective config (the
+ * relay's listener keys), so the relay-only scenario runs as soon as the relay
+ * is part of the build, and the other scenarios can turn it off.
+ */
+function hasTurnRelay() {
+  const out = spawnSync(binary, ["--print-config"], { encoding: "utf8" });
+  if (out.status !== 0) throw new Error(`switchboard --print-config failed: ${out.stderr}`);
+  const turn = out.stdout.split("\n[").find((section) => section.startsWith("turn]"));
+  return !!turn && turn.includes("\nlistening_port = ");
+}
+const TURN_RELAY = hasTurnRelay();
+
+/** Server flags: with our TURN relay on a free port, or without any relay. */
+function turnArgs(relay) {
+  if (!TURN_RELAY) return [];
+  return relay ? ["--set", "turn.listening_port=0"] : ["--set", "turn.enabled=false"];
+}
+
+async function startServer(extra = []) {
+  const dataDir = mkdtempSync(join(tmpdir(), "switchboard-web-e2e-"));
+  const child = spawn(binary, ["--data-dir", dataDir, "--bind", "127.0.0.1:0", "--set", "media.shards=1", ...extra], {
+    env: { ...process.env, SWITCHBOARD_LOG_LEVEL: process.env.SWITCHBOARD_LOG_LEVEL || "warn" },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const lines = createInterface({ input: child.stdout });
+  const url = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("switchboard did not print its web demo URL within 30 s")), 30000);
+    child.on("exit", (code) => reject(new Error(`switchboard exited (${code}) before printing its URL`)));
+    lines.on("line", (line) => {
+      const m = line.match(/Web demo[^:]*: (http\S+)/);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1].replace("localhost", "127.0.0.1"));
+      }
+    });
+  });
+  return { url, stop: () => child.kill("SIGTERM"), dataDir };
+}
+
+function launch(extra = []) {
+  const fakeUi = extra.some((a) => a.startsWith("--use-fake-ui-for-media-stream"));
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    chromiumSandbox: false,
+    args: [
+      "--headless=new",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--use-fake-device-for-media-stream",
+      ...(fakeUi ? [] : ["--use-fake-ui-for-media-stream"]),
+      ...extra,
+      "--autoplay-policy=no-user-gesture-required",
+      // The namespace has only `lo`: let WebRTC use it, with raw addresses.
+      "--allow-loopback-in-peer-connection",
+      "--disable-features=WebRtcHideLocalIpsWithMdns",
+    ],
+  });
+}
+
+class User {
+  constructor(name, page) {
+    this.name = name;
+    this.id = `@${name}:localhost`;
+    this.page = page;
+    page.on("console", (m) => {
+      if (m.type() === "error" || m.type() === "warning") log(`[${name} console.${m.type()}]`, m.text());
+    });
+    page.on("pageerror", (e) => log(`[${name} page error]`, e.message));
+  }
+
+  static async open(browser, url, name) {
+    const context = await browser.newContext({ viewport: { width: 1200, height: 860 } });
+    const page = await context.newPage();
+    await page.goto(`${url}?lowres`);
+    return new User(name, page);
+  }
+
+  async register() {
+    const p = this.page;
+    await p.fill("#username", this.name);
+    await p.fill("#password", "correct horse battery");
+    await p.click("#register-button");
+    await p.locator("#whoami", { hasText: this.id }).waitFor({ timeout: 20000 });
+  }
+
+  async createRoom(name, invite, withBot = false) {
+    const p = this.page;
+    await p.fill("#new-room-name", name);
+    await p.fill("#new-room-invite", invite.join(", "));
+    if (withBot) await p.check("#new-room-bot");
+    await p.click("#create-room-form button[type=submit]");
+    await p.locator("#room-name", { hasText: name }).waitFor({ timeout: 15000 });
+  }
+
+  async acceptInvite(roomName) {
+    const li = this.page.locator("#invites li", { hasText: roomName });
+    await li.getByRole("button", { name: /^Join/ }).click({ timeout: 20000 });
+    await this.page.locator("#room-name", { hasText: roomName }).waitFor({ timeout: 15000 });
+  }
+
+  async status() {
+    return (await this.page.locator("#call-status").textContent())?.trim();
+  }
+
+  async waitConnected() {
+    await until(`${this.name}'s call to be connected`, async () => (await this.status()) === "Connected", 40000);
+  }
+
+  bytesIn() {
+    return this.page.locator("#stat-bytes-in").getAttribute("data-value").then(Number);
+  }
+
+  /** The stats panel's received byte count grows by at least `by` bytes. */
+  async inboundGrows(by = 20000) {
+    const start = await until(`${this.name} to receive media`, async () => (await this.bytesIn()) > 0 && (await this.bytesIn()), 30000);
+    await until(`${this.name}'s inbound bytes to grow past ${start + by}`, async () => (await this.bytesIn()) > start + by, 30000);
+  }
+
+  /** The selected candidate pair, as the stats panel shows it. */
+  async pair() {
+    const dd = this.page.locator("#stat-pair");
+    return {
+      localType: await dd.getAttribute("data-local-type"),
+      remoteType: await dd.getAttribute("data-remote-type"),
+      localAddress: await dd.getAttribute("data-local-address"),
+      remoteAddress: await dd.getAttribute("data-remote-address"),
+    };
+  }
+
+  async assertLoopbackPair() {
+    const pair = await until(`${this.name}'s selected candidate pair`, async () => {
+      const p = await this.pair();
+      return p.localAddress ? p : null;
+    });
+    if (pair.localAddress !== "127.0.0.1" || pair.remoteAddress !== "127.0.0.1") {
+      throw new Error(`${this.name}'s selected pair is not on loopback: ${JSON.stringify(pair)}`);
+    }
+    return pair;
+  }
+
+  /** Remote tiles: [{userId, bytes}]. */
+  remoteTiles() {
+    return this.page.$$eval("#tiles > .tile.remote", (nodes) =>
+      nodes.map((n) => ({ userId: n.dataset.userId, bytes: Number(n.dataset.bytes || 0), name: n.querySelector(".name")?.textContent })),
+    );
+  }
+
+  /** Waits until the remote tiles are exactly `users` and each one's bytes grow. */
+  async seesTiles(users) {
+    const want = [...users].sort().join(",");
+    await until(`${this.name} to see tiles of ${want}`, async () => {
+      const tiles = await this.remoteTiles();
+      return tiles.map((t) => t.userId).sort().join(",") === want;
+    }, 45000);
+    const tiles = await this.remoteTiles();
+    for (const t of tiles) {
+      if (!t.name.includes(t.userId)) throw new Error(`${this.name}'s tile for ${t.userId} is labelled ${t.name}`);
+    }
+    const before = new Map(tiles.map((t) => [t.userId, t.bytes]));
+    await until(`${this.name}'s inbound bytes from each of ${want} to grow`, async () => {
+      const now = await this.remoteTiles();
+      return now.length === users.length && now.every((t) => t.bytes > (before.get(t.userId) || 0) + 5000);
+    }, 40000);
+  }
+
+  async bannerText() {
+    const banner = this.page.locator("#banner");
+    return (await banner.isVisible()) ? (await banner.textContent()).trim() : "";
+  }
+
+  async waitBanner(re, what, ms = 30000) {
+    return until(`${this.name} to show ${what}`, async () => {
+      const text = await this.bannerText();
+      return re.test(text) && text;
+    }, ms);
+  }
+
+  async callViewHidden() {
+    return this.page.locator("#call-view").isHidden();
+  }
+
+  shot(scenario) {
+    return this.page.screenshot({ path: join(outDir, `${scenario}-${this.name}.png`), fullPage: true });
+  }
+}
+
+// ---- scenarios ---------------------------------------------------------------
+
+async function oneToOne(ctx) {
+  const [alice, bob] = await ctx.users("alice", "bob");
+  await alice.createRoom("Alice and Bob", [bob.id]);
+  await bob.acceptInvite("Alice and Bob");
+  await alice.page.getByRole("button", { name: `Video call ${bob.id}` }).click({ timeout: 20000 });
+  await bob.page.locator("#incoming", { hasText: alice.id }).waitFor({ timeout: 20000 });
+  await bob.page.click("#answer");
+  await Promise.all([alice.waitConnected(), bob.waitConnected()]);
+  await Promise.all([alice.inboundGrows(), bob.inboundGrows()]);
+  for (const [me, other] of [
+    [alice, bob],
+    [bob, alice],
+  ]) {
+    const pair = await me.assertLoopbackPair();
+    log(`${me.name} pair`, JSON.stringify(pair));
+    const tiles = await me.remoteTiles();
+    if (tiles.length !== 1 || tiles[0].userId !== other.id) throw new Error(`${me.name} shows tiles ${JSON.stringify(tiles)}`);
+  }
+  await alice.shot("one-to-one");
+  // Bob looks at the call on a phone-sized window.
+  await bob.page.setViewportSize({ width: 390, height: 844 });
+  await bob.shot("one-to-one-phone");
+  await bob.page.setViewportSize({ width: 1200, height: 860 });
+  await alice.page.click("#hangup");
+  await bob.waitBanner(/hung up/, "that alice hung up");
+  await until("both call views to close", async () => (await alice.callViewHidden()) && (await bob.callViewHidden()));
+}
+
+async function declined(ctx) {
+  const [alice, bob] = await ctx.users("alice", "bob");
+  await alice.page.getByRole("button", { name: `Video call ${bob.id}` }).click({ timeout: 20000 });
+  await bob.page.locator("#incoming", { hasText: alice.id }).waitFor({ timeout: 20000 });
+  await bob.page.click("#decline");
+  await alice.waitBanner(/declined the call/, "the declined message");
+  await until("alice's call view to close", () => alice.callViewHidden());
+  await alice.shot("declined");
+  // A reload keeps the session and finds the room again from the initial sync.
+  await bob.page.reload();
+  await bob.page.locator("#whoami", { hasText: bob.id }).waitFor({ timeout: 20000 });
+  await bob.page.locator("#room-list button", { hasText: "Alice and Bob" }).waitFor({ timeout: 20000 });
+}
+
+async function relayOnly(ctx) {
+  // Both sides force relayed candidates: the media goes through our TURN relay.
+  const [alice, bob] = await ctx.users("alice", "bob");
+  await alice.page.check("#relay-only");
+  await bob.page.check("#relay-only");
+  await alice.page.getByRole("button", { name: `Video call ${bob.id}` }).click({ timeout: 20000 });
+  await bob.page.locator("#incoming", { hasText: alice.id }).waitFor({ timeout: 20000 });
+  await bob.page.click("#answer");
+  await Promise.all([alice.waitConnected(), bob.waitConnected()]);
+  await Promise.all([alice.inboundGrows(), bob.inboundGrows()]);
+  for (const user of [alice, bob]) {
+    const pair = await user.assertLoopbackPair();
+    log(`${user.name} pair`, JSON.stringify(pair));
+    if (pair.localType !== "relay" || pair.remoteType !== "relay") {
+      throw new Error(`${user.name}'s selected pair is not relay ↔ relay: ${JSON.stringify(pair)}`);
+    }
+  }
+  await Promise.all([alice.shot("relay-only"), bob.shot("relay-only")]);
+  await alice.page.click("#hangup");
+  await until("both call views to close", async () => (await alice.callViewHidden()) && (await bob.callViewHidden()));
+  await alice.page.uncheck("#relay-only");
+  await bob.page.uncheck("#relay-only");
+}
+
+async function relayUnavailable(ctx) {
+  // A server without any TURN server: "Relay only" cannot work, and the demo says so.
+  const server = await startServer(turnArgs(false));
+  try {
+    const judy = await User.open(ctx.browser, server.url, "judy");
+    const ken = await User.open(ctx.browser, server.url, "ken");
+    await judy.register();
+    await ken.register();
+    await judy.createRoom("Judy and Ken", [ken.id]);
+    await ken.acceptInvite("Judy and Ken");
+    await judy.page.check("#relay-only");
+    await judy.page.getByRole("button", { name: `Video call ${ken.id}` }).click({ timeout: 20000 });
+    await judy.waitBanner(/Relay only.*needs a TURN server/, "the relay-unavailable message");
+    await judy.shot("relay-unavailable");
+    await Promise.all([judy.page.context().close(), ken.page.context().close()]);
+  } finally {
+    server.stop();
+    rmSync(server.dataDir, { recursive: true, force: true });
+  }
+}
+
+async function cameraDenied(ctx) {
+  // A second browser whose (fake) permission prompt answers "deny".
+  const browser = await launch(["--use-fake-ui-for-media-stream=deny"]);
+  try {
+    const grace = await User.open(browser, ctx.url, "grace");
+    await grace.register();
+    await grace.createRoom("Grace alone", [], true);
+    await grace.page.click("#join-conference");
+    await grace.waitBanner(/Camera and microphone access was denied/, "the permission message");
+    await grace.shot("camera-denied");
+  } finally {
+    await browser.close();
+  }
+}
+
+async function iceFailed(ctx) {
+  // A second server whose /voip/turnServer names a TURN server nobody runs: with
+  // "Relay only" the caller has no candidate at all, so ICE cannot succeed even
+  // though both are on loopback, and the caller says so.
+  const server = await startServer([...turnArgs(false), "--set", 'turn.uris=["turn:127.0.0.1:59998?transport=udp"]']);
+  try {
+    const heidi = await User.open(ctx.browser, server.url, "heidi");
+    const ivan = await User.open(ctx.browser, server.url, "ivan");
+    await heidi.register();
+    await ivan.register();
+    await heidi.createRoom("Heidi and Ivan", [ivan.id]);
+    await ivan.acceptInvite("Heidi and Ivan");
+    await heidi.page.check("#relay-only");
+    await heidi.page.getByRole("button", { name: `Voice call ${ivan.id}` }).click({ timeout: 20000 });
+    await ivan.page.locator("#incoming", { hasText: heidi.id }).waitFor({ timeout: 20000 });
+    await ivan.page.click("#answer");
+    await heidi.waitBanner(/ICE failed/, "the ICE-failed message", 60000);
+    // Ivan's side fails too: by its own ICE timeout or by heidi's hangup (ice_failed).
+    await ivan.waitBanner(/ICE failed/, "the ICE-failed message");
+    await heidi.shot("ice-failed");
+    await Promise.all([heidi.page.context().close(), ivan.page.context().close()]);
+  } finally {
+    server.stop();
+    rmSync(server.dataDir, { recursive: true, force: true });
+  }
+}
+
+async function unreachable(ctx) {
+  const page = (await (await ctx.browser.newContext()).newPage());
+  const user = new User("nobody", page);
+  await page.goto(`${ctx.url}?lowres`);
+  // Nothing listens on this port in the namespace (the test made it; only switchboard runs).
+  await page.fill("#hs-url", "http://127.0.0.1:59999");
+  await page.fill("#username", "nobody");
+  await page.fill("#password", "irrelevant");
+  await page.click("#login-button");
+  await until("the unreachable-homeserver message", async () =>
+    /Cannot reach the homeserver at http:\/\/127\.0\.0\.1:59999/.test(await page.locator("#login-error").textContent()),
+  );
+  await user.shot("unreachable");
+}
+
+async function conference(ctx) {
+  const [carol, dave, erin, frank] = await ctx.users("carol", "dave", "erin", "frank");
+  await carol.createRoom("Standup", [dave.id, erin.id, frank.id], true);
+  for (const u of [dave, erin, frank]) await u.acceptInvite("Standup");
+  const first = [carol, dave, erin];
+  for (const u of first) await u.page.click("#join-conference");
+  const ids = (users) => users.map((u) => u.id);
+  await Promise.all(first.map((u) => u.waitConnected()));
+  await Promise.all(first.map((u) => u.seesTiles(ids(first.filter((o) => o !== u)))));
+  log("three in the conference: each sees two");
+  // Carol mutes her microphone and camera: the others see it on her tile.
+  await carol.page.click("#mute-mic");
+  await carol.page.click("#camera-off");
+  const carolsTile = (u) => u.page.locator(`#tiles > .tile.remote[data-user-id="${carol.id}"] .name`);
+  for (const u of [dave, erin]) {
+    await until(`${u.name} to see carol muted`, async () => /microphone off, camera off/.test(await carolsTile(u).textContent()));
+  }
+  await carol.page.click("#mute-mic");
+  await carol.page.click("#camera-off");
+  for (const u of [dave, erin]) {
+    await until(`${u.name} to see carol unmuted`, async () => !/off/.test(await carolsTile(u).textContent()));
+  }
+  log("mute and unmute reached the others");
+  await frank.page.click("#join-conference");
+  const all = [...first, frank];
+  await frank.waitConnected();
+  await Promise.all(all.map((u) => u.seesTiles(ids(all.filter((o) => o !== u)))));
+  log("four in the conference: each sees three");
+  await frank.assertLoopbackPair();
+  await Promise.all(all.map((u) => u.shot("conference-four")));
+  await frank.page.click("#hangup");
+  await Promise.all(first.map((u) => u.seesTiles(ids(first.filter((o) => o !== u)))));
+  log("frank left: each sees two again");
+  await carol.shot("conference-after-leave");
+}
+
+// Scenario 2 (relay only, through our TURN relay) needs the relay in the binary.
+const scenarios = only.length ? only : TURN_RELAY ? [...ALL.slice(0, 2), "relay-only", ...ALL.slice(2)] : ALL;
+
+const SCENARIOS = {
+  "one-to-one": oneToOne,
+  "relay-only": relayOnly,
+  declined,
+  "relay-unavailable": relayUnavailable,
+  "ice-failed": iceFailed,
+  unreachable,
+  "camera-denied": cameraDenied,
+  conference,
+};
+
+// ---- main --------------------------------------------------------------------
+
+const verdict = {};
+let server;
+let browser;
+try {
+  server = await startServer(turnArgs(true));
+  log("switchboard at", server.url, TURN_RELAY ? "(with its TURN relay)" : "(this build has no TURN relay: no relay-only scenario)");
+  browser = await launch();
+  log("chromium", browser.version());
+  const registered = new Map();
+  const ctx = {
+    browser,
+    url: server.url,
+    /** Users by name: opened and registered once, reused across scenarios. */
+    async users(...names) {
+      const users = [];
+      for (const name of names) {
+        if (!registered.has(name)) {
+          const user = await User.open(browser, server.url, name);
+          await user.register();
+          registered.set(name, user);
+        }
+        users.push(registered.get(name));
+      }
+      return users;
+    },
+  };
+  for (const name of scenarios) {
+    const run = SCENARIOS[name];
+    if (!run) {
+      verdict[name] = "no such scenario";
+      continue;
+    }
+    log("scenario", name);
+    try {
+      await run(ctx);
+      verdict[name] = "ok";
+    } catch (e) {
+      verdict[name] = e.message;
+      log("FAILED", name, e.stack);
+      for (const u of registered.values()) await u.shot(`${name}-failure`).catch(() => {});
+    }
+  }
+} catch (e) {
+  verdict.setup = e.message;
+  log("setup failed", e.stack);
+} finally {
+  await browser?.close().catch(() => {});
+  server?.stop();
+  if (server) rmSync(server.dataDir, { recursive: true, force: true });
+}
+console.log(JSON.stringify(verdict));
+process.exit(Object.values(verdict).every((v) => v === "ok") ? 0 : 1);
