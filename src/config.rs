@@ -427,8 +427,9 @@ impl Config {
         config.log.level = "warn".into();
         config.media.shards = 1;
         config.turn.listening_port = 0;
-        // Tests that want the conference bot turn it on.
+        // Tests that want the conference bot or the TURN relay turn them on.
         config.bot.enabled = false;
+        config.turn.enabled = false;
         config
     }
 }

@@ -558,16 +558,19 @@ impl Driver {
         conn.fill();
         let client = conn.client;
         let mut at = 0;
-        while let Some(len) = stun::stream_frame_len(&conn.inbuf[at..conn.filled]) {
-            if at + len > conn.filled {
-                break;
-            }
-            let frame = &conn.inbuf[at..at + len];
-            if stun::kind(frame) == stun::Kind::Other {
+        while at < conn.filled {
+            if stun::kind(&conn.inbuf[at..conn.filled]) == stun::Kind::Other {
                 // Not TURN framing: the stream cannot be resynchronised.
                 conn.closed = true;
                 break;
             }
+            let Some(len) = stun::stream_frame_len(&conn.inbuf[at..conn.filled]) else {
+                break;
+            };
+            if at + len > conn.filled {
+                break;
+            }
+            let frame = &conn.inbuf[at..at + len];
             if let ClientOutcome::Forward {
                 relay_port,
                 peer,
