@@ -4,5 +4,8 @@
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
+if [ "${1:-}" = "turn" ]; then
+    ensure_coturn
+fi
 cargo build --release --locked --bin switchboard -p switchboard-bench >&2
 exec "$ROOT/target/release/switchboard-bench" "$@"

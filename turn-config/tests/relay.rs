@@ -551,3 +551,58 @@ fn a_closed_stream_frees_its_allocation_and_a_failed_bind_answers_508() {
     assert_eq!(error_code(&Message::parse(&response).expect("parses")), Some(508));
     assert_eq!(sim.relay.stats().allocations, 0);
 }
+
+#[test]
+fn mutated_messages_never_panic_nor_harm_the_allocation() {
+    let mut sim = Sim::new(|_| {});
+    let mut alice = sim.client(Transport::Udp, "198.51.100.4:1", "@alice:example.org", 3600);
+    let relay = sim.allocate(&mut alice, RELAY_IP).expect("allocates");
+    let peer = addr("192.0.2.1:1000");
+    sim.bind(&alice, 0x4000, peer).expect("bound");
+    let tid = sim.tid();
+    let mut send = MessageWriter::new(method::SEND, Class::Indication, tid);
+    send.xor_address(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, b"payload");
+    let seeds = [
+        sim.request(&alice, method::REFRESH, |w| {
+            w.u32_attr(attr::LIFETIME, 60);
+        }),
+        sim.request(&alice, method::CREATE_PERMISSION, |w| {
+            w.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        }),
+        sim.request(&alice, method::ALLOCATE, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        }),
+        send.finish(),
+        channel_data(0x4000, b"media"),
+    ];
+    // xorshift64: deterministic, so a failure replays.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..20_000 {
+        let mut bytes = seeds[(next() % seeds.len() as u64) as usize].clone();
+        match next() % 3 {
+            0 => bytes.truncate((next() % (bytes.len() as u64 + 1)) as usize),
+            1 => bytes.extend((0..next() % 8).map(|_| next() as u8)),
+            _ => {}
+        }
+        for _ in 0..1 + next() % 4 {
+            if !bytes.is_empty() {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] ^= 1 << (next() % 8);
+            }
+        }
+        sim.relay.handle_client_packet(sim.now, alice.addr, &bytes);
+        sim.run_commands(RELAY_IP);
+        sim.responses();
+        let _ = sim.from_peer(relay.port(), peer, &bytes);
+    }
+    // Only messages intact up to MESSAGE-INTEGRITY are obeyed (what follows it
+    // is ignored, RFC 8489 §14.5), and none of these deletes the allocation.
+    assert_eq!(sim.signed(&alice, method::REFRESH, |_| {}), Ok(()));
+    assert_eq!(sim.relay.stats().allocations, 1);
+}
