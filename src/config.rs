@@ -367,13 +367,18 @@ impl Config {
         if let Some(relay) = ip("relay_ip", &turn.relay_ip)?.or(listening)
             && (!relay.is_ipv4() || relay.is_unspecified())
         {
-            bail!("config key 'turn.relay_ip': relay addresses are one IPv4 address (set it when listening_ip is not one)");
+            bail!(
+                "config key 'turn.relay_ip': relay addresses are one IPv4 address (set it when listening_ip is not one)"
+            );
         }
         ip("external_ip", &turn.external_ip)?;
         if turn.min_port == 0 || turn.min_port > turn.max_port {
             bail!("config key 'turn.min_port': must be at least 1 and at most turn.max_port");
         }
-        for (key, ranges) in [("denied_peer_ip", &turn.denied_peer_ip), ("allowed_peer_ip", &turn.allowed_peer_ip)] {
+        for (key, ranges) in [
+            ("denied_peer_ip", &turn.denied_peer_ip),
+            ("allowed_peer_ip", &turn.allowed_peer_ip),
+        ] {
             turn_config::policy::parse_ranges(ranges).map_err(|e| anyhow::anyhow!("config key 'turn.{key}': {e}"))?;
         }
         if turn.cert.is_empty() != turn.pkey.is_empty() {
@@ -551,7 +556,14 @@ mod tests {
         assert!(err(load(&[], &[("no.such", "1")], None)).contains("no.such"));
         assert!(err(load(&[], &[("turn.denied_peer_ip", "10.0.0.0/99")], None)).contains("turn.denied_peer_ip"));
         assert!(err(load(&[], &[("turn.relay_ip", "::1")], None)).contains("turn.relay_ip"));
-        assert!(err(load(&[], &[("turn.min_port", "60000"), ("turn.max_port", "50000")], None)).contains("turn.min_port"));
+        assert!(
+            err(load(
+                &[],
+                &[("turn.min_port", "60000"), ("turn.max_port", "50000")],
+                None
+            ))
+            .contains("turn.min_port")
+        );
         assert!(err(load(&[], &[("turn.cert", "/x.pem")], None)).contains("turn.cert"));
     }
 

@@ -166,7 +166,9 @@ async fn coturn_client_relays_through_us_over_udp_and_tcp_without_loss() {
     let port = turn_port(&running).to_string();
     let peer = echo_peer().await;
     let peer_port = peer.port.to_string();
-    let common = ["-c", "-n", "100", "-m", "2", "-l", "160", "-z", "2", "-u", "alice", "-W", SECRET, "-p", &port];
+    let common = [
+        "-c", "-n", "100", "-m", "2", "-l", "160", "-z", "2", "-u", "alice", "-W", SECRET, "-p", &port,
+    ];
     let runs: [&[&str]; 4] = [
         &["-y"],
         &["-t", "-y"],
@@ -194,7 +196,20 @@ async fn coturn_client_with_wrong_credentials_fails() {
     }
     let (running, _dir) = start_relay(|_| {}).await;
     let port = turn_port(&running).to_string();
-    let run = uclient(&["-y", "-c", "-n", "5", "-u", "alice", "-W", "not-the-secret", "-p", &port, "127.0.0.1"]).await;
+    let run = uclient(&[
+        "-y",
+        "-c",
+        "-n",
+        "5",
+        "-u",
+        "alice",
+        "-W",
+        "not-the-secret",
+        "-p",
+        &port,
+        "127.0.0.1",
+    ])
+    .await;
     assert!(run.output.contains("Cannot complete Allocation"), "{}", run.output);
     assert!(run.totals().is_none(), "no data flowed:\n{}", run.output);
     let base = format!("http://{}", running.http_addr);
@@ -216,11 +231,27 @@ async fn loopback_peers_are_refused_by_switchboard_turn() {
     let port = turn_port(&running).to_string();
     let peer = echo_peer().await;
     let run = uclient(&[
-        "-c", "-n", "5", "-u", "alice", "-W", SECRET, "-e", "127.0.0.1", "-r", &peer.port.to_string(), "-p", &port,
+        "-c",
+        "-n",
+        "5",
+        "-u",
+        "alice",
+        "-W",
+        SECRET,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer.port.to_string(),
+        "-p",
+        &port,
         "127.0.0.1",
     ])
     .await;
-    assert!(run.output.contains("403"), "the channel bind is refused:\n{}", run.output);
+    assert!(
+        run.output.contains("403"),
+        "the channel bind is refused:\n{}",
+        run.output
+    );
     let base = format!("http://{}", running.http_addr);
     metric_until(
         &base,
@@ -259,7 +290,18 @@ async fn credentials_from_voip_turn_server_authenticate_all_in_one() {
     for transport in [&[][..], &["-t"][..]] {
         let mut args: Vec<String> = transport.iter().map(|s| s.to_string()).collect();
         for arg in [
-            "-c", "-n", "50", "-m", "2", "-u", username, "-w", password, "-e", "127.0.0.1", "-r",
+            "-c",
+            "-n",
+            "50",
+            "-m",
+            "2",
+            "-u",
+            username,
+            "-w",
+            password,
+            "-e",
+            "127.0.0.1",
+            "-r",
         ] {
             args.push(arg.into());
         }
@@ -284,9 +326,7 @@ struct MiniClient {
 impl MiniClient {
     fn new(server: SocketAddr, user: &str, expiry_offset: i64) -> Self {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        socket
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
+        socket.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
@@ -408,8 +448,14 @@ async fn refusals_and_garbage_over_real_sockets() {
         answer.xor_address(attr::XOR_MAPPED_ADDRESS),
         Some(Ok(first.socket.local_addr().expect("addr")))
     );
-    metric_until(&base, "switchboard_turn_drops_total{reason=\"malformed\"}", |v| v == 5.0).await;
-    metric_until(&base, "switchboard_turn_drops_total{reason=\"unbound_channel\"}", |v| v == 1.0).await;
+    metric_until(&base, "switchboard_turn_drops_total{reason=\"malformed\"}", |v| {
+        v == 5.0
+    })
+    .await;
+    metric_until(&base, "switchboard_turn_drops_total{reason=\"unbound_channel\"}", |v| {
+        v == 1.0
+    })
+    .await;
     metric_until(
         &base,
         "switchboard_turn_refusals_total{code=\"486\",reason=\"allocation_quota_reached\"}",
@@ -420,9 +466,7 @@ async fn refusals_and_garbage_over_real_sockets() {
     // TCP: a stream that is not TURN is closed.
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(turn.tcp_addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     stream.write_all(&[0xC0; 64]).expect("write");
     let mut buf = [0u8; 16];
     assert_eq!(stream.read(&mut buf).expect("closed, not timed out"), 0);

@@ -122,7 +122,8 @@ fn bigger_buffers(socket: &impl std::os::fd::AsFd) {
 fn bind_listeners(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
     // Port 0: the UDP socket picks, TCP follows; retry if that port is taken for TCP.
     for _ in 0..16 {
-        let udp = std::net::UdpSocket::bind(listen).with_context(|| format!("binding the TURN UDP listener to {listen}"))?;
+        let udp =
+            std::net::UdpSocket::bind(listen).with_context(|| format!("binding the TURN UDP listener to {listen}"))?;
         let port = udp.local_addr()?.port();
         match std::net::TcpListener::bind(SocketAddr::new(listen.ip(), port)) {
             Ok(tcp) => return Ok((udp, tcp)),
@@ -138,8 +139,8 @@ pub fn spawn(mut settings: TurnSettings) -> Result<TurnHandle> {
     let (udp, tcp) = bind_listeners(settings.listen)?;
     let tls = match &settings.tls {
         Some((addr, config)) => {
-            let listener =
-                std::net::TcpListener::bind(addr).with_context(|| format!("binding the TURN TLS listener to {addr}"))?;
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the TURN TLS listener to {addr}"))?;
             Some((listener, config.clone()))
         }
         None => None,
@@ -147,7 +148,10 @@ pub fn spawn(mut settings: TurnSettings) -> Result<TurnHandle> {
     let udp_addr = udp.local_addr()?;
     let tcp_addr = tcp.local_addr()?;
     let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
-    anyhow::ensure!(settings.ports.0 <= settings.ports.1, "turn.min_port is above turn.max_port");
+    anyhow::ensure!(
+        settings.ports.0 <= settings.ports.1,
+        "turn.min_port is above turn.max_port"
+    );
     let policy = &mut settings.relay.policy;
     policy.add_service(udp_addr);
     policy.add_service(tcp_addr);
@@ -174,7 +178,8 @@ pub fn spawn(mut settings: TurnSettings) -> Result<TurnHandle> {
         Some((listener, config)) => {
             listener.set_nonblocking(true)?;
             let mut listener = TcpListener::from_std(listener);
-            poll.registry().register(&mut listener, TLS_LISTENER, Interest::READABLE)?;
+            poll.registry()
+                .register(&mut listener, TLS_LISTENER, Interest::READABLE)?;
             Some((listener, config))
         }
         None => None,
@@ -524,7 +529,11 @@ impl Driver {
             if self
                 .poll
                 .registry()
-                .register(&mut stream, Token(CONN_BASE + slot), Interest::READABLE | Interest::WRITABLE)
+                .register(
+                    &mut stream,
+                    Token(CONN_BASE + slot),
+                    Interest::READABLE | Interest::WRITABLE,
+                )
                 .is_err()
             {
                 self.free_slots.push(slot);
@@ -689,13 +698,7 @@ impl Driver {
     }
 }
 
-fn send_datagram(
-    relays: &[Option<UdpSocket>],
-    relay_port: u16,
-    bytes: &[u8],
-    peer: SocketAddr,
-    stats: &mut TurnStats,
-) {
+fn send_datagram(relays: &[Option<UdpSocket>], relay_port: u16, bytes: &[u8], peer: SocketAddr, stats: &mut TurnStats) {
     match relays.get(usize::from(relay_port)).and_then(Option::as_ref) {
         Some(socket) => {
             if socket.send_to(bytes, peer).is_err() {

@@ -78,7 +78,10 @@ impl FromStr for IpRange {
             return Self::cidr(ip, prefix).ok_or_else(bad);
         }
         if let Some((a, b)) = text.split_once('-') {
-            let (a, b): (IpAddr, IpAddr) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+            let (a, b): (IpAddr, IpAddr) = (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            );
             let ((v6a, first), (v6b, last)) = (to_bits(a), to_bits(b));
             if v6a != v6b || first > last {
                 return Err(bad());
@@ -142,10 +145,7 @@ pub struct PeerPolicy {
 impl PeerPolicy {
     /// The defaults plus `denied`, overridden by `allowed`.
     pub fn new(denied: &[IpRange], allowed: &[IpRange]) -> Self {
-        let mut all: Vec<IpRange> = DEFAULT_DENIED
-            .iter()
-            .filter_map(|r| r.parse().ok())
-            .collect();
+        let mut all: Vec<IpRange> = DEFAULT_DENIED.iter().filter_map(|r| r.parse().ok()).collect();
         all.extend_from_slice(denied);
         Self {
             denied: all,
@@ -157,7 +157,8 @@ impl PeerPolicy {
 
     /// Allows loopback peers (all-in-one on localhost).
     pub fn allow_loopback(&mut self) {
-        self.allowed.extend(LOOPBACK.iter().filter_map(|r| r.parse::<IpRange>().ok()));
+        self.allowed
+            .extend(LOOPBACK.iter().filter_map(|r| r.parse::<IpRange>().ok()));
     }
 
     /// Registers one of the server's own listeners.

@@ -603,7 +603,11 @@ impl Relay {
     ) -> Option<(ClientAddr, Range<usize>)> {
         let rate = self.config.max_bps;
         let peer = SocketAddr::new(canonical(peer.ip()), peer.port());
-        let Some(allocation) = self.by_port.get(&relay_port).and_then(|id| self.allocations.get_mut(id)) else {
+        let Some(allocation) = self
+            .by_port
+            .get(&relay_port)
+            .and_then(|id| self.allocations.get_mut(id))
+        else {
             self.drop_packet(DropReason::NoAllocation);
             return None;
         };
@@ -623,7 +627,9 @@ impl Relay {
             .map(|c| c.number);
         let len = payload.len();
         let framed = match channel {
-            Some(number) => write_channel_data_header(buf, payload.start, len, number, client.transport != Transport::Udp),
+            Some(number) => {
+                write_channel_data_header(buf, payload.start, len, number, client.transport != Transport::Udp)
+            }
             None => {
                 self.indication_counter += 1;
                 let mut tid = [0u8; 12];
@@ -810,7 +816,10 @@ impl Relay {
         let mut mac =
             <Hmac<Sha1> as Mac>::new_from_slice(&self.config.nonce_key).expect("HMAC takes keys of any length");
         mac.update(&expiry.to_be_bytes());
-        mac.finalize().into_bytes()[..8].iter().map(|b| format!("{b:02x}")).collect()
+        mac.finalize().into_bytes()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// `Some(true)`: ours and fresh; `Some(false)`: ours but stale; `None`: not ours.
@@ -1081,7 +1090,10 @@ impl Relay {
         if peers.is_empty() {
             return Err((Refusal::BadRequest, key));
         }
-        let allocation = self.allocations.get_mut(&id).ok_or((Refusal::AllocationMismatch, key))?;
+        let allocation = self
+            .allocations
+            .get_mut(&id)
+            .ok_or((Refusal::AllocationMismatch, key))?;
         for peer in peers {
             if !allocation.permit(peer.ip(), now) {
                 return Err((Refusal::InsufficientCapacity, key));
@@ -1113,7 +1125,10 @@ impl Relay {
             .xor_address(attr::XOR_PEER_ADDRESS)
             .ok_or((Refusal::BadRequest, key))?;
         let peer = self.checked_peer(id, value, key)?;
-        let allocation = self.allocations.get_mut(&id).ok_or((Refusal::AllocationMismatch, key))?;
+        let allocation = self
+            .allocations
+            .get_mut(&id)
+            .ok_or((Refusal::AllocationMismatch, key))?;
         let expires = now + CHANNEL_LIFETIME;
         let by_number = allocation.channels.iter().position(|c| c.number == number);
         let by_peer = allocation.channels.iter().position(|c| c.peer == peer);

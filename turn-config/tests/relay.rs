@@ -87,7 +87,10 @@ impl Sim {
 
     /// Sends `bytes` from `client`, expects exactly one STUN response, returns it.
     fn exchange(&mut self, client: ClientAddr, bytes: &[u8], ip: &str) -> Vec<u8> {
-        assert_eq!(self.relay.handle_client_packet(self.now, client, bytes), ClientOutcome::Handled);
+        assert_eq!(
+            self.relay.handle_client_packet(self.now, client, bytes),
+            ClientOutcome::Handled
+        );
         self.run_commands(ip);
         let mut responses = self.responses();
         assert_eq!(responses.len(), 1, "one response");
@@ -144,7 +147,10 @@ impl Sim {
             return Err(code);
         }
         assert!(response.verify_integrity(&client.key), "the success is signed");
-        assert_eq!(response.xor_address(attr::XOR_MAPPED_ADDRESS), Some(Ok(client.addr.addr)));
+        assert_eq!(
+            response.xor_address(attr::XOR_MAPPED_ADDRESS),
+            Some(Ok(client.addr.addr))
+        );
         let relayed = response
             .xor_address(attr::XOR_RELAYED_ADDRESS)
             .expect("relayed")
@@ -246,7 +252,8 @@ fn two_clients_relay_through_channels_and_indications() {
     // Bob answers with a Send indication.
     let tid = sim.tid();
     let mut send = MessageWriter::new(method::SEND, Class::Indication, tid);
-    send.xor_address(attr::XOR_PEER_ADDRESS, alice_relay).attr(attr::DATA, b"hi alice");
+    send.xor_address(attr::XOR_PEER_ADDRESS, alice_relay)
+        .attr(attr::DATA, b"hi alice");
     let send = send.finish();
     let ClientOutcome::Forward { peer, payload, .. } = sim.relay.handle_client_packet(sim.now, bob.addr, &send) else {
         panic!("Send indication is forwarded");
@@ -255,7 +262,9 @@ fn two_clients_relay_through_channels_and_indications() {
     assert_eq!(&send[payload], b"hi alice");
 
     // Arriving at Alice's relay from Bob's relay address: Alice has a channel, so ChannelData.
-    let (to, bytes) = sim.from_peer(alice_relay.port(), bob_relay, b"hi alice").expect("to alice");
+    let (to, bytes) = sim
+        .from_peer(alice_relay.port(), bob_relay, b"hi alice")
+        .expect("to alice");
     assert_eq!(to, alice.addr);
     assert_eq!(stun::parse_channel_data(&bytes), Ok((0x4001, 4..12)));
 
@@ -373,7 +382,14 @@ fn allow_list_and_service_ports() {
 fn quota_per_user_and_lifetime_zero_frees() {
     let mut sim = Sim::new(|config| config.user_quota = 2);
     let mut clients: Vec<Client> = (0..3)
-        .map(|i| sim.client(Transport::Udp, &format!("198.51.100.9:{}", 1000 + i), "@q:example.org", 3600))
+        .map(|i| {
+            sim.client(
+                Transport::Udp,
+                &format!("198.51.100.9:{}", 1000 + i),
+                "@q:example.org",
+                3600,
+            )
+        })
         .collect();
     assert!(sim.allocate(&mut clients[0], RELAY_IP).is_ok());
     assert!(sim.allocate(&mut clients[1], RELAY_IP).is_ok());
@@ -561,7 +577,8 @@ fn mutated_messages_never_panic_nor_harm_the_allocation() {
     sim.bind(&alice, 0x4000, peer).expect("bound");
     let tid = sim.tid();
     let mut send = MessageWriter::new(method::SEND, Class::Indication, tid);
-    send.xor_address(attr::XOR_PEER_ADDRESS, peer).attr(attr::DATA, b"payload");
+    send.xor_address(attr::XOR_PEER_ADDRESS, peer)
+        .attr(attr::DATA, b"payload");
     let seeds = [
         sim.request(&alice, method::REFRESH, |w| {
             w.u32_attr(attr::LIFETIME, 60);
