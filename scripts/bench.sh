@@ -7,5 +7,6 @@ cd "$ROOT"
 if [ "${1:-}" = "turn" ]; then
     ensure_coturn
 fi
-cargo build --release --locked --bin switchboard -p switchboard-bench >&2
+cargo build --release --locked -p switchboard --bin switchboard >&2
+cargo build --release --locked -p switchboard-bench >&2
 exec "$ROOT/target/release/switchboard-bench" "$@"
