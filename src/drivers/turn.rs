@@ -22,7 +22,9 @@ use anyhow::{Context, Result};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use std::io::{ErrorKind, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::AsRawFd;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +44,12 @@ const RELAY_BASE: usize = 1 << 20;
 const CONN_BASE: usize = 1 << 24;
 /// Largest UDP datagram.
 const MAX_DATAGRAM: usize = 65_535;
+/// Datagrams per `recvmmsg` / `sendmmsg`.
+const BATCH: usize = 32;
+/// One datagram's room in the arena: head room, the datagram, tail room.
+const SLOT: usize = PEER_HEADROOM + MAX_DATAGRAM + PEER_TAILROOM;
+/// Slots in the arena (4 MiB): datagrams waiting for the end-of-wake `sendmmsg`.
+const ARENA_SLOTS: usize = 64;
 /// A TCP frame is at most a STUN header plus a 64 KiB body.
 const STREAM_BUFFER: usize = 20 + 65_535 + 4;
 /// Bytes queued for a slow TCP client before its frames are dropped.
@@ -188,28 +196,36 @@ pub fn spawn(mut settings: TurnSettings) -> Result<TurnHandle> {
     let stop = Arc::new(AtomicBool::new(false));
     let now = Instant::now();
     let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let mut driver = Driver {
-        relay: Relay::new(settings.relay, now, unix),
-        poll,
-        udp,
-        tcp,
-        tls,
-        relays: (0..=u16::MAX).map(|_| None).collect(),
-        conns: Vec::new(),
-        free_slots: Vec::new(),
-        conn_by_addr: HashMap::new(),
-        relay_ip: settings.relay_ip,
-        external_ip: settings.external_ip.unwrap_or(settings.relay_ip),
-        ports: settings.ports,
-        port_cursor: (unix as u16).wrapping_mul(7919),
-        buf: vec![0u8; PEER_HEADROOM + MAX_DATAGRAM + PEER_TAILROOM],
-        stats: TurnStats::default(),
-        shared_stats: stats.clone(),
-        stop: stop.clone(),
-    };
+    let relay = Relay::new(settings.relay, now, unix);
+    let (relay_ip, external_ip, ports) = (
+        settings.relay_ip,
+        settings.external_ip.unwrap_or(settings.relay_ip),
+        settings.ports,
+    );
+    let (shared_stats, stop_flag) = (stats.clone(), stop.clone());
     let thread = std::thread::Builder::new()
         .name(format!("turn-{}", udp_addr.port()))
         .spawn(move || {
+            // Built here: the arena's syscall headers stay on this thread.
+            let mut driver = Driver {
+                relay,
+                poll,
+                udp,
+                tcp,
+                tls,
+                relays: (0..=u16::MAX).map(|_| None).collect(),
+                conns: Vec::new(),
+                free_slots: Vec::new(),
+                conn_by_addr: HashMap::new(),
+                relay_ip,
+                external_ip,
+                ports,
+                port_cursor: (unix as u16).wrapping_mul(7919),
+                arena: Arena::new(),
+                stats: TurnStats::default(),
+                shared_stats,
+                stop: stop_flag,
+            };
             if let Err(e) = driver.run() {
                 tracing::error!(error = %e, "the TURN relay stopped");
             }
@@ -389,8 +405,8 @@ struct Driver {
     external_ip: IpAddr,
     ports: (u16, u16),
     port_cursor: u16,
-    /// Datagram buffer, with head and tail room for relayed data.
-    buf: Vec<u8>,
+    /// Datagram slots, with head and tail room for relayed data.
+    arena: Arena,
     stats: TurnStats,
     shared_stats: Arc<Mutex<TurnStats>>,
     stop: Arc<AtomicBool>,
@@ -426,6 +442,7 @@ impl Driver {
                     Token(_) => {}
                 }
             }
+            self.flush_to_clients();
             self.relay.handle_timeout(now);
             self.run_control(now);
             if now >= next_stats {
@@ -439,64 +456,99 @@ impl Driver {
         }
     }
 
-    /// Datagrams from clients on the UDP listener.
+    /// Datagrams from clients on the UDP listener, a batch per `recvmmsg`.
     fn read_clients_udp(&mut self, now: Instant) {
         loop {
-            let (len, from) = match self.udp.recv_from(&mut self.buf) {
+            if ARENA_SLOTS - self.arena.used < BATCH {
+                self.flush_to_clients();
+            }
+            let first = self.arena.used;
+            let received = match self.arena.receive(&self.udp, first) {
                 Ok(received) => received,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 // ICMP errors surface here on Linux; they concern one client only.
                 Err(_) => continue,
             };
-            let client = ClientAddr {
-                transport: Transport::Udp,
-                addr: from,
-            };
-            if let ClientOutcome::Forward {
-                relay_port,
-                peer,
-                payload,
-            } = self.relay.handle_client_packet(now, client, &self.buf[..len])
-            {
-                send_datagram(&self.relays, relay_port, &self.buf[payload], peer, &mut self.stats);
+            for i in 0..received {
+                let (len, from) = self.arena.meta[i];
+                let Some(from) = from else { continue };
+                let client = ClientAddr {
+                    transport: Transport::Udp,
+                    addr: from,
+                };
+                let packet = self.arena.payload(first + i, len);
+                if let ClientOutcome::Forward {
+                    relay_port,
+                    peer,
+                    payload,
+                } = self.relay.handle_client_packet(now, client, packet)
+                {
+                    send_datagram(&self.relays, relay_port, &packet[payload], peer, &mut self.stats);
+                }
+                self.run_control(now);
             }
-            self.run_control(now);
+            if received < BATCH {
+                // A short batch: the socket was empty; a later datagram is a new edge.
+                return;
+            }
         }
     }
 
-    /// Datagrams from peers on one relay socket.
+    /// Datagrams from peers on one relay socket. What goes to UDP clients is
+    /// left in the arena and sent in one `sendmmsg` per wake (or when full).
     fn read_peers(&mut self, now: Instant, port: u16) {
         loop {
+            if ARENA_SLOTS - self.arena.used < BATCH {
+                self.flush_to_clients();
+            }
             let Some(socket) = &self.relays[usize::from(port)] else {
                 return;
             };
-            let end = PEER_HEADROOM + MAX_DATAGRAM;
-            let (len, from) = match socket.recv_from(&mut self.buf[PEER_HEADROOM..end]) {
+            let first = self.arena.used;
+            let received = match self.arena.receive(socket, first) {
                 Ok(received) => received,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(_) => continue,
             };
-            let payload = PEER_HEADROOM..PEER_HEADROOM + len;
-            let Some((client, range)) = self.relay.handle_peer_packet(now, port, from, &mut self.buf, payload) else {
-                continue;
-            };
-            match client.transport {
-                Transport::Udp => match self.udp.send_to(&self.buf[range], client.addr) {
-                    Ok(_) => {}
-                    Err(_) => self.stats.send_failures += 1,
-                },
-                Transport::Tcp | Transport::Tls => {
-                    if let Some(slot) = self.conn_by_addr.get(&client.addr).copied()
-                        && let Some(conn) = self.conns[slot].as_mut()
-                    {
-                        conn.send(&self.buf[range], &mut self.stats.tcp_queue_drops);
-                        if conn.closed {
-                            self.close_conn(slot);
+            for i in 0..received {
+                let (len, from) = self.arena.meta[i];
+                let Some(from) = from else { continue };
+                let slot = first + i;
+                let payload = PEER_HEADROOM..PEER_HEADROOM + len;
+                let Some((client, range)) =
+                    self.relay
+                        .handle_peer_packet(now, port, from, self.arena.slot_mut(slot), payload)
+                else {
+                    continue;
+                };
+                match client.transport {
+                    Transport::Udp => {
+                        // Keep the slot until the flush.
+                        self.arena.pending.push((slot, range, client.addr));
+                        self.arena.used = slot + 1;
+                    }
+                    Transport::Tcp | Transport::Tls => {
+                        if let Some(slot_index) = self.conn_by_addr.get(&client.addr).copied()
+                            && let Some(conn) = self.conns[slot_index].as_mut()
+                        {
+                            conn.send(&self.arena.slot_mut(slot)[range], &mut self.stats.tcp_queue_drops);
+                            if conn.closed {
+                                self.close_conn(slot_index);
+                            }
                         }
                     }
                 }
             }
+            if received < BATCH {
+                return;
+            }
         }
+    }
+
+    /// Sends what is pending for UDP clients, in `sendmmsg` batches.
+    fn flush_to_clients(&mut self) {
+        let failed = self.arena.flush(&self.udp);
+        self.stats.send_failures += failed;
     }
 
     fn accept(&mut self, now: Instant, tls: bool) {
@@ -696,6 +748,116 @@ impl Driver {
         tracing::warn!("no free relay port in turn.min_port..=turn.max_port");
         None
     }
+}
+
+/// Receive slots and the datagrams waiting in them for UDP clients.
+struct Arena {
+    bytes: Vec<u8>,
+    /// Slots `..used` hold pending datagrams.
+    used: usize,
+    /// `(slot, range in the slot, client)`, sent by `flush`.
+    pending: Vec<(usize, std::ops::Range<usize>, SocketAddr)>,
+    /// Length and source of each datagram of the last `receive`.
+    meta: [(usize, Option<SocketAddr>); BATCH],
+    recv_headers: MultiHeaders<SockaddrStorage>,
+    send_headers: MultiHeaders<SockaddrStorage>,
+}
+
+impl Arena {
+    fn new() -> Self {
+        Self {
+            bytes: vec![0u8; SLOT * ARENA_SLOTS],
+            used: 0,
+            pending: Vec::with_capacity(ARENA_SLOTS),
+            meta: [(0, None); BATCH],
+            recv_headers: MultiHeaders::preallocate(BATCH, None),
+            send_headers: MultiHeaders::preallocate(BATCH, None),
+        }
+    }
+
+    fn slot_mut(&mut self, slot: usize) -> &mut [u8] {
+        &mut self.bytes[slot * SLOT..(slot + 1) * SLOT]
+    }
+
+    fn payload(&self, slot: usize, len: usize) -> &[u8] {
+        &self.bytes[slot * SLOT + PEER_HEADROOM..slot * SLOT + PEER_HEADROOM + len]
+    }
+
+    /// One `recvmmsg` into slots `first..first + BATCH` (after their head
+    /// room); fills `meta` and returns how many datagrams came.
+    fn receive(&mut self, socket: &UdpSocket, first: usize) -> std::io::Result<usize> {
+        let region = &mut self.bytes[first * SLOT..(first + BATCH) * SLOT];
+        let mut chunks = region.chunks_mut(SLOT);
+        let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] = std::array::from_fn(|_| {
+            let chunk = chunks.next().map_or(&mut [][..], |c| &mut c[PEER_HEADROOM..PEER_HEADROOM + MAX_DATAGRAM]);
+            [IoSliceMut::new(chunk)]
+        });
+        let results = recvmmsg(
+            socket.as_raw_fd(),
+            &mut self.recv_headers,
+            iovs.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(std::io::Error::from)?;
+        let mut count = 0;
+        for (i, message) in results.enumerate() {
+            self.meta[i] = (message.bytes, message.address.and_then(to_socket_addr));
+            count = i + 1;
+        }
+        Ok(count)
+    }
+
+    /// Sends the pending datagrams through `socket`; returns how many failed.
+    fn flush(&mut self, socket: &UdpSocket) -> u64 {
+        let mut failed = 0;
+        let mut at = 0;
+        while at < self.pending.len() {
+            let batch = &self.pending[at..self.pending.len().min(at + BATCH)];
+            let bytes = &self.bytes;
+            let iovs: Vec<[IoSlice<'_>; 1]> = batch
+                .iter()
+                .map(|(slot, range, _)| [IoSlice::new(&bytes[slot * SLOT..(slot + 1) * SLOT][range.clone()])])
+                .collect();
+            let addrs: Vec<Option<SockaddrStorage>> =
+                batch.iter().map(|(_, _, addr)| Some(SockaddrStorage::from(*addr))).collect();
+            let no_control: [ControlMessage<'_>; 0] = [];
+            match sendmmsg(
+                socket.as_raw_fd(),
+                &mut self.send_headers,
+                iovs.iter(),
+                &addrs,
+                no_control,
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                // The first `n` went; retry from the next (it may be the one that failed).
+                Ok(results) => {
+                    let sent = results.count();
+                    if sent == 0 {
+                        failed += 1;
+                        at += 1;
+                    } else {
+                        at += sent;
+                    }
+                }
+                Err(_) => {
+                    // The first datagram of the batch failed: skip it.
+                    failed += 1;
+                    at += 1;
+                }
+            }
+        }
+        self.pending.clear();
+        self.used = 0;
+        failed
+    }
+}
+
+fn to_socket_addr(addr: SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 fn send_datagram(relays: &[Option<UdpSocket>], relay_port: u16, bytes: &[u8], peer: SocketAddr, stats: &mut TurnStats) {
