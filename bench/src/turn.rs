@@ -3,9 +3,10 @@
 //! round by round in one run.
 //!
 //! Each round starts the server as a child process, waits until it answers a
-//! STUN Binding request, reads its CPU time, runs coturn's client (`-c`, REST
-//! credentials from the shared secret, ChannelData to an echo peer
-//! `turnutils_peer`), reads the CPU time again and stops the server. Every
+//! STUN Binding request, reads its CPU time, runs `--parallel` copies of
+//! coturn's client at once (`-c`, REST credentials from the shared secret,
+//! ChannelData to a fresh echo peer `turnutils_peer`), reads the CPU time again
+//! and stops the server. Every
 //! message is relayed twice (client → peer and back), so relayed packets =
 //! messages sent + messages received, for both servers alike. Printed: relayed
 //! packets per second of wall time, loss, the server's CPU time and relayed
@@ -23,10 +24,10 @@ const REALM: &str = "bench.example";
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Messages each client sends (`-n`).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 800)]
     messages: u32,
-    /// Concurrent clients, one allocation each (`-m`).
-    #[arg(long, default_value_t = 20)]
+    /// Concurrent clients per process, one allocation each (`-m`).
+    #[arg(long, default_value_t = 50)]
     clients: u32,
     /// Message length in bytes (`-l`).
     #[arg(long, default_value_t = 160)]
@@ -40,6 +41,10 @@ pub struct Args {
     /// Client transport: udp or tcp.
     #[arg(long, default_value = "udp")]
     transport: String,
+    /// turnutils_uclient processes run at once (one is single-threaded and
+    /// slow: several make a busier relay).
+    #[arg(long, default_value_t = 4)]
+    parallel: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,12 +195,7 @@ fn parse_uclient(output: &str) -> Option<(u64, u64, u64)> {
     ))
 }
 
-fn run_round(server: Server, args: &Args, peer_port: u16, ports: (u16, u16)) -> Result<Totals> {
-    let data_dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let guard = start(server, port, ports, data_dir.path())?;
-    let pid = guard.0.id();
-    let cpu_before = proc_stat::cpu_time(pid).context("reading the server's CPU time")?;
+fn uclient_command(args: &Args, index: u32, peer_port: u16, port: u16) -> Command {
     let mut command = Command::new("turnutils_uclient");
     if args.transport == "tcp" {
         command.arg("-t");
@@ -211,7 +211,7 @@ fn run_round(server: Server, args: &Args, peer_port: u16, ports: (u16, u16)) -> 
         "-z",
         &args.interval.to_string(),
         "-u",
-        "bench",
+        &format!("bench{index}"),
         "-W",
         SECRET,
         "-e",
@@ -222,26 +222,77 @@ fn run_round(server: Server, args: &Args, peer_port: u16, ports: (u16, u16)) -> 
         &port.to_string(),
         "127.0.0.1",
     ]);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+}
+
+fn start_peer() -> Result<(Guard, u16)> {
+    let peer_port = free_port()?;
+    let peer = Guard(
+        Command::new("turnutils_peer")
+            .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting turnutils_peer")?,
+    );
+    wait_echo(peer_port)?;
+    Ok((peer, peer_port))
+}
+
+/// Waits until the echo peer echoes.
+fn wait_echo(port: u16) -> Result<()> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut buf = [0u8; 64];
+    for _ in 0..100 {
+        socket.send_to(b"ping", ("127.0.0.1", port))?;
+        if socket.recv_from(&mut buf).is_ok() {
+            return Ok(());
+        }
+    }
+    bail!("turnutils_peer did not start")
+}
+
+fn run_round(server: Server, args: &Args, ports: (u16, u16)) -> Result<Totals> {
+    let data_dir = tempfile::tempdir()?;
+    // A fresh echo peer per round: its socket's state never carries over.
+    let (_peer, peer_port) = start_peer()?;
+    let port = free_port()?;
+    let guard = start(server, port, ports, data_dir.path())?;
+    let pid = guard.0.id();
+    let cpu_before = proc_stat::cpu_time(pid).context("reading the server's CPU time")?;
     let started = Instant::now();
-    let output = command.output().context("running turnutils_uclient")?;
+    let children = (0..args.parallel)
+        .map(|i| uclient_command(args, i, peer_port, port).spawn())
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("running turnutils_uclient")?;
+    let mut outputs = Vec::new();
+    for child in children {
+        outputs.push(child.wait_with_output().context("waiting for turnutils_uclient")?);
+    }
     let wall = started.elapsed();
     let cpu_after = proc_stat::cpu_time(pid).context("reading the server's CPU time")?;
     drop(guard);
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    let Some((sent, received, lost)) = parse_uclient(&text) else {
-        bail!(
-            "turnutils_uclient against {} printed no totals:\n{}",
-            server.name(),
-            text.lines().rev().take(15).collect::<Vec<_>>().join("\n")
-        );
-    };
-    Ok(Totals {
-        relayed: sent + received,
-        sent,
-        lost,
+    let mut totals = Totals {
         wall,
         cpu: cpu_after.saturating_sub(cpu_before),
-    })
+        ..Totals::default()
+    };
+    for output in outputs {
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        let Some((sent, received, lost)) = parse_uclient(&text) else {
+            bail!(
+                "turnutils_uclient against {} printed no totals:\n{}",
+                server.name(),
+                text.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+            );
+        };
+        totals.relayed += sent + received;
+        totals.sent += sent;
+        totals.lost += lost;
+    }
+    Ok(totals)
 }
 
 fn per_cpu_second(totals: &Totals) -> f64 {
@@ -259,18 +310,9 @@ pub fn run(args: Args) -> Result<()> {
     if !matches!(args.transport.as_str(), "udp" | "tcp") {
         bail!("--transport is udp or tcp");
     }
-    let peer_port = free_port()?;
-    let _peer = Guard(
-        Command::new("turnutils_peer")
-            .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting turnutils_peer")?,
-    );
     println!(
-        "TURN relay: turnutils_uclient -c -n {} -m {} -l {} -z {} over {} to an echo peer, {} rounds alternated",
-        args.messages, args.clients, args.length, args.interval, args.transport, args.rounds
+        "TURN relay: {} x turnutils_uclient -c -n {} -m {} -l {} -z {} over {} to an echo peer, {} rounds alternated",
+        args.parallel, args.messages, args.clients, args.length, args.interval, args.transport, args.rounds
     );
     println!(
         "{:<6}{:<13}{:>10}{:>9}{:>10}{:>9}{:>9}{:>12}",
@@ -288,7 +330,7 @@ pub fn run(args: Args) -> Result<()> {
                 Server::Switchboard => (40_000, 44_999),
                 Server::Coturn => (45_000, 49_999),
             };
-            let totals = run_round(server, &args, peer_port, ports)?;
+            let totals = run_round(server, &args, ports)?;
             println!(
                 "{:<6}{:<13}{:>10}{:>9.2}{:>10.0}{:>8.3}%{:>9.2}{:>12.0}",
                 round,
