@@ -114,7 +114,7 @@ pub fn render(started: Instant, hs: Option<&Homeserver>, shards: &[ShardStats], 
 type TurnSeries = (&'static str, Kind, &'static str, fn(&TurnStats) -> u64);
 
 fn render_turn(out: &mut String, turn: &TurnStats) {
-    let series: [TurnSeries; 11] = [
+    let series: [TurnSeries; 12] = [
         ("switchboard_turn_allocations", Kind::Gauge, "TURN allocations.", |s| {
             s.relay.allocations
         }),
@@ -168,6 +168,12 @@ fn render_turn(out: &mut String, turn: &TurnStats) {
             Kind::Counter,
             "Frames dropped for TCP clients too slow to take them.",
             |s| s.tcp_queue_drops,
+        ),
+        (
+            "switchboard_turn_local_relays_total",
+            Kind::Counter,
+            "Packets between two of our allocations, handed over without the kernel.",
+            |s| s.local_relays,
         ),
         (
             "switchboard_turn_connections",

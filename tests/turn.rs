@@ -187,6 +187,8 @@ async fn coturn_client_relays_through_us_over_udp_and_tcp_without_loss() {
     let base = format!("http://{}", running.http_addr);
     metric_until(&base, "switchboard_turn_packets_to_peers_total", |v| v >= 800.0).await;
     metric_until(&base, "switchboard_turn_allocations_total", |v| v >= 8.0).await;
+    // The client-to-client runs over UDP went from one of our allocations to the other in-process.
+    metric_until(&base, "switchboard_turn_local_relays_total", |v| v >= 200.0).await;
 }
 
 #[tokio::test]

@@ -45,6 +45,11 @@ pub struct Args {
     /// slow: several make a busier relay).
     #[arg(long, default_value_t = 4)]
     parallel: u32,
+    /// Loads to run: `echo` (each client relays to an echo peer,
+    /// `turnutils_peer`) and/or `pairs` (clients relay to each other's
+    /// relayed address, `-y`: both callers relay-only).
+    #[arg(long, value_delimiter = ',', default_value = "echo,pairs")]
+    loads: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +200,7 @@ fn parse_uclient(output: &str) -> Option<(u64, u64, u64)> {
     ))
 }
 
-fn uclient_command(args: &Args, index: u32, peer_port: u16, port: u16) -> Command {
+fn uclient_command(args: &Args, load: &str, index: u32, peer_port: u16, port: u16) -> Command {
     let mut command = Command::new("turnutils_uclient");
     if args.transport == "tcp" {
         command.arg("-t");
@@ -214,14 +219,13 @@ fn uclient_command(args: &Args, index: u32, peer_port: u16, port: u16) -> Comman
         &format!("bench{index}"),
         "-W",
         SECRET,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer_port.to_string(),
-        "-p",
-        &port.to_string(),
-        "127.0.0.1",
     ]);
+    if load == "pairs" {
+        command.arg("-y");
+    } else {
+        command.args(["-e", "127.0.0.1", "-r", &peer_port.to_string()]);
+    }
+    command.args(["-p", &port.to_string(), "127.0.0.1"]);
     command.stdout(Stdio::piped()).stderr(Stdio::piped());
     command
 }
@@ -254,7 +258,7 @@ fn wait_echo(port: u16) -> Result<()> {
     bail!("turnutils_peer did not start")
 }
 
-fn run_round(server: Server, args: &Args, ports: (u16, u16)) -> Result<Totals> {
+fn run_round(server: Server, args: &Args, load: &str, ports: (u16, u16)) -> Result<Totals> {
     let data_dir = tempfile::tempdir()?;
     // A fresh echo peer per round: its socket's state never carries over.
     let (_peer, peer_port) = start_peer()?;
@@ -264,7 +268,7 @@ fn run_round(server: Server, args: &Args, ports: (u16, u16)) -> Result<Totals> {
     let cpu_before = proc_stat::cpu_time(pid).context("reading the server's CPU time")?;
     let started = Instant::now();
     let children = (0..args.parallel)
-        .map(|i| uclient_command(args, i, peer_port, port).spawn())
+        .map(|i| uclient_command(args, load, i, peer_port, port).spawn())
         .collect::<std::io::Result<Vec<_>>>()
         .context("running turnutils_uclient")?;
     let mut outputs = Vec::new();
@@ -310,8 +314,23 @@ pub fn run(args: Args) -> Result<()> {
     if !matches!(args.transport.as_str(), "udp" | "tcp") {
         bail!("--transport is udp or tcp");
     }
+    for load in &args.loads {
+        if !matches!(load.as_str(), "echo" | "pairs") {
+            bail!("--loads takes echo and/or pairs, not {load}");
+        }
+        run_load(&args, load)?;
+    }
+    Ok(())
+}
+
+fn run_load(args: &Args, load: &str) -> Result<()> {
+    let to = if load == "pairs" {
+        "to each other (-y)"
+    } else {
+        "to an echo peer"
+    };
     println!(
-        "TURN relay: {} x turnutils_uclient -c -n {} -m {} -l {} -z {} over {} to an echo peer, {} rounds alternated",
+        "\nTURN relay, load '{load}': {} x turnutils_uclient -c -n {} -m {} -l {} -z {} over {} {to}, {} rounds alternated",
         args.parallel, args.messages, args.clients, args.length, args.interval, args.transport, args.rounds
     );
     println!(
@@ -330,7 +349,7 @@ pub fn run(args: Args) -> Result<()> {
                 Server::Switchboard => (40_000, 44_999),
                 Server::Coturn => (45_000, 49_999),
             };
-            let totals = run_round(server, &args, ports)?;
+            let totals = run_round(server, args, load, ports)?;
             println!(
                 "{:<6}{:<13}{:>10}{:>9.2}{:>10.0}{:>8.3}%{:>9.2}{:>12.0}",
                 round,
@@ -352,7 +371,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let [ours, coturn] = sums;
     println!(
-        "switchboard: {:.0} relayed pkt/CPU-s, loss {:.3}% | coturn: {:.0} relayed pkt/CPU-s, loss {:.3}% | ratio {:.2}x (goal >= 1.5x at 0% loss)",
+        "{load}: switchboard {:.0} relayed pkt/CPU-s, loss {:.3}% | coturn {:.0} relayed pkt/CPU-s, loss {:.3}% | ratio {:.2}x (goal >= 1.5x at 0% loss)",
         per_cpu_second(&ours),
         loss(&ours),
         per_cpu_second(&coturn),

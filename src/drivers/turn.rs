@@ -26,6 +26,7 @@ use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, 
 use std::io::{ErrorKind, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::AsRawFd;
 use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -89,6 +90,8 @@ pub struct TurnStats {
     pub tcp_queue_drops: u64,
     /// Open TCP/TLS connections.
     pub connections: u64,
+    /// Packets from one of our allocations to another, handed over without the kernel.
+    pub local_relays: u64,
 }
 
 /// The running relay: its addresses and counters; dropping it stops the thread.
@@ -476,14 +479,21 @@ impl Driver {
                     transport: Transport::Udp,
                     addr: from,
                 };
-                let packet = self.arena.payload(first + i, len);
+                let slot = first + i;
+                let packet = self.arena.payload(slot, len);
                 if let ClientOutcome::Forward {
                     relay_port,
                     peer,
                     payload,
                 } = self.relay.handle_client_packet(now, client, packet)
                 {
-                    send_datagram(&self.relays, relay_port, &packet[payload], peer, &mut self.stats);
+                    match self.relay.local_relay(peer) {
+                        None => send_datagram(&self.relays, relay_port, &packet[payload], peer, &mut self.stats),
+                        Some(local_port) => {
+                            let payload = PEER_HEADROOM + payload.start..PEER_HEADROOM + payload.end;
+                            self.relay_locally(now, relay_port, local_port, slot, payload);
+                        }
+                    }
                 }
                 self.run_control(now);
             }
@@ -521,26 +531,47 @@ impl Driver {
                 else {
                     continue;
                 };
-                match client.transport {
-                    Transport::Udp => {
-                        // Keep the slot until the flush.
-                        self.arena.pending.push((slot, range, client.addr));
-                        self.arena.used = slot + 1;
-                    }
-                    Transport::Tcp | Transport::Tls => {
-                        if let Some(slot_index) = self.conn_by_addr.get(&client.addr).copied()
-                            && let Some(conn) = self.conns[slot_index].as_mut()
-                        {
-                            conn.send(&self.arena.slot_mut(slot)[range], &mut self.stats.tcp_queue_drops);
-                            if conn.closed {
-                                self.close_conn(slot_index);
-                            }
-                        }
-                    }
-                }
+                self.deliver(client, slot, range);
             }
             if received < BATCH {
                 return;
+            }
+        }
+    }
+
+    /// A packet from one of our allocations to another: the second
+    /// allocation receives it as if from the first one's relayed address.
+    fn relay_locally(&mut self, now: Instant, from_port: u16, to_port: u16, slot: usize, payload: Range<usize>) {
+        let Some(from) = self.relay.relayed_address(from_port) else {
+            return;
+        };
+        self.stats.local_relays += 1;
+        if let Some((client, range)) =
+            self.relay
+                .handle_peer_packet(now, to_port, from, self.arena.slot_mut(slot), payload)
+        {
+            self.deliver(client, slot, range);
+        }
+    }
+
+    /// Sends `range` of arena slot `slot` to a client: UDP ones at the flush,
+    /// TCP/TLS ones now.
+    fn deliver(&mut self, client: ClientAddr, slot: usize, range: Range<usize>) {
+        match client.transport {
+            Transport::Udp => {
+                // Keep the slot until the flush.
+                self.arena.pending.push((slot, range, client.addr));
+                self.arena.used = self.arena.used.max(slot + 1);
+            }
+            Transport::Tcp | Transport::Tls => {
+                if let Some(index) = self.conn_by_addr.get(&client.addr).copied()
+                    && let Some(conn) = self.conns[index].as_mut()
+                {
+                    conn.send(&self.arena.slot_mut(slot)[range], &mut self.stats.tcp_queue_drops);
+                    if conn.closed {
+                        self.close_conn(index);
+                    }
+                }
             }
         }
     }
@@ -756,7 +787,7 @@ struct Arena {
     /// Slots `..used` hold pending datagrams.
     used: usize,
     /// `(slot, range in the slot, client)`, sent by `flush`.
-    pending: Vec<(usize, std::ops::Range<usize>, SocketAddr)>,
+    pending: Vec<(usize, Range<usize>, SocketAddr)>,
     /// Length and source of each datagram of the last `receive`.
     meta: [(usize, Option<SocketAddr>); BATCH],
     recv_headers: MultiHeaders<SockaddrStorage>,

@@ -647,6 +647,25 @@ impl Relay {
         Some((client, framed))
     }
 
+    /// The relay port of this relay's allocation whose relayed address is
+    /// `peer`, if any: a packet for it can go straight to that allocation
+    /// through [`Relay::handle_peer_packet`] with our relayed address as the
+    /// source, instead of a round trip through the kernel (both callers
+    /// relay-only; also spares a NAT the hairpin when `external_ip` is public).
+    pub fn local_relay(&self, peer: SocketAddr) -> Option<u16> {
+        let id = self.by_port.get(&peer.port())?;
+        let relayed = self.allocations.get(id)?.relayed?;
+        (relayed == peer).then_some(relayed.port())
+    }
+
+    /// The relayed address of the allocation on `relay_port`.
+    pub fn relayed_address(&self, relay_port: u16) -> Option<SocketAddr> {
+        self.by_port
+            .get(&relay_port)
+            .and_then(|id| self.allocations.get(id))
+            .and_then(|a| a.relayed)
+    }
+
     /// The driver bound (or failed to bind) the relay socket of `allocation`.
     pub fn handle_relay_bound(&mut self, now: Instant, allocation: AllocationId, relayed: Option<SocketAddr>) {
         let Some(entry) = self.allocations.get_mut(&allocation) else {

@@ -238,6 +238,11 @@ fn two_clients_relay_through_channels_and_indications() {
     };
     assert_eq!((relay_port, peer), (alice_relay.port(), bob_relay));
     assert_eq!(&packet[payload], b"hello bob");
+    // Bob's relayed address is one of ours: the driver may hand it over directly.
+    assert_eq!(sim.relay.local_relay(bob_relay), Some(bob_relay.port()));
+    assert_eq!(sim.relay.relayed_address(alice_relay.port()), Some(alice_relay));
+    assert_eq!(sim.relay.local_relay(addr("192.0.2.1:1000")), None);
+    assert_eq!(sim.relay.local_relay(SocketAddr::new(bob_relay.ip(), 1)), None);
 
     // That datagram arrives on Bob's relay socket: Bob has no channel, so a Data indication.
     let (to, bytes) = sim
