@@ -53,4 +53,6 @@ ensure_coturn() {
         fi
     fi
     command -v turnutils_uclient >/dev/null 2>&1 || { say "turnutils_uclient is still missing after installing coturn"; return 1; }
+    # The TLS test makes its certificate with the openssl tool.
+    command -v openssl >/dev/null 2>&1 || ensure_apt openssl
 }

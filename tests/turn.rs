@@ -473,3 +473,69 @@ async fn refusals_and_garbage_over_real_sockets() {
     let mut buf = [0u8; 16];
     assert_eq!(stream.read(&mut buf).expect("closed, not timed out"), 0);
 }
+
+#[tokio::test]
+async fn coturn_client_relays_over_tls() {
+    if tool("turnutils_uclient").is_none() {
+        return;
+    }
+    let openssl = tool("openssl").expect("openssl is installed (scripts/test.sh installs it)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let status = std::process::Command::new(openssl)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(status.success());
+    let (running, _dir) = start_relay(|c| {
+        c.turn.cert = cert.display().to_string();
+        c.turn.pkey = key.display().to_string();
+        c.turn.tls_listening_port = 0;
+    })
+    .await;
+    let tls = running.turn.as_ref().and_then(|t| t.tls_addr).expect("TLS listener");
+    assert!(
+        running
+            .turn_uris
+            .contains(&format!("turns:127.0.0.1:{}?transport=tcp", tls.port())),
+        "{:?}",
+        running.turn_uris
+    );
+    let port = tls.port().to_string();
+    let run = uclient(&[
+        "-S",
+        "-t",
+        "-y",
+        "-c",
+        "-n",
+        "50",
+        "-m",
+        "2",
+        "-u",
+        "alice",
+        "-W",
+        SECRET,
+        "-p",
+        &port,
+        "127.0.0.1",
+    ])
+    .await;
+    assert!(run.success, "{}", run.output);
+    assert!(run.lost_nothing(), "{}", run.output);
+    assert_eq!(run.totals(), Some((100, 100)), "{}", run.output);
+}

@@ -21,12 +21,12 @@
 use anyhow::{Context, Result};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
-use std::collections::HashMap;
 use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use std::collections::HashMap;
 use std::io::{ErrorKind, IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::AsRawFd;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -820,7 +820,9 @@ impl Arena {
         let region = &mut self.bytes[first * SLOT..(first + BATCH) * SLOT];
         let mut chunks = region.chunks_mut(SLOT);
         let mut iovs: [[IoSliceMut<'_>; 1]; BATCH] = std::array::from_fn(|_| {
-            let chunk = chunks.next().map_or(&mut [][..], |c| &mut c[PEER_HEADROOM..PEER_HEADROOM + MAX_DATAGRAM]);
+            let chunk = chunks
+                .next()
+                .map_or(&mut [][..], |c| &mut c[PEER_HEADROOM..PEER_HEADROOM + MAX_DATAGRAM]);
             [IoSliceMut::new(chunk)]
         });
         let results = recvmmsg(
@@ -850,8 +852,10 @@ impl Arena {
                 .iter()
                 .map(|(slot, range, _)| [IoSlice::new(&bytes[slot * SLOT..(slot + 1) * SLOT][range.clone()])])
                 .collect();
-            let addrs: Vec<Option<SockaddrStorage>> =
-                batch.iter().map(|(_, _, addr)| Some(SockaddrStorage::from(*addr))).collect();
+            let addrs: Vec<Option<SockaddrStorage>> = batch
+                .iter()
+                .map(|(_, _, addr)| Some(SockaddrStorage::from(*addr)))
+                .collect();
             let no_control: [ControlMessage<'_>; 0] = [];
             match sendmmsg(
                 socket.as_raw_fd(),

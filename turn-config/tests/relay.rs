@@ -187,7 +187,7 @@ impl Sim {
     }
 
     /// What a peer's datagram becomes: the client and the bytes it gets.
-    fn from_peer(&mut self, relay_port: u16, peer: SocketAddr, payload: &[u8]) -> Option<(ClientAddr, Vec<u8>)> {
+    fn peer_sends(&mut self, relay_port: u16, peer: SocketAddr, payload: &[u8]) -> Option<(ClientAddr, Vec<u8>)> {
         let mut buf = vec![0u8; PEER_HEADROOM + payload.len() + PEER_TAILROOM];
         buf[PEER_HEADROOM..PEER_HEADROOM + payload.len()].copy_from_slice(payload);
         let range = PEER_HEADROOM..PEER_HEADROOM + payload.len();
@@ -246,7 +246,7 @@ fn two_clients_relay_through_channels_and_indications() {
 
     // That datagram arrives on Bob's relay socket: Bob has no channel, so a Data indication.
     let (to, bytes) = sim
-        .from_peer(bob_relay.port(), alice_relay, b"hello bob")
+        .peer_sends(bob_relay.port(), alice_relay, b"hello bob")
         .expect("delivered to bob");
     assert_eq!(to, bob.addr);
     let data = Message::parse(&bytes).expect("a Data indication");
@@ -268,14 +268,14 @@ fn two_clients_relay_through_channels_and_indications() {
 
     // Arriving at Alice's relay from Bob's relay address: Alice has a channel, so ChannelData.
     let (to, bytes) = sim
-        .from_peer(alice_relay.port(), bob_relay, b"hi alice")
+        .peer_sends(alice_relay.port(), bob_relay, b"hi alice")
         .expect("to alice");
     assert_eq!(to, alice.addr);
     assert_eq!(stun::parse_channel_data(&bytes), Ok((0x4001, 4..12)));
 
     // Over TCP ChannelData is padded to 4 bytes.
     sim.bind(&bob, 0x4002, alice_relay).expect("bob binds");
-    let (_, bytes) = sim.from_peer(bob_relay.port(), alice_relay, b"12345").expect("to bob");
+    let (_, bytes) = sim.peer_sends(bob_relay.port(), alice_relay, b"12345").expect("to bob");
     assert_eq!(bytes.len(), 12);
     assert_eq!(stun::stream_frame_len(&bytes), Some(12));
     let stats = sim.relay.stats();
@@ -510,12 +510,12 @@ fn permissions_channels_and_allocations_expire() {
     let relay = sim.allocate(&mut alice, RELAY_IP).expect("allocates");
     let peer = addr("192.0.2.1:1000");
     sim.permit(&alice, peer).expect("permitted");
-    assert!(sim.from_peer(relay.port(), peer, b"x").is_some());
+    assert!(sim.peer_sends(relay.port(), peer, b"x").is_some());
     // Another port of the same IP is covered by the permission; another IP is not.
-    assert!(sim.from_peer(relay.port(), addr("192.0.2.1:1001"), b"x").is_some());
-    assert!(sim.from_peer(relay.port(), addr("192.0.2.2:1000"), b"x").is_none());
+    assert!(sim.peer_sends(relay.port(), addr("192.0.2.1:1001"), b"x").is_some());
+    assert!(sim.peer_sends(relay.port(), addr("192.0.2.2:1000"), b"x").is_none());
     sim.advance(Duration::from_secs(301));
-    assert!(sim.from_peer(relay.port(), peer, b"x").is_none(), "permission expired");
+    assert!(sim.peer_sends(relay.port(), peer, b"x").is_none(), "permission expired");
     assert_eq!(sim.relay.stats().drops(DropReason::NoPermission), 2);
     // The allocation itself lasts its 600 s default lifetime.
     assert!(sim.run_commands(RELAY_IP).is_empty());
@@ -523,7 +523,7 @@ fn permissions_channels_and_allocations_expire() {
     assert_eq!(sim.run_commands(RELAY_IP), vec![relay.port()]);
     assert_eq!(sim.relay.stats().allocations, 0);
     assert_eq!(sim.relay.poll_timeout(), None);
-    assert!(sim.from_peer(relay.port(), peer, b"x").is_none());
+    assert!(sim.peer_sends(relay.port(), peer, b"x").is_none());
 }
 
 #[test]
@@ -543,9 +543,9 @@ fn bandwidth_cap_drops_the_excess() {
         })
         .count();
     assert_eq!(forwarded, 10, "one second of burst");
-    assert!(sim.from_peer(relay.port(), peer, &[0u8; 100]).is_none());
+    assert!(sim.peer_sends(relay.port(), peer, &[0u8; 100]).is_none());
     sim.now += Duration::from_millis(500);
-    assert!(sim.from_peer(relay.port(), peer, &[0u8; 100]).is_some());
+    assert!(sim.peer_sends(relay.port(), peer, &[0u8; 100]).is_some());
     assert_eq!(sim.relay.stats().drops(DropReason::BandwidthExceeded), 11);
 }
 
@@ -621,7 +621,7 @@ fn mutated_messages_never_panic_nor_harm_the_allocation() {
         sim.relay.handle_client_packet(sim.now, alice.addr, &bytes);
         sim.run_commands(RELAY_IP);
         sim.responses();
-        let _ = sim.from_peer(relay.port(), peer, &bytes);
+        let _ = sim.peer_sends(relay.port(), peer, &bytes);
     }
     // Only messages intact up to MESSAGE-INTEGRITY are obeyed (what follows it
     // is ignored, RFC 8489 §14.5), and none of these deletes the allocation.
