@@ -85,6 +85,8 @@ fn json_logs_on_request_and_no_secrets_in_them() {
             "--set",
             "turn.static_auth_secret=s3cr3t-value",
             "--set",
+            "turn.listening_port=0",
+            "--set",
             "log.level=debug",
         ])
         .stdout(std::process::Stdio::piped())

@@ -5,7 +5,8 @@
 //! CGNAT, multicast, reserved, `0.0.0.0/8`, `::`, `::1`, `fc00::/7`,
 //! `fe80::/10`, `ff00::/8` and NAT64 ranges, and the relay's own service
 //! ports; an allow-list (`allowed_peer_ip`) overrides all of that, and
-//! operators add ranges with `denied_peer_ip`. IPv4-mapped IPv6 addresses are
+//! operators add ranges with `denied_peer_ip`. Allowing loopback peers
+//! (all-in-one on localhost) does not open the service ports. IPv4-mapped IPv6 addresses are
 //! judged as the IPv4 address they carry, so `::ffff:127.0.0.1` is loopback.
 
 use std::net::{IpAddr, SocketAddr};
@@ -119,9 +120,6 @@ pub const DEFAULT_DENIED: &[&str] = &[
     "ff00::/8",
 ];
 
-/// Loopback ranges, allowed when the relay runs all-in-one on localhost.
-pub const LOOPBACK: &[&str] = &["127.0.0.0/8", "::1/128"];
-
 /// Why a peer is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denial {
@@ -140,6 +138,8 @@ pub struct PeerPolicy {
     services: Vec<SocketAddr>,
     /// IPs of this server besides the listeners' (relay and external IPs).
     own_ips: Vec<IpAddr>,
+    /// Loopback peers allowed (still not the service ports).
+    loopback: bool,
 }
 
 impl PeerPolicy {
@@ -152,13 +152,13 @@ impl PeerPolicy {
             allowed: allowed.to_vec(),
             services: Vec::new(),
             own_ips: Vec::new(),
+            loopback: false,
         }
     }
 
-    /// Allows loopback peers (all-in-one on localhost).
+    /// Allows loopback peers (all-in-one on localhost), except the service ports.
     pub fn allow_loopback(&mut self) {
-        self.allowed
-            .extend(LOOPBACK.iter().filter_map(|r| r.parse::<IpRange>().ok()));
+        self.loopback = true;
     }
 
     /// Registers one of the server's own listeners.
@@ -181,15 +181,18 @@ impl PeerPolicy {
         if self.allowed.iter().any(|r| r.contains(ip)) {
             return Ok(());
         }
-        if self.denied.iter().any(|r| r.contains(ip)) {
-            return Err(Denial::DeniedRange);
-        }
         if self
             .services
             .iter()
             .any(|s| s.port() == peer.port() && self.is_own(ip, s.ip()))
         {
             return Err(Denial::ServicePort);
+        }
+        if self.loopback && ip.is_loopback() {
+            return Ok(());
+        }
+        if self.denied.iter().any(|r| r.contains(ip)) {
+            return Err(Denial::DeniedRange);
         }
         Ok(())
     }
@@ -257,9 +260,16 @@ mod tests {
         policy.add_service(addr("0.0.0.0:3478"));
         assert_eq!(policy.check(addr("203.0.113.5:3478")), Err(Denial::ServicePort));
         assert_eq!(policy.check(addr("203.0.113.5:3479")), Ok(()));
+        policy.add_service(addr("127.0.0.1:8008"));
+        assert_eq!(policy.check(addr("127.0.0.1:9")), Err(Denial::DeniedRange));
         policy.allow_loopback();
         assert_eq!(policy.check(addr("127.0.0.1:9")), Ok(()));
         assert_eq!(policy.check(addr("[::1]:9")), Ok(()));
+        assert_eq!(policy.check(addr("127.0.0.2:9")), Ok(()));
+        // Loopback allowed, yet not the server's own ports (on any of its addresses).
+        assert_eq!(policy.check(addr("127.0.0.1:8008")), Err(Denial::ServicePort));
+        assert_eq!(policy.check(addr("127.0.0.1:3478")), Err(Denial::ServicePort));
+        assert_eq!(policy.check(addr("10.0.0.1:9")), Err(Denial::DeniedRange));
     }
 
     #[test]
