@@ -167,26 +167,37 @@ async fn coturn_client_relays_through_us_over_udp_and_tcp_without_loss() {
     let peer = echo_peer().await;
     let peer_port = peer.port.to_string();
     let common = [
-        "-c", "-n", "100", "-m", "2", "-l", "160", "-z", "2", "-u", "alice", "-W", SECRET, "-p", &port,
+        "-n", "100", "-m", "2", "-l", "160", "-z", "2", "-u", "alice", "-W", SECRET, "-p", &port,
     ];
-    let runs: [&[&str]; 4] = [
-        &["-y"],
-        &["-t", "-y"],
-        &["-s", "-e", "127.0.0.1", "-r", &peer_port],
-        &["-t", "-e", "127.0.0.1", "-r", &peer_port],
+    // (flags, with RTCP allocations: EVEN-PORT with a reservation and its token)
+    let runs: [(&[&str], bool); 5] = [
+        (&["-y"], false),
+        (&["-t", "-y"], false),
+        (&["-y"], true),
+        (&["-s", "-e", "127.0.0.1", "-r", &peer_port], false),
+        (&["-t", "-e", "127.0.0.1", "-r", &peer_port], false),
     ];
-    for flags in runs {
+    for (flags, rtcp) in runs {
         let mut args: Vec<&str> = flags.to_vec();
+        if !rtcp {
+            args.push("-c");
+        }
         args.extend_from_slice(&common);
         args.push("127.0.0.1");
         let run = uclient(&args).await;
         assert!(run.success, "uclient {args:?} failed:\n{}", run.output);
         assert!(run.lost_nothing(), "uclient {args:?} lost packets:\n{}", run.output);
-        assert_eq!(run.totals(), Some((200, 200)), "uclient {args:?}:\n{}", run.output);
+        let messages = if rtcp { 400 } else { 200 };
+        assert_eq!(
+            run.totals(),
+            Some((messages, messages)),
+            "uclient {args:?}:\n{}",
+            run.output
+        );
     }
     let base = format!("http://{}", running.http_addr);
-    metric_until(&base, "switchboard_turn_packets_to_peers_total", |v| v >= 800.0).await;
-    metric_until(&base, "switchboard_turn_allocations_total", |v| v >= 8.0).await;
+    metric_until(&base, "switchboard_turn_packets_to_peers_total", |v| v >= 1200.0).await;
+    metric_until(&base, "switchboard_turn_allocations_total", |v| v >= 12.0).await;
     // The client-to-client runs over UDP went from one of our allocations to the other in-process.
     metric_until(&base, "switchboard_turn_local_relays_total", |v| v >= 200.0).await;
 }

@@ -703,16 +703,19 @@ impl Driver {
                 idle = false;
                 match command {
                     Command::BindRelay {
-                        allocation, even_port, ..
+                        allocation,
+                        even_port,
+                        reserve_next,
+                        ..
                     } => {
-                        let relayed = self.bind_relay(even_port);
-                        self.relay.handle_relay_bound(now, allocation, relayed);
-                    }
-                    Command::ReleaseRelay { relay_port, .. } => {
-                        if let Some(mut socket) = self.relays[usize::from(relay_port)].take() {
-                            let _ = self.poll.registry().deregister(&mut socket);
+                        let relayed = self.bind_relay(even_port, reserve_next);
+                        if let Some((_, Some(reserved))) = relayed {
+                            self.relay.handle_relay_reserved(allocation, reserved);
                         }
+                        self.relay
+                            .handle_relay_bound(now, allocation, relayed.map(|(addr, _)| addr));
                     }
+                    Command::ReleaseRelay { relay_port, .. } => self.release_port(relay_port),
                 }
             }
             while let Some(transmit) = self.relay.poll_transmit() {
@@ -741,10 +744,13 @@ impl Driver {
         }
     }
 
-    /// Binds a relay socket on a free port of the range; returns the address to advertise.
-    fn bind_relay(&mut self, even_port: bool) -> Option<SocketAddr> {
+    /// Binds a relay socket on a free port of the range (even when asked;
+    /// with `reserve_next` also the port after it); returns the addresses
+    /// to advertise.
+    fn bind_relay(&mut self, even_port: bool, reserve_next: bool) -> Option<(SocketAddr, Option<SocketAddr>)> {
         let (min, max) = self.ports;
         let span = u32::from(max - min) + 1;
+        let even_port = even_port || reserve_next;
         for _ in 0..BIND_ATTEMPTS.min(span as usize) {
             self.port_cursor = self.port_cursor.wrapping_add(1);
             let mut port = min + (u32::from(self.port_cursor) % span) as u16;
@@ -754,30 +760,66 @@ impl Driver {
                 }
                 port += 1;
             }
-            if self.relays[usize::from(port)].is_some() {
+            if reserve_next && port == max {
                 continue;
             }
-            let Ok(socket) = std::net::UdpSocket::bind(SocketAddr::new(self.relay_ip, port)) else {
+            let Some(socket) = self.bind_port(port) else {
                 continue;
             };
-            bigger_buffers(&socket);
-            if socket.set_nonblocking(true).is_err() {
+            let next = if reserve_next {
+                match self.bind_port(port + 1) {
+                    Some(next) => Some(next),
+                    None => continue, // `socket` is dropped: the pair was not free.
+                }
+            } else {
+                None
+            };
+            let mut register = |socket: UdpSocket, port: u16| -> bool {
+                let mut socket = socket;
+                let ok = self
+                    .poll
+                    .registry()
+                    .register(&mut socket, Token(RELAY_BASE + usize::from(port)), Interest::READABLE)
+                    .is_ok();
+                if ok {
+                    self.relays[usize::from(port)] = Some(socket);
+                }
+                ok
+            };
+            if !register(socket, port) {
                 continue;
             }
-            let mut socket = UdpSocket::from_std(socket);
-            if self
-                .poll
-                .registry()
-                .register(&mut socket, Token(RELAY_BASE + usize::from(port)), Interest::READABLE)
-                .is_err()
-            {
-                continue;
-            }
-            self.relays[usize::from(port)] = Some(socket);
-            return Some(SocketAddr::new(self.external_ip, port));
+            let reserved = match next {
+                Some(next) => {
+                    if !register(next, port + 1) {
+                        self.release_port(port);
+                        continue;
+                    }
+                    Some(SocketAddr::new(self.external_ip, port + 1))
+                }
+                None => None,
+            };
+            return Some((SocketAddr::new(self.external_ip, port), reserved));
         }
         tracing::warn!("no free relay port in turn.min_port..=turn.max_port");
         None
+    }
+
+    /// A nonblocking UDP socket on `port` of the relay IP, if that port is free.
+    fn bind_port(&self, port: u16) -> Option<UdpSocket> {
+        if self.relays[usize::from(port)].is_some() {
+            return None;
+        }
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(self.relay_ip, port)).ok()?;
+        bigger_buffers(&socket);
+        socket.set_nonblocking(true).ok()?;
+        Some(UdpSocket::from_std(socket))
+    }
+
+    fn release_port(&mut self, port: u16) {
+        if let Some(mut socket) = self.relays[usize::from(port)].take() {
+            let _ = self.poll.registry().deregister(&mut socket);
+        }
     }
 }
 

@@ -55,6 +55,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_PERMISSIONS: usize = 64;
 /// Channels one allocation may bind.
 const MAX_CHANNELS: usize = 64;
+/// RFC 8656 §7.2: how long a reserved port waits for its RESERVATION-TOKEN.
+pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// RFC 8656 §18.8: REQUESTED-TRANSPORT value for UDP.
 const PROTOCOL_UDP: u8 = 17;
 
@@ -89,11 +91,14 @@ pub enum Family {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Bind a UDP relay socket (an even port when asked), then call
-    /// [`Relay::handle_relay_bound`] with its address or `None`.
+    /// [`Relay::handle_relay_bound`] with its address or `None`. With
+    /// `reserve_next`, also bind the next port and report it first with
+    /// [`Relay::handle_relay_reserved`] (EVEN-PORT's R bit, RFC 8656 §7.2).
     BindRelay {
         allocation: AllocationId,
         family: Family,
         even_port: bool,
+        reserve_next: bool,
     },
     /// Close the relay socket on this port.
     ReleaseRelay { allocation: AllocationId, relay_port: u16 },
@@ -354,6 +359,8 @@ struct Allocation {
     expires: Instant,
     /// `None` while the driver binds the relay socket.
     relayed: Option<SocketAddr>,
+    /// The next port, bound for a later Allocate with the token (R bit).
+    reserved: Option<SocketAddr>,
     family: Family,
     permissions: Vec<(IpAddr, Instant)>,
     channels: Vec<Channel>,
@@ -402,6 +409,10 @@ pub struct Relay {
     indication_counter: u64,
     transmits: VecDeque<Transmit>,
     commands: VecDeque<Command>,
+    /// Reserved relay addresses by RESERVATION-TOKEN, with their expiry.
+    reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
+    /// Tokens of allocations whose success response is pending.
+    pending_tokens: HashMap<AllocationId, [u8; 8]>,
     stats: RelayStats,
 }
 
@@ -420,6 +431,8 @@ impl Relay {
             indication_counter: 0,
             transmits: VecDeque::new(),
             commands: VecDeque::new(),
+            reservations: HashMap::new(),
+            pending_tokens: HashMap::new(),
             stats: RelayStats::default(),
         }
     }
@@ -479,7 +492,21 @@ impl Relay {
             channels += allocation.channels.len() as u64;
         }
         self.stats.channels = channels;
-        self.next_sweep = if self.allocations.is_empty() {
+        let stale: Vec<[u8; 8]> = self
+            .reservations
+            .iter()
+            .filter(|(_, (_, expires))| *expires <= now)
+            .map(|(token, _)| *token)
+            .collect();
+        for token in stale {
+            if let Some((addr, _)) = self.reservations.remove(&token) {
+                self.commands.push_back(Command::ReleaseRelay {
+                    allocation: AllocationId(0),
+                    relay_port: addr.port(),
+                });
+            }
+        }
+        self.next_sweep = if self.allocations.is_empty() && self.reservations.is_empty() {
             None
         } else {
             Some(now + SWEEP_INTERVAL)
@@ -666,6 +693,19 @@ impl Relay {
             .and_then(|a| a.relayed)
     }
 
+    /// The driver also bound the port after `allocation`'s (EVEN-PORT with
+    /// the R bit); it is held for [`RESERVATION_LIFETIME`] for the Allocate
+    /// that brings the token of the coming response.
+    pub fn handle_relay_reserved(&mut self, allocation: AllocationId, reserved: SocketAddr) {
+        match self.allocations.get_mut(&allocation) {
+            Some(entry) => entry.reserved = Some(reserved),
+            None => self.commands.push_back(Command::ReleaseRelay {
+                allocation,
+                relay_port: reserved.port(),
+            }),
+        }
+    }
+
     /// The driver bound (or failed to bind) the relay socket of `allocation`.
     pub fn handle_relay_bound(&mut self, now: Instant, allocation: AllocationId, relayed: Option<SocketAddr>) {
         let Some(entry) = self.allocations.get_mut(&allocation) else {
@@ -683,6 +723,14 @@ impl Relay {
             Some(relayed) => {
                 entry.relayed = Some(relayed);
                 entry.expires = now + entry.lifetime;
+                if let Some(reserved) = entry.reserved.take() {
+                    self.indication_counter += 1;
+                    let mut token = [0u8; 8];
+                    token[..2].copy_from_slice(&self.config.nonce_key[4..6]);
+                    token[2..].copy_from_slice(&self.indication_counter.to_be_bytes()[2..]);
+                    self.reservations.insert(token, (reserved, now + RESERVATION_LIFETIME));
+                    self.pending_tokens.insert(allocation, token);
+                }
                 self.by_port.insert(relayed.port(), allocation);
                 self.stats.allocations_total += 1;
                 self.send_allocate_success(allocation);
@@ -715,8 +763,11 @@ impl Relay {
         writer
             .xor_address(attr::XOR_RELAYED_ADDRESS, relayed)
             .u32_attr(attr::LIFETIME, allocation.lifetime.as_secs() as u32)
-            .xor_address(attr::XOR_MAPPED_ADDRESS, allocation.client.addr)
-            .integrity(&allocation.key);
+            .xor_address(attr::XOR_MAPPED_ADDRESS, allocation.client.addr);
+        if let Some(token) = self.pending_tokens.get(&id) {
+            writer.attr(attr::RESERVATION_TOKEN, token);
+        }
+        writer.integrity(&allocation.key);
         if allocation.fingerprint {
             writer.fingerprint();
         }
@@ -953,17 +1004,29 @@ impl Relay {
             Some([_, _, _, _]) => return Err((Refusal::UnsupportedTransport, key)),
             _ => return Err((Refusal::BadRequest, key)),
         }
-        if message.get(attr::RESERVATION_TOKEN).is_some() {
-            // No reservations are ever handed out (EVEN-PORT's R bit is ignored).
-            return Err((Refusal::InsufficientCapacity, key));
+        let token = message.get(attr::RESERVATION_TOKEN);
+        let even = message.get(attr::EVEN_PORT);
+        if token.is_some() && (even.is_some() || message.get(attr::REQUESTED_ADDRESS_FAMILY).is_some()) {
+            return Err((Refusal::BadRequest, key));
         }
+        let reserved = match token {
+            None => None,
+            Some(token) => {
+                let token: [u8; 8] = token.try_into().map_err(|_| (Refusal::BadRequest, key))?;
+                match self.reservations.get(&token) {
+                    Some((addr, expires)) if *expires > now => Some((token, *addr)),
+                    _ => return Err((Refusal::InsufficientCapacity, key)),
+                }
+            }
+        };
         let family = match message.get(attr::REQUESTED_ADDRESS_FAMILY) {
             None | Some([0x01, _, _, _]) => Family::V4,
             Some([0x02, _, _, _]) if self.config.ipv6_relay => Family::V6,
             Some([0x02, _, _, _]) => return Err((Refusal::AddressFamilyNotSupported, key)),
             Some(_) => return Err((Refusal::BadRequest, key)),
         };
-        let even_port = message.get(attr::EVEN_PORT).is_some();
+        let even_port = even.is_some();
+        let reserve_next = matches!(even, Some([flags, ..]) if flags & 0x80 != 0);
         let lifetime = self.lifetime(message).map_err(|r| (r, key))?;
         let user = auth
             .username
@@ -995,6 +1058,7 @@ impl Relay {
                 // Set when the socket is bound.
                 expires: now + lifetime,
                 relayed: None,
+                reserved: None,
                 family,
                 permissions: Vec::new(),
                 channels: Vec::new(),
@@ -1006,11 +1070,19 @@ impl Relay {
         );
         self.by_client.insert(client, id);
         self.stats.allocations = self.allocations.len() as u64;
-        self.commands.push_back(Command::BindRelay {
-            allocation: id,
-            family,
-            even_port,
-        });
+        match reserved {
+            // The socket is already bound: the allocation takes it over.
+            Some((token, addr)) => {
+                self.reservations.remove(&token);
+                self.handle_relay_bound(now, id, Some(addr));
+            }
+            None => self.commands.push_back(Command::BindRelay {
+                allocation: id,
+                family,
+                even_port,
+                reserve_next,
+            }),
+        }
         Ok(())
     }
 

@@ -67,10 +67,18 @@ impl Sim {
         let mut released = Vec::new();
         while let Some(command) = self.relay.poll_command() {
             match command {
-                Command::BindRelay { allocation, .. } => {
+                Command::BindRelay {
+                    allocation,
+                    reserve_next,
+                    ..
+                } => {
                     let port = self.next_port;
-                    self.next_port += 1;
+                    self.next_port += 2;
                     let relayed = SocketAddr::new(ip.parse().expect("ip"), port);
+                    if reserve_next {
+                        self.relay
+                            .handle_relay_reserved(allocation, SocketAddr::new(relayed.ip(), port + 1));
+                    }
                     self.relay.handle_relay_bound(self.now, allocation, Some(relayed));
                 }
                 Command::ReleaseRelay { relay_port, .. } => released.push(relay_port),
@@ -627,4 +635,67 @@ fn mutated_messages_never_panic_nor_harm_the_allocation() {
     // is ignored, RFC 8489 §14.5), and none of these deletes the allocation.
     assert_eq!(sim.signed(&alice, method::REFRESH, |_| {}), Ok(()));
     assert_eq!(sim.relay.stats().allocations, 1);
+}
+
+#[test]
+fn even_port_reservations_hand_the_next_port_to_the_token() {
+    let mut sim = Sim::new(|_| {});
+    let mut rtp = sim.client(Transport::Udp, "198.51.100.4:1", "@alice:example.org", 3600);
+    sim.allocate(&mut rtp, RELAY_IP).expect("allocates");
+    // EVEN-PORT with the R bit: the response carries a RESERVATION-TOKEN.
+    let mut rtcp = sim.client(Transport::Udp, "198.51.100.4:2", "@alice:example.org", 3600);
+    rtcp.nonce = rtp.nonce.clone();
+    let request = sim.request(&rtcp, method::ALLOCATE, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::EVEN_PORT, &[0x80]);
+    });
+    let response = sim.exchange(rtcp.addr, &request, RELAY_IP);
+    let response = Message::parse(&response).expect("parses");
+    let relayed = response
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .expect("relayed")
+        .expect("valid");
+    assert_eq!(relayed.port() % 2, 0);
+    let token = response.get(attr::RESERVATION_TOKEN).expect("a token").to_vec();
+    // Another 5-tuple allocates with the token: it gets port + 1, no new socket.
+    let third = sim.client(Transport::Udp, "198.51.100.4:3", "@alice:example.org", 3600);
+    let mut third = third;
+    third.nonce = rtp.nonce.clone();
+    let request = sim.request(&third, method::ALLOCATE, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::RESERVATION_TOKEN, &token);
+    });
+    sim.relay.handle_client_packet(sim.now, third.addr, &request);
+    assert_eq!(sim.relay.poll_command(), None, "the reserved socket is reused");
+    let (_, response) = sim.responses().pop().expect("a response");
+    let response = Message::parse(&response).expect("parses");
+    assert_eq!(
+        response.xor_address(attr::XOR_RELAYED_ADDRESS),
+        Some(Ok(SocketAddr::new(relayed.ip(), relayed.port() + 1)))
+    );
+    // A token used once (or never issued) is refused.
+    let mut fourth = sim.client(Transport::Udp, "198.51.100.4:4", "@alice:example.org", 3600);
+    fourth.nonce = rtp.nonce.clone();
+    assert_eq!(
+        sim.signed(&fourth, method::ALLOCATE, |w| {
+            w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+                .attr(attr::RESERVATION_TOKEN, &token);
+        }),
+        Err(508)
+    );
+    // An unused reservation is released after 30 s.
+    let mut fifth = sim.client(Transport::Udp, "198.51.100.4:5", "@alice:example.org", 3600);
+    fifth.nonce = rtp.nonce.clone();
+    let request = sim.request(&fifth, method::ALLOCATE, |w| {
+        w.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0])
+            .attr(attr::EVEN_PORT, &[0x80]);
+    });
+    let response = sim.exchange(fifth.addr, &request, RELAY_IP);
+    let relayed = Message::parse(&response)
+        .expect("parses")
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .expect("relayed")
+        .expect("valid");
+    sim.advance(Duration::from_secs(31));
+    assert_eq!(sim.run_commands(RELAY_IP), vec![relayed.port() + 1]);
 }
