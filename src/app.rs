@@ -146,6 +146,11 @@ fn bot_login(config: &Config, mode: Mode, http_addr: SocketAddr) -> Result<BotLo
 /// Starts the parts of `mode` with `config`.
 pub async fn start(config: Config, mode: Mode) -> Result<Running> {
     let started = Instant::now();
+    anyhow::ensure!(
+        mode != Mode::Turn || !config.turn.static_auth_secret.is_empty(),
+        "config key 'turn.static_auth_secret': required for `switchboard turn`: the secret the \
+         homeserver mints credentials with (Synapse's turn_shared_secret)"
+    );
     secrets::ensure_data_dir(&config.data_dir)?;
     let turn_secret = if config.turn.static_auth_secret.is_empty() {
         secrets::load_or_generate(&config.data_dir.join("turn_secret"))?

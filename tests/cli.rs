@@ -62,6 +62,7 @@ fn bad_config_names_the_key() {
         (vec!["--print-config", "--set", "turn.uris=stun:x"], vec![], "turn.uris"),
         (vec!["--print-config", "--log-format", "xml"], vec![], "log.format"),
         (vec!["--print-config", "--set", "unknown.key=1"], vec![], "unknown.key"),
+        (vec!["turn", "--bind", "127.0.0.1:0"], vec![], "turn.static_auth_secret"),
     ] {
         let (ok, _, stderr) = switchboard(&args, &env);
         assert!(!ok, "{args:?} must fail");
