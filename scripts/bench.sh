@@ -4,5 +4,9 @@
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
-cargo build --release --locked --bin switchboard -p switchboard-bench >&2
+if [ "${1:-}" = "turn" ]; then
+    ensure_coturn
+fi
+cargo build --release --locked -p switchboard --bin switchboard >&2
+cargo build --release --locked -p switchboard-bench >&2
 exec "$ROOT/target/release/switchboard-bench" "$@"

@@ -54,3 +54,20 @@ ensure_browser_tests() {
         return 1
     fi
 }
+
+# coturn's turnutils_uclient/turnutils_peer (the TURN tests) and turnserver (the
+# TURN benchmark's baseline). Debian's package may start a turnserver service on
+# install; the tests use ports of their own, but stop that service so it does
+# not sit on 3478 or compete for the CPU.
+ensure_coturn() {
+    if ! command -v turnutils_uclient >/dev/null 2>&1; then
+        ensure_apt coturn
+        if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet coturn 2>/dev/null; then
+            say "stopping the coturn service the package started"
+            systemctl stop coturn || true
+        fi
+    fi
+    command -v turnutils_uclient >/dev/null 2>&1 || { say "turnutils_uclient is still missing after installing coturn"; return 1; }
+    # The TLS test makes its certificate with the openssl tool.
+    command -v openssl >/dev/null 2>&1 || ensure_apt openssl
+}

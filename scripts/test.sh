@@ -7,6 +7,7 @@ cd "$ROOT"
 ensure_rust_components
 ensure_interop_clients
 ensure_browser_tests
+ensure_coturn
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

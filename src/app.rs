@@ -1,18 +1,20 @@
 //! Starts the parts of Switchboard and owns their lifetime.
 //!
-//! Today the parts are the companion homeserver, the SFU media shards (all-in-one
-//! mode), the conference bot, the web demo and the operational endpoints; the
-//! TURN relay joins the same process as its issue lands.
+//! The parts are the companion homeserver, the SFU media shards, the
+//! conference bot, the TURN relay, the web demo and the operational endpoints;
+//! the mode says which run.
 
 use crate::bot::{Bot, BotPolicy};
 use crate::config::Config;
 use crate::drivers::matrix::MatrixClient;
 use crate::drivers::media::ShardSet;
+use crate::drivers::turn::{TurnHandle, TurnSettings};
 use crate::secrets;
 use anyhow::{Context, Result};
 use homeserver::store::SqliteStore;
 use homeserver::{Homeserver, HomeserverConfig};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -28,6 +30,8 @@ pub enum Mode {
     Homeserver,
     /// The conference bot and the SFU, attached to another homeserver.
     Bot,
+    /// Only the TURN relay (and the operational endpoints).
+    Turn,
 }
 
 /// A running instance.
@@ -43,6 +47,10 @@ pub struct Running {
     pub media: Option<ShardSet>,
     /// The conference bot's user id.
     pub bot_user: Option<String>,
+    /// The TURN relay.
+    pub turn: Option<Arc<TurnHandle>>,
+    /// The TURN URIs `/voip/turnServer` hands out.
+    pub turn_uris: Vec<String>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
 }
@@ -63,6 +71,9 @@ impl Running {
         if let Some(media) = &self.media {
             let ports: Vec<String> = media.shards().iter().map(|s| s.advertised_addr.to_string()).collect();
             urls.push(("SFU media (UDP, one port per shard)", ports.join(" ")));
+        }
+        if self.turn.is_some() {
+            urls.push(("TURN relay", self.turn_uris.join(" ")));
         }
         if let Some(bot) = &self.bot_user {
             urls.push(("Conference bot (invite it to a room, then call it)", bot.clone()));
@@ -139,6 +150,11 @@ fn bot_login(config: &Config, mode: Mode, http_addr: SocketAddr) -> Result<BotLo
 /// Starts the parts of `mode` with `config`.
 pub async fn start(config: Config, mode: Mode) -> Result<Running> {
     let started = Instant::now();
+    anyhow::ensure!(
+        mode != Mode::Turn || !config.turn.static_auth_secret.is_empty(),
+        "config key 'turn.static_auth_secret': required for `switchboard turn`: the secret the \
+         homeserver mints credentials with (Synapse's turn_shared_secret)"
+    );
     secrets::ensure_data_dir(&config.data_dir)?;
     let turn_secret = if config.turn.static_auth_secret.is_empty() {
         secrets::load_or_generate(&config.data_dir.join("turn_secret"))?
@@ -164,7 +180,17 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
         config.http.public_base_url.trim_end_matches('/').to_string()
     };
 
-    let hs = if mode == Mode::Bot {
+    let turn = if mode == Mode::Turn || (mode == Mode::AllInOne && config.turn.enabled) {
+        Some(Arc::new(start_turn(&config, mode, &turn_secret, http_addr)?))
+    } else {
+        None
+    };
+    let turn_uris = match &turn {
+        Some(turn) if config.turn.uris.is_empty() => advertised_turn_uris(&config, turn),
+        _ => config.turn.uris.clone(),
+    };
+
+    let hs = if matches!(mode, Mode::Bot | Mode::Turn) {
         None
     } else {
         let db_path = config.data_dir.join("homeserver.sqlite");
@@ -178,7 +204,7 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
                 registration_enabled: config.registration.enabled,
                 login_rate_per_second: config.rate_limit.login_per_second,
                 login_burst: config.rate_limit.login_burst,
-                turn_uris: config.turn.uris.clone(),
+                turn_uris: turn_uris.clone(),
                 turn_secret: SharedSecret::new(turn_secret),
                 turn_ttl: Duration::from_secs(config.turn.credential_ttl_secs),
             },
@@ -186,14 +212,14 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
         ))
     };
 
-    let (media, media_events) = if mode != Mode::Homeserver {
+    let (media, media_events) = if matches!(mode, Mode::AllInOne | Mode::Bot) {
         let (shards, events) = ShardSet::spawn(config.media.bind, config.media_advertised_ip(), config.media.shards)?;
         (Some(shards), Some(events))
     } else {
         (None, None)
     };
 
-    let app = crate::http::router(hs.clone(), media.clone(), started);
+    let app = crate::http::router(hs.clone(), media.clone(), turn.clone(), started);
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(async move {
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -251,7 +277,85 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
         homeserver: hs,
         media,
         bot_user,
+        turn,
+        turn_uris,
         shutdown,
         server,
     })
+}
+
+/// Starts the TURN relay with the homeserver's secret. All-in-one on a
+/// loopback listener allows loopback peers: everything there is local.
+fn start_turn(config: &Config, mode: Mode, secret: &str, http_addr: SocketAddr) -> Result<TurnHandle> {
+    use turn_config::policy::{PeerPolicy, parse_ranges};
+    let turn = &config.turn;
+    let listening_ip: IpAddr = turn.listening_ip.parse().context("turn.listening_ip")?;
+    let relay_ip: IpAddr = if turn.relay_ip.is_empty() {
+        listening_ip
+    } else {
+        turn.relay_ip.parse().context("turn.relay_ip")?
+    };
+    let external_ip: Option<IpAddr> = if turn.external_ip.is_empty() {
+        None
+    } else {
+        Some(turn.external_ip.parse().context("turn.external_ip")?)
+    };
+    let denied = parse_ranges(&turn.denied_peer_ip).context("turn.denied_peer_ip")?;
+    let allowed = parse_ranges(&turn.allowed_peer_ip).context("turn.allowed_peer_ip")?;
+    let mut policy = PeerPolicy::new(&denied, &allowed);
+    if turn.allow_loopback_peers {
+        tracing::warn!("the TURN relay allows loopback peers (turn.allow_loopback_peers)");
+        policy.allow_loopback();
+    } else if mode == Mode::AllInOne && listening_ip.is_loopback() {
+        tracing::info!("the TURN relay allows loopback peers: all-in-one on localhost, where every peer is local");
+        policy.allow_loopback();
+    }
+    let mut nonce_key = [0u8; 32];
+    getrandom::fill(&mut nonce_key).map_err(|e| anyhow::anyhow!("the OS random number generator failed: {e}"))?;
+    let mut relay = turn_config::RelayConfig::new(config.turn_realm(), SharedSecret::new(secret), nonce_key);
+    relay.policy = policy;
+    relay.user_quota = turn.user_quota;
+    relay.total_quota = turn.total_quota;
+    relay.max_bps = turn.max_bps;
+    relay.max_lifetime = Duration::from_secs(turn.max_allocate_lifetime);
+    relay.default_lifetime = relay.default_lifetime.min(relay.max_lifetime);
+    relay.nonce_lifetime = Duration::from_secs(turn.stale_nonce);
+    let tls = if turn.cert.is_empty() {
+        None
+    } else {
+        let tls_config = crate::tls::server_config(Path::new(&turn.cert), Path::new(&turn.pkey))?;
+        Some((SocketAddr::new(listening_ip, turn.tls_listening_port), tls_config))
+    };
+    let handle = crate::drivers::turn::spawn(TurnSettings {
+        listen: SocketAddr::new(listening_ip, turn.listening_port),
+        tls,
+        relay_ip,
+        external_ip,
+        ports: (turn.min_port, turn.max_port),
+        services: vec![http_addr],
+        relay,
+    })?;
+    tracing::info!(udp = %handle.udp_addr, tcp = %handle.tcp_addr, tls = ?handle.tls_addr, "TURN relay listening");
+    Ok(handle)
+}
+
+/// `turn:HOST:PORT?transport=udp` and `?transport=tcp` (and `turns:` with TLS).
+fn advertised_turn_uris(config: &Config, turn: &TurnHandle) -> Vec<String> {
+    let ip = if config.turn.external_ip.is_empty() {
+        turn.udp_addr.ip()
+    } else {
+        config.turn.external_ip.parse().unwrap_or(turn.udp_addr.ip())
+    };
+    let host = match ip {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    let mut uris = vec![
+        format!("turn:{host}:{}?transport=udp", turn.udp_addr.port()),
+        format!("turn:{host}:{}?transport=tcp", turn.tcp_addr.port()),
+    ];
+    if let Some(tls) = turn.tls_addr {
+        uris.push(format!("turns:{host}:{}?transport=tcp", tls.port()));
+    }
+    uris
 }

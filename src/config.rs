@@ -5,7 +5,7 @@
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
 
@@ -102,16 +102,55 @@ pub struct RateLimitConfig {
     pub login_burst: u32,
 }
 
+/// The TURN relay and the credentials `/voip/turnServer` hands out. Keys are
+/// coturn's option names with `_` for `-` (`listening-port` is `listening_port`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
-    /// TURN URIs handed out by `/voip/turnServer` (`turn:` or `turns:`).
+    /// Run the embedded relay (all-in-one; `switchboard turn` always runs it).
+    pub enabled: bool,
+    /// TURN URIs handed out by `/voip/turnServer` (`turn:` or `turns:`); empty
+    /// while the relay runs: its own `turn:HOST:PORT?transport=udp|tcp` (and `turns:`).
     pub uris: Vec<String>,
     /// The TURN REST shared secret (coturn's `static-auth-secret`); empty means
     /// generate one in the data directory and keep it there.
     pub static_auth_secret: String,
     /// Lifetime of minted credentials, in seconds.
     pub credential_ttl_secs: u64,
+    /// The realm of the long-term credentials; empty: the server name.
+    pub realm: String,
+    /// Where the UDP and TCP listeners bind.
+    pub listening_ip: String,
+    /// UDP and TCP listener port (0: a free port).
+    pub listening_port: u16,
+    /// TLS (`turns:`) listener port, used when `cert` and `pkey` are set.
+    pub tls_listening_port: u16,
+    /// PEM certificate chain and private key for TLS.
+    pub cert: String,
+    pub pkey: String,
+    /// Relay sockets bind to this IPv4 address; empty: the listening IP.
+    pub relay_ip: String,
+    /// The address advertised as the relayed address (public IP behind NAT); empty: the relay IP.
+    pub external_ip: String,
+    /// Relay port range.
+    pub min_port: u16,
+    pub max_port: u16,
+    /// Extra peer ranges to refuse (`IP`, `IP/PREFIX` or `IP1-IP2`), on top of the private ones.
+    pub denied_peer_ip: Vec<String>,
+    /// Peer ranges to allow even when denied.
+    pub allowed_peer_ip: Vec<String>,
+    /// Allow loopback peers. All-in-one on a loopback listener allows them anyway.
+    pub allow_loopback_peers: bool,
+    /// Allocations one user may hold at once (0: no limit).
+    pub user_quota: u32,
+    /// Allocations the relay holds at once (0: no limit).
+    pub total_quota: u32,
+    /// Bytes per second per allocation, each direction counted (0: no limit).
+    pub max_bps: u64,
+    /// Longest allocation lifetime granted, in seconds.
+    pub max_allocate_lifetime: u64,
+    /// Seconds a nonce stays valid before 438 Stale Nonce.
+    pub stale_nonce: u64,
 }
 
 impl Default for Config {
@@ -134,9 +173,28 @@ impl Default for Config {
                 login_burst: 100,
             },
             turn: TurnConfig {
+                enabled: true,
                 uris: Vec::new(),
                 static_auth_secret: String::new(),
                 credential_ttl_secs: 86_400,
+                realm: String::new(),
+                listening_ip: "127.0.0.1".into(),
+                listening_port: 3478,
+                tls_listening_port: 5349,
+                cert: String::new(),
+                pkey: String::new(),
+                relay_ip: String::new(),
+                external_ip: String::new(),
+                min_port: 49_152,
+                max_port: 65_535,
+                denied_peer_ip: Vec::new(),
+                allowed_peer_ip: Vec::new(),
+                allow_loopback_peers: false,
+                user_quota: 10,
+                total_quota: 0,
+                max_bps: 0,
+                max_allocate_lifetime: 3600,
+                stale_nonce: 600,
             },
             bot: BotConfig {
                 enabled: true,
@@ -275,6 +333,7 @@ impl Config {
         if !(60..=7 * 86_400).contains(&self.turn.credential_ttl_secs) {
             bail!("config key 'turn.credential_ttl_secs': must be between 60 and 604800");
         }
+        self.validate_turn()?;
         if !self.media.advertised_ip.is_empty() && self.media.advertised_ip.parse::<std::net::IpAddr>().is_err() {
             bail!(
                 "config key 'media.advertised_ip': '{}' is not an IP address",
@@ -288,6 +347,59 @@ impl Config {
             bail!("config key 'media.shards': at most 256");
         }
         Ok(())
+    }
+
+    fn validate_turn(&self) -> Result<()> {
+        let turn = &self.turn;
+        let ip = |key: &str, value: &str| -> Result<Option<IpAddr>> {
+            if value.is_empty() {
+                return Ok(None);
+            }
+            value
+                .parse()
+                .map(Some)
+                .map_err(|_| anyhow::anyhow!("config key 'turn.{key}': '{value}' is not an IP address"))
+        };
+        let listening = ip("listening_ip", &turn.listening_ip)?;
+        if listening.is_none() {
+            bail!("config key 'turn.listening_ip': required");
+        }
+        if let Some(relay) = ip("relay_ip", &turn.relay_ip)?.or(listening)
+            && (!relay.is_ipv4() || relay.is_unspecified())
+        {
+            bail!(
+                "config key 'turn.relay_ip': relay addresses are one IPv4 address (set it when listening_ip is not one)"
+            );
+        }
+        ip("external_ip", &turn.external_ip)?;
+        if turn.min_port == 0 || turn.min_port > turn.max_port {
+            bail!("config key 'turn.min_port': must be at least 1 and at most turn.max_port");
+        }
+        for (key, ranges) in [
+            ("denied_peer_ip", &turn.denied_peer_ip),
+            ("allowed_peer_ip", &turn.allowed_peer_ip),
+        ] {
+            turn_config::policy::parse_ranges(ranges).map_err(|e| anyhow::anyhow!("config key 'turn.{key}': {e}"))?;
+        }
+        if turn.cert.is_empty() != turn.pkey.is_empty() {
+            bail!("config key 'turn.cert': TLS needs both turn.cert and turn.pkey");
+        }
+        if !(60..=86_400).contains(&turn.max_allocate_lifetime) {
+            bail!("config key 'turn.max_allocate_lifetime': must be between 60 and 86400");
+        }
+        if !(10..=86_400).contains(&turn.stale_nonce) {
+            bail!("config key 'turn.stale_nonce': must be between 10 and 86400");
+        }
+        Ok(())
+    }
+
+    /// The TURN realm: configured, or the server name.
+    pub fn turn_realm(&self) -> String {
+        if self.turn.realm.is_empty() {
+            self.server_name.clone()
+        } else {
+            self.turn.realm.clone()
+        }
     }
 
     /// The advertised media IP, if one is configured.
@@ -319,8 +431,10 @@ impl Config {
         config.http.bind = SocketAddr::from(([127, 0, 0, 1], 0));
         config.log.level = "warn".into();
         config.media.shards = 1;
-        // Tests that want the conference bot turn it on.
+        config.turn.listening_port = 0;
+        // Tests that want the conference bot or the TURN relay turn them on.
         config.bot.enabled = false;
+        config.turn.enabled = false;
         config
     }
 }
@@ -440,6 +554,17 @@ mod tests {
         assert!(err(load(&[], &[("log.format", "xml")], None)).contains("log.format"));
         assert!(err(load(&[], &[], Some("[http]\nbnd = \"x\"\n"))).contains("http"));
         assert!(err(load(&[], &[("no.such", "1")], None)).contains("no.such"));
+        assert!(err(load(&[], &[("turn.denied_peer_ip", "10.0.0.0/99")], None)).contains("turn.denied_peer_ip"));
+        assert!(err(load(&[], &[("turn.relay_ip", "::1")], None)).contains("turn.relay_ip"));
+        assert!(
+            err(load(
+                &[],
+                &[("turn.min_port", "60000"), ("turn.max_port", "50000")],
+                None
+            ))
+            .contains("turn.min_port")
+        );
+        assert!(err(load(&[], &[("turn.cert", "/x.pem")], None)).contains("turn.cert"));
     }
 
     #[test]

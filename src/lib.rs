@@ -8,3 +8,4 @@ pub mod drivers;
 pub mod http;
 pub mod metrics;
 pub mod secrets;
+pub mod tls;

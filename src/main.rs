@@ -51,6 +51,9 @@ enum Command {
         #[arg(long, default_value = "conference")]
         user: String,
     },
+    /// Only the TURN relay (instead of coturn): give it the homeserver's TURN
+    /// secret (turn.static_auth_secret, Synapse's turn_shared_secret).
+    Turn,
 }
 
 fn sources(cli: &Cli) -> Result<Sources> {
@@ -123,12 +126,14 @@ async fn run(cli: Cli) -> Result<()> {
         None => Mode::AllInOne,
         Some(Command::Homeserver) => Mode::Homeserver,
         Some(Command::Bot { .. }) => Mode::Bot,
+        Some(Command::Turn) => Mode::Turn,
     };
     let mut running = app::start(config, mode).await?;
     let what = match mode {
         Mode::AllInOne => "all-in-one",
         Mode::Homeserver => "homeserver",
         Mode::Bot => "conference bot and SFU",
+        Mode::Turn => "TURN relay",
     };
     println!("Switchboard is running ({what}). Open:");
     for (what, url) in running.urls() {

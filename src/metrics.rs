@@ -1,6 +1,7 @@
 //! Prometheus text exposition. Metric names live here, in one place; the parts
 //! expose their counters as plain values.
 
+use crate::drivers::turn::TurnStats;
 use homeserver::{Homeserver, Stats};
 use sfu::{DropReason, ShardStats};
 use std::fmt::Write as _;
@@ -25,7 +26,7 @@ fn metric(out: &mut String, name: &str, kind: Kind, help: &str, value: f64) {
 type HomeserverSeries = (&'static str, Kind, &'static str, fn(&Stats) -> &AtomicU64);
 
 /// Renders every metric of the running parts.
-pub fn render(started: Instant, hs: Option<&Homeserver>, shards: &[ShardStats]) -> String {
+pub fn render(started: Instant, hs: Option<&Homeserver>, shards: &[ShardStats], turn: Option<&TurnStats>) -> String {
     let mut out = String::new();
     let uptime = started.elapsed().as_secs_f64();
     metric(
@@ -103,7 +104,114 @@ pub fn render(started: Instant, hs: Option<&Homeserver>, shards: &[ShardStats]) 
         }
     }
     render_sfu(&mut out, shards);
+    if let Some(turn) = turn {
+        render_turn(&mut out, turn);
+    }
     out
+}
+
+/// A TURN metric: name, kind, help, and how to read it.
+type TurnSeries = (&'static str, Kind, &'static str, fn(&TurnStats) -> u64);
+
+fn render_turn(out: &mut String, turn: &TurnStats) {
+    let series: [TurnSeries; 12] = [
+        ("switchboard_turn_allocations", Kind::Gauge, "TURN allocations.", |s| {
+            s.relay.allocations
+        }),
+        (
+            "switchboard_turn_allocations_total",
+            Kind::Counter,
+            "TURN allocations created.",
+            |s| s.relay.allocations_total,
+        ),
+        ("switchboard_turn_channels", Kind::Gauge, "TURN channels bound.", |s| {
+            s.relay.channels
+        }),
+        (
+            "switchboard_turn_packets_to_peers_total",
+            Kind::Counter,
+            "Packets relayed from clients to peers.",
+            |s| s.relay.packets_to_peers,
+        ),
+        (
+            "switchboard_turn_bytes_to_peers_total",
+            Kind::Counter,
+            "Payload bytes relayed from clients to peers.",
+            |s| s.relay.bytes_to_peers,
+        ),
+        (
+            "switchboard_turn_packets_to_clients_total",
+            Kind::Counter,
+            "Packets relayed from peers to clients.",
+            |s| s.relay.packets_to_clients,
+        ),
+        (
+            "switchboard_turn_bytes_to_clients_total",
+            Kind::Counter,
+            "Payload bytes relayed from peers to clients.",
+            |s| s.relay.bytes_to_clients,
+        ),
+        (
+            "switchboard_turn_binding_requests_total",
+            Kind::Counter,
+            "STUN Binding requests answered.",
+            |s| s.relay.binding_requests,
+        ),
+        (
+            "switchboard_turn_send_failures_total",
+            Kind::Counter,
+            "Datagrams the kernel did not take.",
+            |s| s.send_failures,
+        ),
+        (
+            "switchboard_turn_tcp_queue_drops_total",
+            Kind::Counter,
+            "Frames dropped for TCP clients too slow to take them.",
+            |s| s.tcp_queue_drops,
+        ),
+        (
+            "switchboard_turn_local_relays_total",
+            Kind::Counter,
+            "Packets between two of our allocations, handed over without the kernel.",
+            |s| s.local_relays,
+        ),
+        (
+            "switchboard_turn_connections",
+            Kind::Gauge,
+            "Open TURN TCP/TLS connections.",
+            |s| s.connections,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        metric(out, name, kind, help, value(turn) as f64);
+    }
+    let name = "switchboard_turn_refusals_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} TURN requests refused with a STUN error, by reason.\n# TYPE {name} counter"
+    );
+    for refusal in turn_config::relay::Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{code=\"{}\",reason=\"{}\"}} {}",
+            refusal.code(),
+            refusal.as_str(),
+            turn.relay.refusals(refusal)
+        );
+    }
+    let name = "switchboard_turn_drops_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} TURN packets dropped without an answer, by reason.\n# TYPE {name} counter"
+    );
+    for reason in turn_config::relay::DropReason::ALL {
+        let _ = writeln!(
+            out,
+            "{name}{{reason=\"{}\"}} {}",
+            reason.as_str(),
+            turn.relay.drops(reason)
+        );
+    }
 }
 
 /// A shard metric: name, kind, help, and how to read it.

@@ -62,6 +62,7 @@ fn bad_config_names_the_key() {
         (vec!["--print-config", "--set", "turn.uris=stun:x"], vec![], "turn.uris"),
         (vec!["--print-config", "--log-format", "xml"], vec![], "log.format"),
         (vec!["--print-config", "--set", "unknown.key=1"], vec![], "unknown.key"),
+        (vec!["turn", "--bind", "127.0.0.1:0"], vec![], "turn.static_auth_secret"),
     ] {
         let (ok, _, stderr) = switchboard(&args, &env);
         assert!(!ok, "{args:?} must fail");
@@ -84,6 +85,8 @@ fn json_logs_on_request_and_no_secrets_in_them() {
         .args([
             "--set",
             "turn.static_auth_secret=s3cr3t-value",
+            "--set",
+            "turn.listening_port=0",
             "--set",
             "log.level=debug",
         ])

@@ -63,6 +63,7 @@ pub(crate) async fn start_server(extra: &[&str]) -> Result<Server> {
             "127.0.0.1:0",
         ])
         .args(["--set", "rate_limit.login_burst=100000", "--set", "log.level=warn"])
+        .args(["--set", "turn.listening_port=0"])
         .args(extra)
         .stdout(Stdio::piped())
         .kill_on_drop(true)

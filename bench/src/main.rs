@@ -9,6 +9,7 @@ mod homeserver;
 mod proc_stat;
 mod sfu;
 mod sfu_server;
+mod turn;
 mod udp_baseline;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,9 @@ enum Bench {
     /// Conference bot: invite -> answer and invite -> connected times; baseline:
     /// a plain message's round trip through the same homeserver.
     Bot(bot::Args),
+    /// TURN relay: relayed packets per CPU-second and loss under coturn's
+    /// turnutils_uclient load; baseline: Debian's coturn turnserver, same load.
+    Turn(turn::Args),
     /// (internal) The SFU under test, driven over a control connection.
     #[command(hide = true)]
     SfuServer {
@@ -44,14 +48,20 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let bench = match cli.bench {
+        // Child processes and blocking waits only: no async runtime.
+        Bench::Turn(args) => return turn::run(args),
+        bench => bench,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    match cli.bench {
+    match bench {
         Bench::Homeserver(args) => runtime.block_on(homeserver::run(args)),
         Bench::Sfu(args) => runtime.block_on(sfu::run(args)),
         Bench::Bot(args) => runtime.block_on(bot::run(args)),
+        Bench::Turn(args) => turn::run(args),
         Bench::SfuServer { shards } => runtime.block_on(sfu_server::serve(shards)),
         Bench::UdpForwarder => {
             // The baseline runs on one thread, like a media shard.

@@ -63,6 +63,9 @@ impl BinaryServer {
                 data_dir.to_str().expect("utf-8 path"),
                 "--bind",
                 "127.0.0.1:0",
+                // Never assume 3478 is free.
+                "--set",
+                "turn.listening_port=0",
             ])
             .args(extra)
             .env("SWITCHBOARD_LOG_LEVEL", "warn")
