@@ -5,8 +5,10 @@
 //! `OpusHead` identification header (beginning of stream), the second the
 //! `OpusTags` comment header, then audio pages of up to [`PACKETS_PER_PAGE`]
 //! packets (one second of 20 ms frames), each with the granule position — the
-//! count of 48 kHz samples, pre-skip included — at its last packet's end. The
-//! last page carries the end-of-stream flag.
+//! count of 48 kHz samples decoded up to its last packet's end; the first
+//! `pre_skip` of them (the encoder's priming) are not played, so the playback
+//! duration is the last granule minus the pre-skip (RFC 7845 §4). The last page
+//! carries the end-of-stream flag.
 
 /// Audio packets per page: a page a second keeps a crash's loss small.
 pub const PACKETS_PER_PAGE: usize = 50;
@@ -66,7 +68,7 @@ impl OggOpusWriter {
             serial,
             pre_skip,
             sequence: 0,
-            granule: u64::from(pre_skip),
+            granule: 0,
             lacing: Vec::with_capacity(255),
             body: Vec::with_capacity(8 * 1024),
             packets: 0,
@@ -123,14 +125,15 @@ impl OggOpusWriter {
         std::mem::take(&mut self.out)
     }
 
-    /// The granule position so far: samples written plus the pre-skip.
+    /// The granule position so far: the samples the packets decode to (the
+    /// first `pre_skip` of which are the encoder's priming, not played).
     pub fn granule(&self) -> u64 {
         self.granule
     }
 
     /// Samples of audio written (without the pre-skip).
     pub fn duration_samples(&self) -> u64 {
-        self.granule - u64::from(self.pre_skip)
+        self.granule.saturating_sub(u64::from(self.pre_skip))
     }
 
     fn flush(&mut self, flags: u8) {
@@ -295,7 +298,7 @@ mod tests {
         assert_eq!(read.pre_skip, 312);
         assert_eq!(read.channels, 1);
         assert_eq!(read.vendor, "switchboard");
-        assert_eq!(read.final_granule, 312 + 120 * 960);
+        assert_eq!(read.final_granule, 120 * 960);
         assert!(read.ended);
         // Header pages, then ceil(120 / 50) audio pages (the last one ends the stream).
         assert_eq!(file.windows(4).filter(|w| w == b"OggS").count(), 2 + 3);

@@ -4,6 +4,7 @@
 //! the next thing due.
 #![allow(dead_code)]
 
+use mixer::codec::{MAX_PACKET_BYTES, MAX_PACKET_SAMPLES, OpusDecoder, OpusEncoder};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -70,6 +71,15 @@ pub struct Client {
     /// RTP packets per video frame (1,000 bytes each, 30 frames a second).
     pub video_packets_per_frame: u64,
     video_packet_seq: u64,
+    /// Sends real opus: a sine of (frequency, amplitude) instead of dummy bytes.
+    pub tone: Option<(f32, f32)>,
+    encoder: Option<OpusEncoder>,
+    /// Sends random bytes of random length as its "opus" instead.
+    pub junk_audio: bool,
+    /// Decodes what arrives on its own audio m-line into `heard` (48 kHz mono).
+    pub listen: bool,
+    decoder: Option<OpusDecoder>,
+    pub heard: Vec<f32>,
 }
 
 pub struct World {
@@ -213,6 +223,12 @@ impl World {
             layer_seq: [0, 5000],
             video_packets_per_frame: 1,
             video_packet_seq: 0,
+            tone: None,
+            encoder: None,
+            junk_audio: false,
+            listen: false,
+            decoder: None,
+            heard: Vec::new(),
         });
         self.drain_client(index);
         self.pump_sfu();
@@ -260,6 +276,14 @@ impl World {
                         }
                         let head = packet.payload.iter().take(11).copied().collect();
                         entry.packets.push((*packet.seq_no, now, head, packet.payload.len()));
+                        if client.listen && mid == client.own_mids.0 {
+                            let decoder = client
+                                .decoder
+                                .get_or_insert_with(|| OpusDecoder::new().expect("decoder"));
+                            let mut pcm = vec![0f32; MAX_PACKET_SAMPLES];
+                            let n = decoder.decode(&packet.payload, &mut pcm).expect("the mix decodes");
+                            client.heard.extend_from_slice(&pcm[..n]);
+                        }
                     }
                     Event::KeyframeRequest(request)
                         if request.kind == KeyframeRequestKind::Pli || request.kind == KeyframeRequestKind::Fir =>
@@ -334,9 +358,37 @@ impl World {
                     ..Default::default()
                 };
                 let ts = (client.audio_seq * 960) as u32;
-                // Byte 1 says who sent it.
-                let mut payload = vec![0xfc; 80];
-                payload[1] = index as u8;
+                let payload = match client.tone {
+                    _ if client.junk_audio => {
+                        let mut x = (client.audio_seq as u32).wrapping_mul(2_654_435_761) | 1;
+                        let len = 1 + (x % 1400) as usize;
+                        (0..len)
+                            .map(|_| {
+                                x ^= x << 13;
+                                x ^= x >> 17;
+                                x ^= x << 5;
+                                x as u8
+                            })
+                            .collect()
+                    }
+                    Some((freq, amplitude)) => {
+                        let encoder = client
+                            .encoder
+                            .get_or_insert_with(|| OpusEncoder::new(48_000, 5).expect("encoder"));
+                        let mut pcm = vec![0f32; 960];
+                        mixer::analysis::sine(freq, amplitude, client.audio_seq * 960, &mut pcm);
+                        let mut out = vec![0u8; MAX_PACKET_BYTES];
+                        let len = encoder.encode(&pcm, &mut out).expect("encode");
+                        out.truncate(len);
+                        out
+                    }
+                    None => {
+                        // Byte 1 says who sent it.
+                        let mut payload = vec![0xfc; 80];
+                        payload[1] = index as u8;
+                        payload
+                    }
+                };
                 tx.write_rtp(RtpWrite::new(pt, client.audio_seq.into(), ts, now, payload).ext_vals(ext));
                 client.audio_seq += 1;
             }
