@@ -3,6 +3,7 @@
 # figures beside a baseline measured in the same run (see PERFORMANCE notes in README).
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
+ensure_build_libs
 
 cargo build --release --locked --bin switchboard -p switchboard-bench >&2
 exec "$ROOT/target/release/switchboard-bench" "$@"
