@@ -4,8 +4,12 @@
 
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
+// The SFU's simulation harness (sfu/tests/common) names the SFU crate so.
+extern crate sfu as switchboard_sfu;
+
 mod bot;
 mod homeserver;
+mod mixer;
 mod proc_stat;
 mod sfu;
 mod sfu_server;
@@ -31,6 +35,10 @@ enum Bench {
     /// Conference bot: invite -> answer and invite -> connected times; baseline:
     /// a plain message's round trip through the same homeserver.
     Bot(bot::Args),
+    /// Mixer: single-stream listeners per core with 3 active speakers and the
+    /// added mouth-to-ear delay; baseline: forwarding the 3 speakers to as many
+    /// multi-stream listeners, in the same run.
+    Mixer(mixer::Args),
     /// (internal) The SFU under test, driven over a control connection.
     #[command(hide = true)]
     SfuServer {
@@ -52,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Homeserver(args) => runtime.block_on(homeserver::run(args)),
         Bench::Sfu(args) => runtime.block_on(sfu::run(args)),
         Bench::Bot(args) => runtime.block_on(bot::run(args)),
+        Bench::Mixer(args) => mixer::run(args),
         Bench::SfuServer { shards } => runtime.block_on(sfu_server::serve(shards)),
         Bench::UdpForwarder => {
             // The baseline runs on one thread, like a media shard.
