@@ -44,7 +44,7 @@ pub mod ogg;
 use codec::{MAX_PACKET_BYTES, MAX_PACKET_SAMPLES, OpusDecoder, OpusEncoder};
 use jitter::{JitterBuffer, Pull};
 use limiter::Limiter;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,7 @@ const MAX_CONCEAL_TICKS: u32 = 5;
 /// At most this many overdue ticks are run at once; beyond, the clock skips ahead.
 const MAX_CATCH_UP: u32 = 5;
 /// Inputs per conference.
-pub const MAX_INPUTS: usize = 256;
+pub const MAX_INPUTS: usize = 1024;
 /// Weight of each level sample (≈ 200 ms time constant at 50 packets a second).
 const LEVEL_SMOOTHING: f32 = 0.1;
 /// An input not heard for this long is silent.
@@ -366,7 +366,10 @@ struct Recording {
 /// The mixer of one conference.
 pub struct Mixer {
     config: MixerConfig,
+    /// In arrival order (speaker ties go to the earlier).
     inputs: Vec<Input>,
+    /// Input → its index in `inputs`.
+    index: HashMap<InputId, usize>,
     listeners: Vec<Listener>,
     slots: Vec<Slot>,
     /// Encoders of mixes no longer needed, kept for reuse.
@@ -399,6 +402,7 @@ impl Mixer {
         Self {
             config,
             inputs: Vec::new(),
+            index: HashMap::new(),
             listeners: Vec::new(),
             slots: Vec::new(),
             spare: Vec::new(),
@@ -455,7 +459,10 @@ impl Mixer {
 
     /// The input's track is gone.
     pub fn remove_input(&mut self, input: InputId) {
-        self.inputs.retain(|i| i.id != input);
+        if self.index.remove(&input).is_some() {
+            self.inputs.retain(|i| i.id != input);
+            self.index = self.inputs.iter().enumerate().map(|(n, i)| (i.id, n)).collect();
+        }
     }
 
     /// A packet of `input` (extended sequence number `seq`, RFC 6464 `level`
@@ -473,10 +480,11 @@ impl Mixer {
             return; // not mixing: buffering would only add delay later
         }
         self.stats.packets_in += 1;
-        let index = match self.inputs.iter().position(|i| i.id == input) {
-            Some(index) => index,
+        let index = match self.index.get(&input) {
+            Some(index) => *index,
             None if self.inputs.len() < MAX_INPUTS => {
                 self.inputs.push(Input::new(input));
+                self.index.insert(input, self.inputs.len() - 1);
                 self.inputs.len() - 1
             }
             None => {
@@ -559,6 +567,14 @@ impl Mixer {
     /// Recorded bytes to append to the file.
     pub fn poll_recording(&mut self) -> Option<Vec<u8>> {
         self.recorded.pop_front()
+    }
+
+    /// Whether `input` is in this tick's mix.
+    fn contributed(&self, input: InputId) -> bool {
+        self.index
+            .get(&input)
+            .and_then(|n| self.inputs.get(*n))
+            .is_some_and(|i| i.contributed)
     }
 
     fn select_speakers(&mut self, now: Instant) {
@@ -653,7 +669,7 @@ impl Mixer {
         self.keys.clear();
         for listener in &self.listeners {
             let key = match listener.own {
-                Some(own) if self.inputs.iter().any(|i| i.id == own && i.contributed) => MixKey::Minus(own),
+                Some(own) if self.contributed(own) => MixKey::Minus(own),
                 _ => MixKey::All,
             };
             if !self.keys.contains(&key) {
@@ -683,7 +699,7 @@ impl Mixer {
         let timestamp = (self.tick.wrapping_mul(FRAME_SAMPLES as u64)) as u32;
         for listener in &self.listeners {
             let key = match listener.own {
-                Some(own) if self.inputs.iter().any(|i| i.id == own && i.contributed) => MixKey::Minus(own),
+                Some(own) if self.contributed(own) => MixKey::Minus(own),
                 _ => MixKey::All,
             };
             let Some(slot) = self.slots.iter().find(|s| s.key == key) else {
@@ -747,7 +763,7 @@ impl Mixer {
         };
         self.work.copy_from_slice(&self.mix);
         if let MixKey::Minus(own) = key
-            && let Some(input) = self.inputs.iter().find(|i| i.id == own)
+            && let Some(input) = self.index.get(&own).and_then(|n| self.inputs.get(*n))
         {
             for (w, s) in self.work.iter_mut().zip(&input.frame) {
                 *w -= *s;
