@@ -241,3 +241,28 @@ fn a_recording_decodes_to_the_expected_duration_and_content() {
     assert!(amplitudes[0] > 0.15 && amplitudes[1] > 0.15, "{amplitudes:?}");
     assert!(amplitudes[2] < 0.01, "{amplitudes:?}");
 }
+
+#[test]
+fn a_speaker_who_leaves_is_replaced_by_the_next_loudest() {
+    let start = Instant::now();
+    let mut mixer = Mixer::new(MixerConfig {
+        max_speakers: 2,
+        ..MixerConfig::default()
+    });
+    let freqs = [450.0, 750.0, 1050.0];
+    let mut talkers: Vec<Talker> = (0..3)
+        .map(|i| Talker::new(i as u64 + 1, freqs[i], 0.25, [20, 22, 40][i]))
+        .collect();
+    mixer.add_listener(start, ListenerId(9), None);
+    let mut ears = ears(&[9]);
+    run(&mut mixer, &mut talkers, start, 100, &mut ears);
+    let before = heard(&ears[0].1.pcm, &freqs);
+    assert!(before[0] > 0.15 && before[1] > 0.15 && before[2] < 0.01, "{before:?}");
+    // Talker 1 hangs up: its track is gone, the quiet third one is mixed instead.
+    mixer.remove_input(InputId(1));
+    talkers.remove(0);
+    run(&mut mixer, &mut talkers, start + FRAME * 100, 100, &mut ears);
+    let after = heard(&ears[0].1.pcm, &freqs);
+    assert!(after[0] < 0.01 && after[1] > 0.15 && after[2] > 0.15, "{after:?}");
+    assert_eq!(mixer.speakers(), vec![InputId(2), InputId(3)]);
+}
