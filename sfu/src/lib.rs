@@ -723,6 +723,7 @@ impl Sfu {
         stats.sessions = self.sessions.len() as u64;
         stats.rooms = self.rooms.len() as u64;
         stats.tracks = self.tracks.len() as u64;
+        self.add_mixer_stats(&mut stats);
         stats
     }
 

@@ -19,7 +19,7 @@
 //! `handle_timeout` runs [`Sfu::run_mixers`], `poll_timeout` includes
 //! `next_mix`, `remove_session` calls [`Sfu::mix_leave`].
 
-use crate::{DropReason, RoomId, SessionId, Sfu, SfuError, SfuEvent, TrackId};
+use crate::{DropReason, RoomId, SessionId, Sfu, SfuError, SfuEvent, ShardStats, TrackId};
 use mixer::{InputId, ListenerId, Mixer, MixerConfig, MixerStats};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -169,6 +169,26 @@ impl Sfu {
         self.update_next_mix();
     }
 
+    /// Adds the live mixers' counters to the shard's (those of mixers gone are in already).
+    pub(crate) fn add_mixer_stats(&self, stats: &mut ShardStats) {
+        for mix in self.rooms.values().filter_map(|r| r.mix.as_ref()) {
+            stats.mixers += 1;
+            add_counters(stats, &mix.mixer.stats());
+        }
+    }
+
+    /// Drops the room's mixer if it has nothing left to do, keeping its counters.
+    fn drop_idle_mixer(&mut self, room_id: &RoomId) {
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        if room.mix.as_ref().is_some_and(|m| m.mixer.is_idle())
+            && let Some(mix) = room.mix.take()
+        {
+            add_counters(&mut self.out.stats, &mix.mixer.stats());
+        }
+    }
+
     fn update_next_mix(&mut self) {
         self.next_mix = self
             .rooms
@@ -196,11 +216,7 @@ impl Sfu {
             mix.mixer.stop_recording();
             self.drain_recording(room_id, true);
         }
-        if let Some(room) = self.rooms.get_mut(room_id)
-            && room.mix.as_ref().is_some_and(|m| m.mixer.is_idle())
-        {
-            room.mix = None;
-        }
+        self.drop_idle_mixer(room_id);
         self.update_next_mix();
     }
 
@@ -247,11 +263,7 @@ impl Sfu {
         }
         let duration = mix.mixer.stop_recording().unwrap_or_default();
         self.drain_recording(room_id, true);
-        if let Some(room) = self.rooms.get_mut(room_id)
-            && room.mix.as_ref().is_some_and(|m| m.mixer.is_idle())
-        {
-            room.mix = None;
-        }
+        self.drop_idle_mixer(room_id);
         self.update_next_mix();
         Some(duration)
     }
@@ -271,4 +283,11 @@ impl Sfu {
             .and_then(|r| r.mix.as_ref())
             .map(|m| m.mixer.stats())
     }
+}
+
+fn add_counters(stats: &mut ShardStats, mixer: &MixerStats) {
+    stats.mix_ticks += mixer.ticks;
+    stats.mix_frames_out += mixer.frames_out;
+    stats.mix_decode_errors += mixer.decode_errors;
+    stats.mix_concealed += mixer.concealed;
 }

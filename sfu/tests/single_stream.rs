@@ -247,6 +247,13 @@ fn garbage_opus_from_a_peer_is_concealed_and_counted() {
     world.run(Duration::from_secs(3));
     let stats = world.sfu.mixer_stats(&world.room).expect("the room mixes");
     assert!(stats.decode_errors > 0 || stats.concealed > 0, "{stats:?}");
+    let shard = world.sfu.stats();
+    assert_eq!(shard.mixers, 1);
+    assert_eq!(
+        (shard.mix_decode_errors, shard.mix_concealed),
+        (stats.decode_errors, stats.concealed),
+        "the shard's counters show it"
+    );
     let amplitudes = heard(&world, alice, &[660.0]);
     assert!(amplitudes[0] > 0.1, "bob is still heard: {amplitudes:?}");
 }
@@ -270,6 +277,9 @@ fn a_recording_of_the_room_decodes_to_its_duration_and_content() {
     let duration = world.sfu.stop_recording(now, &room).expect("it was recording");
     world.run(Duration::from_millis(100));
     assert!(!world.sfu.is_recording(&room));
+    let shard = world.sfu.stats();
+    assert_eq!(shard.mixers, 0, "nothing left to mix: the mixer is gone");
+    assert!(shard.mix_ticks >= 150, "its counters stay: {shard:?}");
     let mut file = Vec::new();
     let mut finished = 0;
     for (_, event) in &world.events {
