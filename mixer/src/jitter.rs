@@ -14,6 +14,9 @@
 //! least one packet was always left over after the pull: the oldest is dropped.
 //! So the buffer holds as little as the arrival jitter requires, from zero extra
 //! frames on a clean network.
+//!
+//! A sequence number far ahead of the window, or [`LATE_RESTART`] late ones in
+//! a row (the sender's numbering went back), restarts the buffer there.
 
 /// Slots in the ring: 16 frames of 20 ms.
 pub const CAPACITY: usize = 16;
@@ -21,6 +24,9 @@ pub const CAPACITY: usize = 16;
 pub const WINDOW_TICKS: u32 = 50;
 /// Largest payload kept (bytes).
 pub const MAX_PAYLOAD: usize = crate::codec::MAX_PACKET_BYTES;
+/// This many late packets in a row mean the sender's numbering went back (a
+/// new stream): the buffer restarts from them instead of dropping them all.
+pub const LATE_RESTART: u32 = 8;
 
 /// Why a packet was not buffered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +78,8 @@ pub struct JitterBuffer {
     next: Option<u64>,
     min_depth: usize,
     window: u32,
+    /// Late packets in a row.
+    late_run: u32,
     pub stats: JitterStats,
 }
 
@@ -93,6 +101,7 @@ impl JitterBuffer {
             next: None,
             min_depth: usize::MAX,
             window: 0,
+            late_run: 0,
             stats: JitterStats::default(),
         }
     }
@@ -109,15 +118,22 @@ impl JitterBuffer {
         if let Some(next) = self.next {
             if seq < next {
                 self.stats.late += 1;
-                return Err(JitterDrop::Late);
-            }
-            if seq >= next + CAPACITY as u64 {
+                self.late_run += 1;
+                if self.late_run < LATE_RESTART {
+                    return Err(JitterDrop::Late);
+                }
+                // The numbering went back: start again from here.
+                self.stats.resets += 1;
+                self.clear();
+                self.next = Some(seq);
+            } else if seq >= next + CAPACITY as u64 {
                 // Far ahead (the sender jumped, or we stalled): start again from here.
                 self.stats.resets += 1;
                 self.clear();
                 self.next = Some(seq);
             }
         }
+        self.late_run = 0;
         let slot = &mut self.slots[(seq % CAPACITY as u64) as usize];
         if slot.seq == Some(seq) {
             self.stats.duplicate += 1;
@@ -232,6 +248,80 @@ mod tests {
         assert_eq!(jb.stats.late, 1);
         assert_eq!(jb.push(105, &[]), Err(JitterDrop::Empty));
         assert_eq!(jb.push(105, &[0; MAX_PAYLOAD + 1]), Err(JitterDrop::Oversize));
+    }
+
+    /// Random arrival orders, duplicates, losses and jumps: it never panics,
+    /// and plays every sequence number at most once and in increasing order
+    /// (between restarts).
+    #[test]
+    fn random_arrivals_play_in_order_at_most_once() {
+        let mut x = 0x9e37_79b9_u32;
+        let mut rand = move |n: u32| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x % n
+        };
+        for _ in 0..200 {
+            let mut jb = JitterBuffer::new();
+            let mut played: Vec<u64> = Vec::new();
+            let mut next_send = 0u64;
+            let mut in_flight: Vec<u64> = Vec::new();
+            let mut resets = 0;
+            for _tick in 0..300 {
+                // Up to 3 packets arrive, some reordered, duplicated, dropped, or far ahead.
+                for _ in 0..rand(4) {
+                    match rand(20) {
+                        0 => next_send += 1,                            // lost
+                        1 => next_send += 1000 + u64::from(rand(5000)), // a jump
+                        _ => {}
+                    }
+                    in_flight.push(next_send);
+                    if rand(10) == 0 {
+                        in_flight.push(next_send); // duplicate
+                    }
+                    next_send += 1;
+                }
+                while !in_flight.is_empty() && rand(3) != 0 {
+                    let seq = in_flight.swap_remove(rand(in_flight.len() as u32) as usize);
+                    let _ = jb.push(seq, &seq.to_le_bytes());
+                }
+                match jb.pull() {
+                    Pull::Packet(p) => {
+                        let seq = u64::from_le_bytes(p.try_into().expect("8 bytes"));
+                        if jb.stats.resets == resets {
+                            assert!(played.last().is_none_or(|last| seq > *last), "{seq} after {played:?}");
+                        }
+                        resets = jb.stats.resets;
+                        played.push(seq);
+                    }
+                    Pull::Lost { next } => {
+                        if let Some(p) = next {
+                            assert_eq!(p.len(), 8);
+                        }
+                    }
+                    Pull::Empty => {}
+                }
+                jb.end_tick();
+                assert!(jb.depth() <= CAPACITY);
+            }
+        }
+    }
+
+    #[test]
+    fn numbering_that_goes_back_restarts_after_a_few_packets() {
+        let mut jb = JitterBuffer::new();
+        for seq in 5000..5010 {
+            jb.push(seq, &payload(seq)).expect("push");
+            assert!(matches!(jb.pull(), Pull::Packet(_)));
+        }
+        for seq in 100..100 + u64::from(LATE_RESTART) - 1 {
+            assert_eq!(jb.push(seq, &payload(seq)), Err(JitterDrop::Late));
+        }
+        let restart = 100 + u64::from(LATE_RESTART) - 1;
+        jb.push(restart, &payload(restart)).expect("the new numbering is taken");
+        assert_eq!(jb.pull(), Pull::Packet(&payload(restart)[..]));
+        assert_eq!(jb.stats.resets, 1);
     }
 
     #[test]
