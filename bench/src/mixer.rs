@@ -33,6 +33,11 @@ pub struct Args {
     /// Simulated seconds measured per scenario.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Single-stream listeners also send audio (silence at −127 dBov, 50
+    /// packets a second, as an open but quiet microphone does): every one is a
+    /// mixer input, buffered and skipped undecoded.
+    #[arg(long)]
+    listeners_send: bool,
 }
 
 const FREQS: [f32; 3] = [440.0, 660.0, 1000.0];
@@ -143,7 +148,12 @@ pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!((1..=1000).contains(&args.listeners), "--listeners: between 1 and 1000");
     let listeners = args.listeners;
     println!(
-        "mixer: one conference, 3 speakers (real opus), {listeners} listeners, {} s simulated per scenario",
+        "mixer: one conference, 3 speakers (real opus), {listeners} listeners{}, {} s simulated per scenario",
+        if args.listeners_send {
+            " (sending silent audio)"
+        } else {
+            ""
+        },
         args.seconds
     );
 
@@ -152,7 +162,13 @@ pub fn run(args: Args) -> Result<()> {
     speakers(&mut world, true);
     for i in 0..listeners {
         let c = world.join(&format!("listener{i}"));
-        world.clients[c].sending = false;
+        if args.listeners_send {
+            world.clients[c].tone = Some((300.0, 0.0));
+            world.clients[c].audio_level = 127;
+            world.clients[c].send_video = false;
+        } else {
+            world.clients[c].sending = false;
+        }
         let (now, session) = (world.now, world.clients[c].session.expect("session"));
         world.sfu.set_single_stream(now, session);
     }
