@@ -55,6 +55,12 @@ fn single_stream_callers_hear_everyone_but_themselves() {
         let mut seqs: Vec<u64> = world.clients[i].received[&mid].packets.iter().map(|p| p.0).collect();
         seqs.dedup();
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "gaps in the mix");
+        let rtp = &world.clients[i].received[&mid].rtp;
+        assert!(
+            rtp.windows(2)
+                .all(|w| w[1].0 == w[0].0 && w[1].1.wrapping_sub(w[0].1) == 960),
+            "one SSRC, 20 ms of timestamp a packet"
+        );
         assert!(world.clients[i].streams.is_empty(), "no renegotiation");
     }
     let stats = world.sfu.mixer_stats(&world.room).expect("the room mixes");
@@ -186,6 +192,20 @@ fn video_follows_the_speaker_after_the_hold_off_on_a_keyframe_with_continuous_nu
         seqs[seqs.len() - 1] - seqs[0] + 1,
         seqs.len() as u64,
         "no gap in alice's video"
+    );
+    // One SSRC, and timestamps that move on with the wall clock across the switch.
+    let received = &world.clients[alice].received[&video_mid];
+    assert!(
+        received.rtp.iter().all(|(ssrc, _)| *ssrc == received.rtp[0].0),
+        "one SSRC"
+    );
+    let switch = packets.iter().position(|p| p.1 == first.1).expect("the switch");
+    let (before, after) = (received.rtp[switch - 1].1, received.rtp[switch].1);
+    let elapsed = (first.1 - packets[switch - 1].1).as_secs_f64() * 90_000.0;
+    let step = f64::from(after.wrapping_sub(before));
+    assert!(
+        step > 0.0 && (step - elapsed).abs() < 90.0 * 5.0,
+        "timestamp step {step} over {elapsed} ticks of wall clock"
     );
 }
 

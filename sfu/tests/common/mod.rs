@@ -37,6 +37,8 @@ pub struct Received {
     pub kind: Option<MediaKind>,
     /// (extended sequence number, arrival, first payload bytes, payload length) of each RTP packet.
     pub packets: Vec<(u64, Instant, Vec<u8>, usize)>,
+    /// (SSRC, RTP timestamp) of each RTP packet, in the same order.
+    pub rtp: Vec<(u32, u32)>,
 }
 
 pub struct Client {
@@ -323,6 +325,7 @@ impl World {
                         }
                         let head = packet.payload.iter().take(11).copied().collect();
                         entry.packets.push((*packet.seq_no, now, head, packet.payload.len()));
+                        entry.rtp.push((*packet.header.ssrc, packet.header.timestamp));
                         if client.listen_all && entry.kind == Some(MediaKind::Audio) {
                             client.ears.entry(mid).or_default().hear(now, &packet.payload);
                         }
