@@ -126,7 +126,7 @@ impl JitterBuffer {
                 self.stats.resets += 1;
                 self.clear();
                 self.next = Some(seq);
-            } else if seq >= next + CAPACITY as u64 {
+            } else if seq >= next.saturating_add(CAPACITY as u64) {
                 // Far ahead (the sender jumped, or we stalled): start again from here.
                 self.stats.resets += 1;
                 self.clear();
@@ -163,16 +163,16 @@ impl JitterBuffer {
         self.next = Some(next);
         let index = (next % CAPACITY as u64) as usize;
         if self.slots[index].seq == Some(next) {
-            self.next = Some(next + 1);
+            self.next = Some(next.wrapping_add(1));
             let slot = &mut self.slots[index];
             slot.seq = None;
             return Pull::Packet(&slot.data);
         }
         if self.slots.iter().any(|s| s.seq.is_some_and(|q| q > next)) {
             self.stats.lost += 1;
-            self.next = Some(next + 1);
-            let after = &self.slots[((next + 1) % CAPACITY as u64) as usize];
-            let next = (after.seq == Some(next + 1)).then_some(after.data.as_slice());
+            self.next = Some(next.wrapping_add(1));
+            let after = &self.slots[(next.wrapping_add(1) % CAPACITY as u64) as usize];
+            let next = (after.seq == Some(next.wrapping_add(1))).then_some(after.data.as_slice());
             return Pull::Lost { next };
         }
         Pull::Empty
@@ -199,7 +199,7 @@ impl JitterBuffer {
             if slot.seq == Some(next) {
                 slot.seq = None;
             }
-            self.next = Some(next + 1);
+            self.next = Some(next.wrapping_add(1));
             self.stats.shrunk += 1;
         }
         self.window = 0;

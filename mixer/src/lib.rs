@@ -521,10 +521,10 @@ impl Mixer {
             }
             if ran == MAX_CATCH_UP {
                 // A stall: do not burst; skip to the present.
-                let behind = now.saturating_duration_since(at).as_micros() / FRAME.as_micros();
-                self.stats.skipped_ticks += behind as u64 + 1;
-                self.tick += behind as u64 + 1;
-                self.next_tick = Some(at + FRAME * (behind as u32 + 1));
+                let behind = (now.saturating_duration_since(at).as_micros() / FRAME.as_micros()) as u64 + 1;
+                self.stats.skipped_ticks += behind;
+                self.tick = self.tick.wrapping_add(behind);
+                self.next_tick = Some(now + FRAME);
                 break;
             }
             self.run_tick(at);

@@ -266,3 +266,22 @@ fn a_speaker_who_leaves_is_replaced_by_the_next_loudest() {
     assert!(after[0] < 0.01 && after[1] > 0.15 && after[2] > 0.15, "{after:?}");
     assert_eq!(mixer.speakers(), vec![InputId(2), InputId(3)]);
 }
+
+#[test]
+fn a_stalled_clock_skips_ahead_instead_of_bursting() {
+    let start = Instant::now();
+    let mut mixer = Mixer::new(MixerConfig::default());
+    mixer.add_listener(start, ListenerId(9), None);
+    mixer.handle_timeout(start + FRAME);
+    // The thread was stalled for 10 s: a few ticks run, the rest are skipped.
+    let late = start + Duration::from_secs(10);
+    mixer.handle_timeout(late);
+    let stats = mixer.stats();
+    assert!(stats.ticks <= 7, "{stats:?}");
+    assert!(stats.skipped_ticks >= 490, "{stats:?}");
+    assert!(mixer.poll_timeout().is_some_and(|at| at > late && at <= late + FRAME));
+    // Sequence numbers at the very end of the range do not overflow anything.
+    mixer.handle_packet(late, InputId(1), u64::MAX, Some(-20), None, &[0xfc, 0xff, 0xfe]);
+    mixer.handle_packet(late, InputId(1), u64::MAX - 1, Some(-20), None, &[0xfc, 0xff, 0xfe]);
+    mixer.handle_timeout(late + FRAME * 3);
+}
