@@ -3,6 +3,7 @@
 # figures beside a baseline measured in the same run (see PERFORMANCE notes in README).
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
+ensure_build_libs
 
 if [ "${1:-}" = "turn" ]; then
     ensure_coturn

@@ -22,6 +22,15 @@ ensure_apt() {
     fi
 }
 
+# C libraries the build links: libopus (the mixer's codec, found by the linker as -lopus).
+ensure_build_libs() {
+    ensure_apt libopus-dev
+    if ! pkg-config --exists opus; then
+        say "libopus-dev is installed but pkg-config cannot find opus"
+        exit 1
+    fi
+}
+
 ensure_rust_components() {
     for component in rustfmt clippy; do
         if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then

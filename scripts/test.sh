@@ -4,6 +4,7 @@
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
+ensure_build_libs
 ensure_rust_components
 ensure_interop_clients
 ensure_browser_tests

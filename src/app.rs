@@ -7,7 +7,7 @@
 use crate::bot::{Bot, BotPolicy};
 use crate::config::Config;
 use crate::drivers::matrix::MatrixClient;
-use crate::drivers::media::ShardSet;
+use crate::drivers::media::{MediaTuning, ShardSet};
 use crate::drivers::turn::{TurnHandle, TurnSettings};
 use crate::secrets;
 use anyhow::{Context, Result};
@@ -213,7 +213,20 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
     };
 
     let (media, media_events) = if matches!(mode, Mode::AllInOne | Mode::Bot) {
-        let (shards, events) = ShardSet::spawn(config.media.bind, config.media_advertised_ip(), config.media.shards)?;
+        let tuning = MediaTuning {
+            mixer: sfu::MixerConfig {
+                max_speakers: config.media.mix_speakers,
+                bitrate_bps: config.media.mix_bitrate,
+                ..sfu::MixerConfig::default()
+            },
+            video_hold_off: Duration::from_millis(config.media.video_hold_off_ms),
+        };
+        let (shards, events) = ShardSet::spawn_with(
+            config.media.bind,
+            config.media_advertised_ip(),
+            config.media.shards,
+            tuning,
+        )?;
         (Some(shards), Some(events))
     } else {
         (None, None)
@@ -234,6 +247,9 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
             let policy = BotPolicy {
                 allowed: config.bot.allowed.clone(),
                 sync_token_path: Some(config.data_dir.join("bot_sync_token")),
+                conference_mode: config.bot.conference_mode,
+                record_conferences: config.bot.record_conferences,
+                recordings_dir: Some(config.data_dir.join("recordings")),
             };
             // All-in-one: our own server answers at once, so the bot is ready
             // before the URLs are printed. Attached elsewhere: retry until the

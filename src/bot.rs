@@ -12,7 +12,18 @@
 //! `!dialin` in the group room makes the bot create one, linked to the
 //! conference by a state event ([`DIALIN_STATE`]), and call the user there once
 //! they join; calls in that room, either way, join the group's conference.
+//!
+//! Single-stream callers (one mixed audio stream without their own voice, and
+//! the active speaker's video, on their own m-lines): those who cannot
+//! renegotiate (version 0) always; otherwise the call's own choice
+//! ([`SINGLE_STREAM_FIELD`] in the invite), else the room's
+//! ([`CONFERENCE_STATE`] `mode`), else the operator's (`bot.conference_mode`).
+//!
+//! Recording: `!record start` / `!record stop` in a room (or
+//! `bot.record_conferences`) records the conference's audio mix to an
+//! Ogg/Opus file in the data directory's `recordings/`, announced in the room.
 
+use crate::config::ConferenceMode;
 use crate::drivers::matrix::{MatrixClient, SyncBatch};
 use crate::drivers::media::ShardSet;
 use anyhow::Result;
@@ -30,6 +41,15 @@ use tokio::sync::mpsc;
 pub const DIALIN_STATE: &str = "io.switchboard.dialin";
 /// The room command that asks for a dial-in room.
 pub const DIALIN_COMMAND: &str = "!dialin";
+/// The room state event that sets how callers receive the conference
+/// (content: `mode`, `single_stream` or `multi_stream`).
+pub const CONFERENCE_STATE: &str = "io.switchboard.conference";
+/// The field of an `m.call.invite` with which a caller asks for (true) or
+/// against (false) a single mixed stream.
+pub const SINGLE_STREAM_FIELD: &str = "io.switchboard.single_stream";
+/// Room commands that start and stop recording the conference's audio.
+pub const RECORD_START: &str = "!record start";
+pub const RECORD_STOP: &str = "!record stop";
 
 /// How long one `/sync` long-poll waits.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,14 +64,42 @@ struct MediaRef {
     session: SessionId,
 }
 
-/// Who may bring the bot into rooms.
-#[derive(Debug, Clone, Default)]
+/// Who may bring the bot into rooms, and what callers get.
+#[derive(Debug, Clone)]
 pub struct BotPolicy {
     /// User ids (`@a:hs`) or server names (`hs`) whose invites the bot accepts;
     /// empty: everyone's.
     pub allowed: Vec<String>,
     /// Where the last sync token is kept, so a restart resumes after it.
     pub sync_token_path: Option<PathBuf>,
+    /// What callers get unless their call or room says otherwise.
+    pub conference_mode: ConferenceMode,
+    /// Record every conference.
+    pub record_conferences: bool,
+    /// Where recordings go (none: recording is refused).
+    pub recordings_dir: Option<PathBuf>,
+}
+
+impl Default for BotPolicy {
+    fn default() -> Self {
+        Self {
+            allowed: Vec::new(),
+            sync_token_path: None,
+            conference_mode: ConferenceMode::MultiStream,
+            record_conferences: false,
+            recordings_dir: None,
+        }
+    }
+}
+
+/// A conference's recording file, open while the SFU sends its bytes.
+#[derive(Debug)]
+struct RecordingFile {
+    /// The path relative to the data directory, as announced.
+    name: String,
+    file: std::fs::File,
+    /// Where to announce it.
+    room: String,
 }
 
 impl BotPolicy {
@@ -82,6 +130,14 @@ pub struct Bot {
     published: HashMap<String, SdpStreamMetadata>,
     /// Dial-in rooms: room → (conference room, the user dialled in there).
     dialins: HashMap<String, (String, String)>,
+    /// Rooms' own conference mode (their [`CONFERENCE_STATE`]).
+    room_modes: HashMap<String, ConferenceMode>,
+    /// Calls that said whether they want a single stream; for calls the bot
+    /// places, what the room or operator chose.
+    single_stream_choice: HashMap<String, bool>,
+    /// Conferences (SFU rooms) to record whenever they have calls.
+    record_wanted: HashSet<String>,
+    recordings: HashMap<String, RecordingFile>,
     txn_prefix: String,
     txn_counter: u64,
 }
@@ -142,6 +198,10 @@ impl Bot {
             participants: HashMap::new(),
             published: HashMap::new(),
             dialins: HashMap::new(),
+            room_modes: HashMap::new(),
+            single_stream_choice: HashMap::new(),
+            record_wanted: HashSet::new(),
+            recordings: HashMap::new(),
             txn_prefix: format!("sb{started}"),
             txn_counter: 0,
         }
@@ -235,10 +295,11 @@ impl Bot {
         let mut dial = Vec::new();
         let mut dialin_requests = Vec::new();
         let mut left = Vec::new();
+        let mut record_commands = Vec::new();
         for (room_id, event) in batch.timeline {
             let kind = event["type"].as_str().unwrap_or_default();
             let sender = event["sender"].as_str().unwrap_or_default().to_string();
-            if kind == "m.room.member" || kind == DIALIN_STATE {
+            if kind == "m.room.member" || kind == DIALIN_STATE || kind == CONFERENCE_STATE {
                 self.learn(&room_id, &event);
                 let membership = event["content"]["membership"].as_str().unwrap_or_default();
                 let target = event["state_key"].as_str().unwrap_or_default();
@@ -261,8 +322,23 @@ impl Bot {
                 dialin_requests.push((room_id, sender));
                 continue;
             }
+            if kind == "m.room.message" && sender != self.matrix.user_id {
+                let body = event["content"]["body"].as_str().map(str::trim);
+                if body == Some(RECORD_START) || body == Some(RECORD_STOP) {
+                    record_commands.push((room_id, body == Some(RECORD_START)));
+                    continue;
+                }
+            }
             if !kind.starts_with("m.call.") && !kind.starts_with("org.matrix.call.") {
                 continue;
+            }
+            if kind == "m.call.invite"
+                && let (Some(call_id), Some(choice)) = (
+                    event["content"]["call_id"].as_str(),
+                    event["content"][SINGLE_STREAM_FIELD].as_bool(),
+                )
+            {
+                self.single_stream_choice.insert(call_id.to_string(), choice);
             }
             match CallEvent::parse(kind, &event["content"]) {
                 Ok(parsed) => {
@@ -300,6 +376,9 @@ impl Bot {
         }
         for (conference, user) in dialin_requests {
             self.open_dialin(&conference, &user).await;
+        }
+        for (room_id, start) in record_commands {
+            self.record_command(&room_id, start).await;
         }
         // Leave rooms where nobody but the bot is left.
         let empty: Vec<String> = self
@@ -342,6 +421,19 @@ impl Bot {
                     self.dialins.remove(room_id);
                 }
             }
+            // Who may set it is the room's power levels' business (the homeserver checks).
+            Some(CONFERENCE_STATE) => match event["content"]["mode"].as_str() {
+                Some("single_stream") => {
+                    self.room_modes
+                        .insert(room_id.to_string(), ConferenceMode::SingleStream);
+                }
+                Some("multi_stream") => {
+                    self.room_modes.insert(room_id.to_string(), ConferenceMode::MultiStream);
+                }
+                _ => {
+                    self.room_modes.remove(room_id);
+                }
+            },
             // Only links the bot made itself count.
             Some(DIALIN_STATE) if event["sender"] == self.matrix.user_id.as_str() => {
                 let content = &event["content"];
@@ -452,6 +544,107 @@ impl Bot {
                 }
             }
             SfuEvent::ActiveSpeaker { .. } => {}
+            SfuEvent::Recording { room, bytes, finished } => self.on_recording(room, &bytes, finished).await,
+        }
+    }
+
+    /// Whether a call that can renegotiate gets a single stream: its own
+    /// choice, else its room's, else the operator's.
+    fn wants_single_stream(&mut self, call_id: &str, room_id: &str) -> bool {
+        if let Some(choice) = self.single_stream_choice.remove(call_id) {
+            return choice;
+        }
+        let conference = self.conference_of(room_id).0;
+        let mode = self
+            .room_modes
+            .get(room_id)
+            .or_else(|| self.room_modes.get(&conference))
+            .copied()
+            .unwrap_or(self.policy.conference_mode);
+        mode == ConferenceMode::SingleStream
+    }
+
+    /// `!record start` / `!record stop` in `room_id`.
+    async fn record_command(&mut self, room_id: &str, start: bool) {
+        let conference = self.conference_of(room_id);
+        let notice = if start {
+            if self.policy.recordings_dir.is_none() {
+                "Recording is not available here.".to_string()
+            } else {
+                self.record_wanted.insert(conference.0.clone());
+                match self.start_recording(&conference, room_id).await {
+                    Some((name, true)) => format!("Recording this conference's audio to {name}."),
+                    Some((name, false)) => format!("Already recording to {name}."),
+                    None => "Recording will start when the first call connects.".to_string(),
+                }
+            }
+        } else {
+            self.record_wanted.remove(&conference.0);
+            let (_, handle) = self.media.shard_for(&conference);
+            match handle.stop_recording(conference.clone()).await {
+                Ok(Some(duration)) => format!("Recording stopped after {:.1} s.", duration.as_secs_f64()),
+                _ => "Nothing is being recorded.".to_string(),
+            }
+        };
+        let content = json!({"msgtype": "m.notice", "body": notice});
+        self.send_raw(room_id, "m.room.message", &content).await;
+    }
+
+    /// Starts recording a conference that has calls; returns the file's name
+    /// and whether it started now (false: it was recording already).
+    async fn start_recording(&mut self, conference: &RoomId, announce_in: &str) -> Option<(String, bool)> {
+        if let Some(recording) = self.recordings.get(&conference.0) {
+            return Some((recording.name.clone(), false));
+        }
+        let dir = self.policy.recordings_dir.clone()?;
+        let (_, handle) = self.media.shard_for(conference);
+        handle.start_recording(conference.clone()).await.ok()?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let safe: String = conference
+            .0
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .take(64)
+            .collect();
+        let file_name = format!("{safe}-{stamp}.opus");
+        let opened = std::fs::create_dir_all(&dir).and_then(|()| std::fs::File::create(dir.join(&file_name)));
+        match opened {
+            Ok(file) => {
+                let name = format!("recordings/{file_name}");
+                tracing::info!(file = %name, "recording a conference");
+                self.recordings.insert(
+                    conference.0.clone(),
+                    RecordingFile {
+                        name: name.clone(),
+                        file,
+                        room: announce_in.to_string(),
+                    },
+                );
+                Some((name, true))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not create a recording file");
+                let _ = handle.stop_recording(conference.clone()).await;
+                None
+            }
+        }
+    }
+
+    /// Bytes of a conference's recording: appended to its file; the last close it.
+    async fn on_recording(&mut self, room: RoomId, bytes: &[u8], finished: bool) {
+        use std::io::Write;
+        let Some(recording) = self.recordings.get_mut(&room.0) else {
+            return;
+        };
+        if let Err(e) = recording.file.write_all(bytes) {
+            tracing::warn!(error = %e, "could not write a recording");
+        }
+        if finished && let Some(recording) = self.recordings.remove(&room.0) {
+            let _ = recording.file.sync_all();
+            let content = json!({"msgtype": "m.notice", "body": format!("Recording saved: {}", recording.name)});
+            self.send_raw(&recording.room, "m.room.message", &content).await;
         }
     }
 
@@ -470,6 +663,7 @@ impl Bot {
                 } => {
                     let room = self.conference_of(&room_id);
                     let (shard, handle) = self.media.shard_for(&room);
+                    let handle = handle.clone();
                     let participant = Participant {
                         user_id: caller,
                         device_id: caller_party.unwrap_or_default(),
@@ -478,11 +672,23 @@ impl Bot {
                     if let Some(own) = metadata {
                         self.published.insert(call_id.clone(), own);
                     }
+                    let single_stream = !renegotiates || self.wants_single_stream(&call_id, &room_id);
+                    let conference = room.clone();
                     match handle.open_session(room, participant, offer).await {
                         Ok((session, answer)) => {
-                            if !renegotiates {
-                                // Version 0: the active speaker, on the caller's own m-lines.
+                            if single_stream {
+                                // The mix and the active speaker, on the caller's own m-lines.
                                 let _ = handle.set_single_stream(session).await;
+                            }
+                            if self.policy.record_conferences {
+                                self.record_wanted.insert(conference.0.clone());
+                            }
+                            if self.record_wanted.contains(&conference.0)
+                                && let Some((name, true)) = self.start_recording(&conference, &room_id).await
+                            {
+                                let content = json!({"msgtype": "m.notice",
+                                    "body": format!("Recording this conference's audio to {name}.")});
+                                self.send_raw(&room_id, "m.room.message", &content).await;
                             }
                             let media = MediaRef { shard, session };
                             self.calls.insert(call_id.clone(), media);
@@ -503,10 +709,14 @@ impl Bot {
                 } => {
                     let room = self.conference_of(&room_id);
                     let (shard, handle) = self.media.shard_for(&room);
+                    let handle = handle.clone();
                     let participant = Participant {
                         user_id: callee,
                         device_id: String::new(),
                     };
+                    // Kept for the answer: whether the room or operator wants a single stream.
+                    let single_stream = self.wants_single_stream(&call_id, &room_id);
+                    self.single_stream_choice.insert(call_id.clone(), single_stream);
                     self.participants.insert(call_id.clone(), participant.clone());
                     match handle.open_offer(room, participant).await {
                         Ok((session, offer)) => {
@@ -535,9 +745,10 @@ impl Bot {
                     if let Some(own) = metadata {
                         self.published.insert(call_id.clone(), own);
                     }
+                    let wanted = self.single_stream_choice.remove(&call_id).unwrap_or(false);
                     match handle.accept_answer(media.session, answer).await {
-                        Ok(()) if !renegotiates => {
-                            // Version 0: the active speaker, on the m-lines of our offer.
+                        Ok(()) if !renegotiates || wanted => {
+                            // The mix and the active speaker, on the m-lines of our offer.
                             let _ = handle.set_single_stream(media.session).await;
                         }
                         Ok(()) => {}
@@ -576,6 +787,7 @@ impl Bot {
                         self.by_session.remove(&media);
                     }
                     self.calls.remove(&call_id);
+                    self.single_stream_choice.remove(&call_id);
                     self.streams.remove(&call_id);
                     self.participants.remove(&call_id);
                     self.published.remove(&call_id);

@@ -47,6 +47,24 @@ pub struct BotConfig {
     pub password: String,
     /// An access token to use instead of a password.
     pub access_token: String,
+    /// What callers get unless their call or room says otherwise:
+    /// `multi_stream` (one stream per participant) or `single_stream` (the
+    /// conference's audio mixed without their own voice, and the active
+    /// speaker's video). Callers that cannot renegotiate are always single-stream.
+    pub conference_mode: ConferenceMode,
+    /// Record every conference's audio (Ogg/Opus in `data_dir/recordings`), as
+    /// if `!record start` had been said in each room.
+    pub record_conferences: bool,
+}
+
+/// How a caller receives a conference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConferenceMode {
+    /// One stream per other participant (renegotiated as they come and go).
+    MultiStream,
+    /// One mixed audio stream (mix-minus) and the active speaker's video.
+    SingleStream,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +78,13 @@ pub struct MediaConfig {
     pub advertised_ip: String,
     /// SFU shards (threads, one UDP port each); 0 = one per CPU core.
     pub shards: usize,
+    /// How many of the loudest speakers single-stream callers hear mixed.
+    pub mix_speakers: usize,
+    /// Opus bitrate of each mix, in bits per second.
+    pub mix_bitrate: u32,
+    /// A single-stream caller's video moves to a new speaker only once that
+    /// speaker has held the floor this long (milliseconds).
+    pub video_hold_off_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -203,11 +228,16 @@ impl Default for Config {
                 homeserver_url: String::new(),
                 password: String::new(),
                 access_token: String::new(),
+                conference_mode: ConferenceMode::MultiStream,
+                record_conferences: false,
             },
             media: MediaConfig {
                 bind: SocketAddr::from(([127, 0, 0, 1], 0)),
                 advertised_ip: String::new(),
                 shards: 0,
+                mix_speakers: 3,
+                mix_bitrate: 32_000,
+                video_hold_off_ms: 500,
             },
         }
     }
@@ -345,6 +375,15 @@ impl Config {
         }
         if self.media.shards > 256 {
             bail!("config key 'media.shards': at most 256");
+        }
+        if !(1..=8).contains(&self.media.mix_speakers) {
+            bail!("config key 'media.mix_speakers': between 1 and 8");
+        }
+        if !(6_000..=510_000).contains(&self.media.mix_bitrate) {
+            bail!("config key 'media.mix_bitrate': between 6000 and 510000 (opus)");
+        }
+        if self.media.video_hold_off_ms > 10_000 {
+            bail!("config key 'media.video_hold_off_ms': at most 10000");
         }
         Ok(())
     }
@@ -542,6 +581,8 @@ mod tests {
         assert_eq!(config.http.bind.port(), 9000);
         assert_eq!(config.rate_limit.login_burst, 7);
         assert_eq!(config.turn.uris, vec!["turn:a:1", "turn:b:2"]);
+        let single = load(&[("SWITCHBOARD_BOT_CONFERENCE_MODE", "single_stream")], &[], None).expect("valid");
+        assert_eq!(single.bot.conference_mode, ConferenceMode::SingleStream);
     }
 
     #[test]
@@ -565,6 +606,8 @@ mod tests {
             .contains("turn.min_port")
         );
         assert!(err(load(&[], &[("turn.cert", "/x.pem")], None)).contains("turn.cert"));
+        assert!(err(load(&[], &[("bot.conference_mode", "mixed")], None)).contains("bot.conference_mode"));
+        assert!(err(load(&[], &[("media.mix_speakers", "0")], None)).contains("media.mix_speakers"));
     }
 
     #[test]

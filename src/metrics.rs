@@ -222,7 +222,7 @@ fn render_sfu(out: &mut String, shards: &[ShardStats]) {
     if shards.is_empty() {
         return;
     }
-    let series: [ShardSeries; 8] = [
+    let series: [ShardSeries; 13] = [
         ("switchboard_sfu_sessions", Kind::Gauge, "WebRTC sessions.", |s| {
             s.sessions
         }),
@@ -262,6 +262,36 @@ fn render_sfu(out: &mut String, shards: &[ShardStats]) {
             Kind::Counter,
             "Keyframe requests sent to publishers.",
             |s| s.keyframe_requests,
+        ),
+        (
+            "switchboard_sfu_mixers",
+            Kind::Gauge,
+            "Rooms mixing audio (single-stream sessions or a recording).",
+            |s| s.mixers,
+        ),
+        (
+            "switchboard_sfu_mix_ticks_total",
+            Kind::Counter,
+            "Mixer ticks (20 ms) run.",
+            |s| s.mix_ticks,
+        ),
+        (
+            "switchboard_sfu_mix_frames_out_total",
+            Kind::Counter,
+            "Mixed frames sent to single-stream sessions.",
+            |s| s.mix_frames_out,
+        ),
+        (
+            "switchboard_sfu_mix_decode_errors_total",
+            Kind::Counter,
+            "Opus packets from publishers the mixer could not decode.",
+            |s| s.mix_decode_errors,
+        ),
+        (
+            "switchboard_sfu_mix_concealed_total",
+            Kind::Counter,
+            "Frames the mixer concealed (lost, late or undecodable input).",
+            |s| s.mix_concealed,
         ),
     ];
     for (name, kind, help, value) in series {

@@ -18,6 +18,8 @@ use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use switchboard_mixer::analysis::{sine, tone_amplitude};
+use switchboard_mixer::codec::{MAX_PACKET_BYTES, MAX_PACKET_SAMPLES, OpusDecoder, OpusEncoder};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,6 +40,8 @@ struct Seen {
     /// Every call event the bot sent for this call: (type, content).
     events: Vec<(String, Value)>,
     by_stream: HashMap<(String, MediaKind), usize>,
+    /// What arrived on the caller's own audio m-line, decoded (callers that send a tone).
+    heard: Vec<f32>,
 }
 
 impl Seen {
@@ -86,6 +90,9 @@ struct Peer {
     rtc: Rtc,
     socket: UdpSocket,
     local: SocketAddr,
+    /// Sends real opus of a sine at this frequency (and decodes what arrives
+    /// on its own audio m-line) instead of dummy audio.
+    tone: Option<f32>,
 }
 
 impl Peer {
@@ -99,7 +106,12 @@ impl Peer {
             .enable_vp8(true)
             .build(Instant::now());
         rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
-        Self { rtc, socket, local }
+        Self {
+            rtc,
+            socket,
+            local,
+            tone: None,
+        }
     }
 }
 
@@ -113,7 +125,26 @@ async fn sync_position(client: &Client) -> String {
 
 /// Places a call with a given `call_id`.
 async fn place_call_as(client: Client, room: String, v0: bool, call_id: String) -> Caller {
+    place_call_with(client, room, v0, call_id, None, None).await
+}
+
+/// Places a call sending a tone of `tone` Hz as real opus; `single_stream`
+/// sets the invite's per-call choice.
+async fn place_toned_call(client: Client, room: String, v0: bool, tone: f32, single_stream: Option<bool>) -> Caller {
+    let call_id = format!("call{}", client.device_id);
+    place_call_with(client, room, v0, call_id, Some(tone), single_stream).await
+}
+
+async fn place_call_with(
+    client: Client,
+    room: String,
+    v0: bool,
+    call_id: String,
+    tone: Option<f32>,
+    single_stream: Option<bool>,
+) -> Caller {
     let mut peer = Peer::new().await;
+    peer.tone = tone;
     let stream = format!("{}-cam", client.device_id);
     let mut api = peer.rtc.sdp_api();
     let audio = api.add_media(MediaKind::Audio, Direction::SendRecv, Some(stream.clone()), None, None);
@@ -122,13 +153,16 @@ async fn place_call_as(client: Client, room: String, v0: bool, call_id: String) 
     let invite = json!({"version": "1", "call_id": call_id, "party_id": client.device_id, "lifetime": 60000,
         "invitee": BOT, "offer": {"type": "offer", "sdp": offer.to_sdp_string()},
         "sdp_stream_metadata": {stream.clone(): {"purpose": "m.usermedia"}}});
-    let invite = if v0 {
+    let mut invite = if v0 {
         // No party, no metadata; it names the bot, since in a group room only an
         // invite naming the bot reaches it (v0 clients in 1:1 rooms need no invitee).
         json!({"version": 0, "call_id": call_id, "lifetime": 60000, "invitee": BOT, "offer": invite["offer"].clone()})
     } else {
         invite
     };
+    if let Some(choice) = single_stream {
+        invite["io.switchboard.single_stream"] = choice.into();
+    }
     // Take the sync position before inviting: the bot may answer at once.
     let since = sync_position(&client).await;
     let (status, body) = client
@@ -216,7 +250,12 @@ fn run_peer(
     v0: bool,
     stream: String,
 ) -> Caller {
-    let Peer { mut rtc, socket, local } = peer;
+    let Peer {
+        mut rtc,
+        socket,
+        local,
+        tone,
+    } = peer;
     // The peer's sync: call events from the bot for this call.
     let (events_tx, mut events) = mpsc::unbounded_channel::<(String, Value)>();
     let syncer = client.clone();
@@ -252,6 +291,8 @@ fn run_peer(
         let mut buf = vec![0u8; 2048];
         let mut seq = (0u64, 0u64);
         let mut next_media = Instant::now();
+        let mut encoder = tone.map(|_| OpusEncoder::new(48_000, 5).unwrap());
+        let mut decoder = tone.map(|_| OpusDecoder::new().unwrap());
         let mut txn = 0;
         loop {
             let timeout = loop {
@@ -267,6 +308,11 @@ fn run_peer(
                             let mut seen = seen_.lock().unwrap();
                             *seen.by_stream.entry(key).or_default() += 1;
                             seen.total += 1;
+                            if let Some(decoder) = decoder.as_mut().filter(|_| mid == Some(audio)) {
+                                let mut pcm = vec![0f32; MAX_PACKET_SAMPLES];
+                                let n = decoder.decode(&packet.payload, &mut pcm).unwrap();
+                                seen.heard.extend_from_slice(&pcm[..n]);
+                            }
                         }
                     }
                     Output::Event(_) => {}
@@ -330,7 +376,18 @@ fn run_peer(
                             let vp8 = rtc.codec_config().find(|p| p.spec().codec == Codec::Vp8).map(|p| p.pt());
                             let mut api = rtc.direct_api();
                             if let (Some(pt), Some(tx)) = (opus, api.stream_tx_by_mid(audio, None)) {
-                                tx.write_rtp(RtpWrite::new(pt, seq.0.into(), (seq.0 * 960) as u32, now, vec![0xfc; 80]));
+                                let payload = match (tone, encoder.as_mut()) {
+                                    (Some(freq), Some(encoder)) => {
+                                        let mut pcm = vec![0f32; 960];
+                                        sine(freq, 0.25, seq.0 * 960, &mut pcm);
+                                        let mut out = vec![0u8; MAX_PACKET_BYTES];
+                                        let len = encoder.encode(&pcm, &mut out).unwrap();
+                                        out.truncate(len);
+                                        out
+                                    }
+                                    _ => vec![0xfc; 80],
+                                };
+                                tx.write_rtp(RtpWrite::new(pt, seq.0.into(), (seq.0 * 960) as u32, now, payload));
                                 seq.0 += 1;
                             }
                             if let (Some(pt), Some(tx)) = (vp8, api.stream_tx_by_mid(video, None)) {
@@ -717,6 +774,185 @@ async fn a_version_0_caller_joins_a_conference() {
         seen.packets_of_kind(MediaKind::Audio) >= 25 && seen.packets_of_kind(MediaKind::Video) >= 25
     })
     .await;
+}
+
+/// The amplitude of each frequency in the last second a caller heard on its own audio m-line.
+/// (The peers' clocks drift against the mixer's, which conceals a frame now and
+/// then: tones in whole cycles per 20 ms frame — multiples of 50 Hz — keep their
+/// phase across that, so the analysis sees them whole.)
+fn heard(caller: &Caller, freqs: &[f32]) -> Option<Vec<f32>> {
+    let seen = caller.seen.lock().unwrap();
+    let pcm = &seen.heard;
+    if pcm.len() < 48_000 {
+        return None;
+    }
+    let tail = &pcm[pcm.len() - 48_000..];
+    Some(freqs.iter().map(|f| tone_amplitude(tail, *f, 48_000.0)).collect())
+}
+
+/// A version-0 caller and two multi-stream callers, each sending a tone: the
+/// v0 caller hears a mix of the other two (and not itself); the others receive
+/// the v0 caller's audio and video and each other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v0_caller_and_two_multi_stream_callers_all_receive_each_other() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let carol = server.user("carol").await;
+    let room = alice
+        .create_room(json!({"invite": ["@bob:localhost", "@carol:localhost", BOT]}))
+        .await;
+    assert_eq!(bob.join(&room).await.0, 200);
+    assert_eq!(carol.join(&room).await.0, 200);
+    wait_for_bot(&alice, &room, "join").await;
+    let freqs = [450.0, 650.0, 1000.0];
+    let old = place_toned_call(alice, room.clone(), true, freqs[0], None).await;
+    let b = place_toned_call(bob, room.clone(), false, freqs[1], None).await;
+    let c = place_toned_call(carol, room.clone(), false, freqs[2], None).await;
+    let alice_id = old.client.user_id.clone();
+    wait_until("the v1 callers receive the v0 caller and each other", || {
+        [(&b, &c), (&c, &b)].iter().all(|(me, other)| {
+            let seen = me.seen.lock().unwrap();
+            [MediaKind::Audio, MediaKind::Video]
+                .iter()
+                .all(|k| seen.packets_of(&alice_id, *k) >= 25 && seen.packets_of(&other.client.user_id, *k) >= 25)
+        })
+    })
+    .await;
+    wait_until("the v0 caller hears a mix of the other two, not itself", || {
+        heard(&old, &freqs).is_some_and(|a| a[0] < 0.02 && a[1] > 0.1 && a[2] > 0.1)
+    })
+    .await;
+    let seen = old.seen.lock().unwrap();
+    assert!(
+        seen.packets_of_kind(MediaKind::Video) >= 25,
+        "the v0 caller sees someone"
+    );
+    assert!(
+        !seen.events.iter().any(|(kind, _)| kind == "m.call.negotiate"),
+        "no renegotiation for the v0 caller"
+    );
+}
+
+/// A version-1 caller that asks for a single stream in its invite gets the
+/// mix on its own m-lines and no renegotiation; a `!record start` /
+/// `!record stop` in the room leaves an Ogg/Opus file of the conference's
+/// audio in the data directory, announced in the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_may_ask_for_a_single_stream_and_the_room_can_be_recorded() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let room = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
+    assert_eq!(bob.join(&room).await.0, 200);
+    wait_for_bot(&alice, &room, "join").await;
+    let mut since = sync_position(&bob).await;
+    bob.send_text(&room, "rec-1", "!record start").await;
+    wait_for_event(&bob, &room, &mut since, |e| {
+        e["sender"] == BOT
+            && e["content"]["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("Recording will start"))
+    })
+    .await;
+    let freqs = [500.0, 800.0];
+    let a = place_toned_call(alice, room.clone(), false, freqs[0], Some(true)).await;
+    let b = place_toned_call(bob.clone(), room.clone(), false, freqs[1], None).await;
+    let announced = wait_for_event(&bob, &room, &mut since, |e| {
+        e["sender"] == BOT
+            && e["content"]["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("Recording this"))
+    })
+    .await;
+    let name = announced["content"]["body"].as_str().unwrap();
+    let name = name.split(" to ").nth(1).unwrap().trim_end_matches('.').to_string();
+    wait_until("alice (single stream by choice) hears bob", || {
+        heard(&a, &freqs).is_some_and(|h| h[0] < 0.02 && h[1] > 0.1)
+    })
+    .await;
+    wait_until("bob receives alice", || {
+        b.seen.lock().unwrap().packets_of(&a.client.user_id, MediaKind::Audio) >= 50
+    })
+    .await;
+    assert!(
+        !a.seen
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .any(|(kind, _)| kind == "m.call.negotiate"),
+        "no renegotiation for a single-stream caller"
+    );
+    bob.send_text(&room, "rec-2", "!record stop").await;
+    wait_for_event(&bob, &room, &mut since, |e| {
+        e["sender"] == BOT
+            && e["content"]["body"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("Recording saved"))
+    })
+    .await;
+    let bytes = std::fs::read(server.data_dir.path().join(&name)).unwrap();
+    let stream = switchboard_mixer::ogg::read(&bytes).expect("a valid Ogg/Opus file");
+    assert!(stream.ended);
+    let mut decoder = OpusDecoder::new().unwrap();
+    let mut pcm = Vec::new();
+    let mut out = vec![0f32; MAX_PACKET_SAMPLES];
+    for packet in &stream.packets {
+        let n = decoder.decode(packet, &mut out).unwrap();
+        pcm.extend_from_slice(&out[..n]);
+    }
+    let duration = (stream.final_granule - u64::from(stream.pre_skip)) as f64 / 48_000.0;
+    assert!(duration > 1.0, "recorded {duration} s");
+    assert!((pcm.len() as f64 / 48_000.0 - duration).abs() < 0.05);
+    let tail = &pcm[pcm.len() - 24_000..];
+    for f in freqs {
+        assert!(tone_amplitude(tail, f, 48_000.0) > 0.1, "{f} Hz in the recording");
+    }
+}
+
+/// A room whose `io.switchboard.conference` state says `single_stream`: a
+/// version-1 caller that says nothing gets the mix (no renegotiation); one that
+/// asks for multi-stream in its invite gets the others' streams, labelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_setting_makes_callers_single_stream_unless_they_choose() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start_with(|c| c.bot.enabled = true).await;
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let room = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
+    assert_eq!(bob.join(&room).await.0, 200);
+    wait_for_bot(&alice, &room, "join").await;
+    let (status, body) = alice
+        .put(
+            &format!("/rooms/{}/state/io.switchboard.conference/", enc(&room)),
+            json!({"mode": "single_stream"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let freqs = [500.0, 850.0];
+    let a = place_toned_call(alice, room.clone(), false, freqs[0], Some(false)).await;
+    let b = place_toned_call(bob, room.clone(), false, freqs[1], None).await;
+    wait_until("bob (single stream by the room) hears alice mixed", || {
+        heard(&b, &freqs).is_some_and(|h| h[0] > 0.1 && h[1] < 0.02)
+    })
+    .await;
+    wait_until("alice (multi-stream by choice) receives bob's labelled streams", || {
+        let seen = a.seen.lock().unwrap();
+        seen.packets_of(&b.client.user_id, MediaKind::Audio) >= 25
+    })
+    .await;
+    assert!(
+        !b.seen
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .any(|(kind, _)| kind == "m.call.negotiate"),
+        "no renegotiation for a single-stream caller"
+    );
 }
 
 /// Syncs `client` from `since` until an event in `room` matches `want`;

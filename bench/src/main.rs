@@ -4,8 +4,12 @@
 
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
+// The SFU's simulation harness (sfu/tests/common) names the SFU crate so.
+extern crate sfu as switchboard_sfu;
+
 mod bot;
 mod homeserver;
+mod mixer;
 mod proc_stat;
 mod sfu;
 mod sfu_server;
@@ -35,6 +39,10 @@ enum Bench {
     /// TURN relay: relayed packets per CPU-second and loss under coturn's
     /// turnutils_uclient load; baseline: Debian's coturn turnserver, same load.
     Turn(turn::Args),
+    /// Mixer: single-stream listeners per core with 3 active speakers and the
+    /// added mouth-to-ear delay; baseline: forwarding the 3 speakers to as many
+    /// multi-stream listeners, in the same run.
+    Mixer(mixer::Args),
     /// (internal) The SFU under test, driven over a control connection.
     #[command(hide = true)]
     SfuServer {
@@ -62,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Sfu(args) => runtime.block_on(sfu::run(args)),
         Bench::Bot(args) => runtime.block_on(bot::run(args)),
         Bench::Turn(args) => turn::run(args),
+        Bench::Mixer(args) => mixer::run(args),
         Bench::SfuServer { shards } => runtime.block_on(sfu_server::serve(shards)),
         Bench::UdpForwarder => {
             // The baseline runs on one thread, like a media shard.

@@ -30,9 +30,11 @@
 mod codec;
 pub mod forwarder;
 pub mod simulcast;
+mod single_stream;
 pub mod speaker;
 mod stats;
 
+pub use mixer::{MixerConfig, MixerStats};
 pub use stats::{DropReason, SessionStats, ShardStats};
 
 use forwarder::{Forwarder, InPacket, Skip};
@@ -87,6 +89,11 @@ pub struct SfuConfig {
     pub keyframe_request_interval: Duration,
     /// Largest SDP accepted from a peer, in bytes.
     pub max_sdp_bytes: usize,
+    /// The mix single-stream sessions hear (speakers mixed, bitrate).
+    pub mixer: MixerConfig,
+    /// A single-stream session's video moves to a new active speaker only once
+    /// that speaker has held the floor this long.
+    pub video_hold_off: Duration,
 }
 
 impl SfuConfig {
@@ -96,6 +103,8 @@ impl SfuConfig {
             connect_timeout: Duration::from_secs(20),
             keyframe_request_interval: Duration::from_millis(300),
             max_sdp_bytes: 64 * 1024,
+            mixer: MixerConfig::default(),
+            video_hold_off: Duration::from_millis(500),
         }
     }
 }
@@ -112,6 +121,13 @@ pub enum SfuEvent {
     Closed(SessionId, CloseReason),
     /// The room's dominant speaker changed (from the audio levels publishers send).
     ActiveSpeaker { room: RoomId, session: SessionId },
+    /// The next bytes of the room's recording (an Ogg/Opus file, see
+    /// [`Sfu::start_recording`]); `finished` on the last.
+    Recording {
+        room: RoomId,
+        bytes: Vec<u8>,
+        finished: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +165,8 @@ pub struct StreamInfo {
 pub enum SfuError {
     #[error("unknown session")]
     UnknownSession,
+    #[error("unknown room")]
+    UnknownRoom,
     #[error("the SDP is larger than {0} bytes")]
     SdpTooLarge(usize),
     #[error("invalid SDP: {0}")]
@@ -267,7 +285,11 @@ struct Room {
     sessions: Vec<SessionId>,
     tracks: Vec<TrackId>,
     speaker: Option<SessionId>,
+    /// When the current speaker took the floor.
+    speaker_since: Option<Instant>,
     next_speaker_check: Option<Instant>,
+    /// The mixer of its single-stream listeners and recording.
+    mix: Option<single_stream::RoomMix>,
 }
 
 /// The SFU core of one shard.
@@ -289,6 +311,8 @@ pub struct Sfu {
     dirty: Vec<SessionId>,
     /// The latest time an input brought.
     now: Option<Instant>,
+    /// The earliest mixer tick of any room.
+    next_mix: Option<Instant>,
 }
 
 impl fmt::Debug for Sfu {
@@ -392,6 +416,7 @@ impl Sfu {
             next_layer_check: None,
             dirty: Vec::new(),
             now: None,
+            next_mix: None,
         }
     }
 
@@ -703,6 +728,7 @@ impl Sfu {
         stats.sessions = self.sessions.len() as u64;
         stats.rooms = self.rooms.len() as u64;
         stats.tracks = self.tracks.len() as u64;
+        self.add_mixer_stats(&mut stats);
         stats
     }
 
@@ -813,6 +839,7 @@ impl Sfu {
             self.next_layer_check = Some(now + LAYER_CHECK_INTERVAL);
             self.select_layers(now);
         }
+        self.run_mixers(now);
         self.process(now);
     }
 
@@ -864,7 +891,7 @@ impl Sfu {
         let layers = if self.sessions.is_empty() {
             None
         } else {
-            self.next_layer_check
+            [self.next_layer_check, self.next_mix].into_iter().flatten().min()
         };
         match (timers, layers) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -1007,9 +1034,7 @@ impl Sfu {
         let stream_id = msid_token(&format!("sb{}-{}", id.0, publisher_stream_id));
         let room = session.room.clone();
         session.published.insert(mid, track_id);
-        if session.single_stream && direction.is_sending() {
-            session.bind_own_mline(mid, kind);
-        }
+        let own_line = session.single_stream && direction.is_sending();
         self.tracks.insert(
             track_id,
             Track {
@@ -1026,6 +1051,9 @@ impl Sfu {
                 layers: rids.into_iter().map(simulcast::Layer::new).collect(),
             },
         );
+        if own_line {
+            self.bind_single_stream(now, id, mid, kind);
+        }
         let Some(room) = self.rooms.get_mut(&room) else { return };
         room.tracks.push(track_id);
         for other in room.sessions.clone() {
@@ -1136,6 +1164,11 @@ impl Sfu {
             return self.out.stats.drop(DropReason::UnknownPayloadType);
         };
         let codec = params.spec().codec;
+        if codec == str0m::format::Codec::Opus
+            && let Some(mix) = self.rooms.get_mut(&track.room).and_then(|r| r.mix.as_mut())
+        {
+            mix.feed(now, track_id, &packet);
+        }
         let video = track.kind == MediaKind::Video;
         let keyframe = codec::starts_keyframe(codec, &packet.payload);
         let incoming = InPacket {
@@ -1311,17 +1344,21 @@ impl Sfu {
             .map(|t| (t.publisher, t.level.level(now)));
         if let Some(session) = speaker::choose(room.speaker, levels) {
             room.speaker = Some(session);
+            room.speaker_since = Some(now);
             self.events.push_back(SfuEvent::ActiveSpeaker {
                 room: room_id.clone(),
                 session,
             });
-            self.retarget_single_stream(now, room_id);
         }
+        // (Also after a hold-off expired without a change of speaker.)
+        self.retarget_single_stream(now, room_id);
     }
 
-    /// Makes a session receive one stream per kind on its own m-lines — the
-    /// active speaker's — instead of one renegotiated stream per participant:
-    /// for callers that cannot renegotiate (call protocol version 0).
+    /// Makes a session receive one stream per kind on its own m-lines instead
+    /// of one renegotiated stream per participant: the room's audio mixed
+    /// without its own voice, and the active speaker's video (see
+    /// `single_stream.rs`). For callers that cannot renegotiate (call protocol
+    /// version 0) and those who ask for it.
     pub fn set_single_stream(&mut self, now: Instant, id: SessionId) {
         self.advance(now);
         let Some(session) = self.sessions.get_mut(&id) else {
@@ -1336,21 +1373,27 @@ impl Sfu {
             .filter_map(|(mid, track)| self.tracks.get(track).map(|t| (*mid, t.kind)))
             .filter(|(mid, _)| session.rtc.media(*mid).is_some_and(|m| m.direction().is_sending()))
             .collect();
-        for (mid, kind) in own {
-            session.bind_own_mline(mid, kind);
-        }
         let room = session.room.clone();
+        for (mid, kind) in own {
+            self.bind_single_stream(now, id, mid, kind);
+        }
         self.drain(id);
         self.retarget_single_stream(now, &room);
         self.process(now);
     }
 
-    /// Points every single-stream session of a room at the current speaker's
-    /// tracks (or, before anyone spoke, at the first other publisher's), never
-    /// at its own. A switch keeps sequence numbers continuous and asks for a keyframe.
+    /// Points the video of every single-stream session of a room at the
+    /// current speaker once the speaker has held the floor for the hold-off
+    /// (a session without a source gets one at once: the speaker, or before
+    /// anyone spoke the first other publisher), never at its own. A switch
+    /// keeps sequence numbers continuous and asks for a keyframe. (Audio is the
+    /// room's mix: `single_stream.rs`.)
     fn retarget_single_stream(&mut self, now: Instant, room_id: &RoomId) {
         let Some(room) = self.rooms.get(room_id) else { return };
         let speaker = room.speaker;
+        let settled = room
+            .speaker_since
+            .is_none_or(|since| now >= since + self.config.video_hold_off);
         let listeners: Vec<SessionId> = room
             .sessions
             .iter()
@@ -1359,20 +1402,32 @@ impl Sfu {
             .collect();
         let mut keyframes = Vec::new();
         for listener in listeners {
-            let source = speaker.filter(|s| *s != listener).or_else(|| {
+            let fallback = speaker.filter(|s| *s != listener).or_else(|| {
                 room.tracks
                     .iter()
                     .filter_map(|t| self.tracks.get(t))
                     .map(|t| t.publisher)
                     .find(|p| *p != listener)
             });
-            let Some(source) = source else { continue };
             let Some(session) = self.sessions.get_mut(&listener) else {
                 continue;
             };
             for (mid, subscription) in session.subscriptions.iter_mut() {
                 let Some(kind) = session.rtc.media(*mid).map(|m| m.kind()) else {
                     continue;
+                };
+                let current = self
+                    .tracks
+                    .get(&subscription.track)
+                    .map(|t| t.publisher)
+                    .filter(|p| *p != listener);
+                let source = match (current, speaker) {
+                    (Some(current), Some(speaker)) if settled && speaker != listener && speaker != current => speaker,
+                    (Some(current), _) => current,
+                    (None, _) => match fallback {
+                        Some(source) => source,
+                        None => continue,
+                    },
                 };
                 let Some(new_track) = room.tracks.iter().copied().find(|t| {
                     self.tracks
@@ -1450,9 +1505,10 @@ impl Sfu {
             if room.speaker == Some(id) {
                 room.speaker = None;
             }
-            if room.sessions.is_empty() {
-                self.rooms.remove(&session.room);
-            }
+        }
+        self.mix_leave(id, &session.room, session.published.values().copied());
+        if self.rooms.get(&session.room).is_some_and(|r| r.sessions.is_empty()) {
+            self.rooms.remove(&session.room);
         }
         // Single-stream listeners that heard this session get another source.
         self.retarget_single_stream(now, &session.room);

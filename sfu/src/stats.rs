@@ -70,6 +70,16 @@ pub struct ShardStats {
     pub keyframe_requests: u64,
     /// Session timers that fired (each runs one session's WebRTC clock).
     pub session_timeouts: u64,
+    /// Rooms mixing audio for single-stream sessions or a recording.
+    pub mixers: u64,
+    /// Mixer ticks (20 ms each) run, over all mixers.
+    pub mix_ticks: u64,
+    /// Mixed frames written to single-stream sessions.
+    pub mix_frames_out: u64,
+    /// Opus packets from publishers the mixer could not decode (concealed instead).
+    pub mix_decode_errors: u64,
+    /// Frames the mixer concealed (lost, late or undecodable input).
+    pub mix_concealed: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 

@@ -10,7 +10,9 @@
 //!   (a session connected, a renegotiation is due), never per packet.
 
 use anyhow::{Context, Result};
-use sfu::{Offer, Participant, RoomId, SessionId, SessionStats, Sfu, SfuConfig, SfuError, SfuEvent, ShardStats};
+use sfu::{
+    MixerConfig, Offer, Participant, RoomId, SessionId, SessionStats, Sfu, SfuConfig, SfuError, SfuEvent, ShardStats,
+};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -56,6 +58,11 @@ enum Command {
     SingleStream {
         session: SessionId,
     },
+    Record {
+        room: RoomId,
+        start: bool,
+        reply: Reply<Option<Duration>>,
+    },
     Stats {
         reply: oneshot::Sender<ShardStats>,
     },
@@ -75,11 +82,38 @@ pub struct ShardHandle {
     commands: mpsc::Sender<Command>,
 }
 
+/// What single-stream sessions get (from the `media.mix_*` and
+/// `media.video_hold_off_ms` settings).
+#[derive(Debug, Clone)]
+pub struct MediaTuning {
+    pub mixer: MixerConfig,
+    pub video_hold_off: Duration,
+}
+
+impl Default for MediaTuning {
+    fn default() -> Self {
+        let defaults = SfuConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        Self {
+            mixer: defaults.mixer,
+            video_hold_off: defaults.video_hold_off,
+        }
+    }
+}
+
 /// Starts a shard bound to `bind`; answers advertise `advertised_ip` (default:
 /// the bound IP) with the bound port.
 pub fn spawn_shard(
     bind: SocketAddr,
     advertised_ip: Option<std::net::IpAddr>,
+) -> Result<(ShardHandle, mpsc::UnboundedReceiver<SfuEvent>)> {
+    spawn_shard_with(bind, advertised_ip, MediaTuning::default())
+}
+
+/// [`spawn_shard`] with settings for single-stream sessions.
+pub fn spawn_shard_with(
+    bind: SocketAddr,
+    advertised_ip: Option<std::net::IpAddr>,
+    tuning: MediaTuning,
 ) -> Result<(ShardHandle, mpsc::UnboundedReceiver<SfuEvent>)> {
     let socket = std::net::UdpSocket::bind(bind).with_context(|| format!("binding the media socket to {bind}"))?;
     socket.set_nonblocking(true)?;
@@ -97,7 +131,10 @@ pub fn spawn_shard(
         .name(format!("media-{}", local_addr.port()))
         .spawn(move || {
             runtime.block_on(async move {
-                let sfu = Sfu::new(SfuConfig::new(advertised_addr));
+                let mut config = SfuConfig::new(advertised_addr);
+                config.mixer = tuning.mixer;
+                config.video_hold_off = tuning.video_hold_off;
+                let sfu = Sfu::new(config);
                 if let Err(e) = run(socket, advertised_addr, sfu, command_rx, event_tx).await {
                     tracing::error!(error = %e, "media shard stopped");
                 }
@@ -188,6 +225,14 @@ fn execute(sfu: &mut Sfu, command: Command) {
         }
         Command::Close { session } => sfu.close_session(now, session),
         Command::SingleStream { session } => sfu.set_single_stream(now, session),
+        Command::Record { room, start, reply } => {
+            let result = if start {
+                sfu.start_recording(now, &room).map(|()| None)
+            } else {
+                Ok(sfu.stop_recording(now, &room))
+            };
+            let _ = reply.send(result);
+        }
         Command::Stats { reply } => {
             let _ = reply.send(sfu.stats());
         }
@@ -256,12 +301,34 @@ impl ShardHandle {
             .map_err(|_| anyhow::anyhow!("the media shard has stopped"))
     }
 
-    /// The session receives the active speaker on its own m-lines (no renegotiation).
+    /// The session receives one stream per kind on its own m-lines (no
+    /// renegotiation): the room's mix without its own voice, the active speaker's video.
     pub async fn set_single_stream(&self, session: SessionId) -> Result<()> {
         self.commands
             .send(Command::SingleStream { session })
             .await
             .map_err(|_| anyhow::anyhow!("the media shard has stopped"))
+    }
+
+    /// Starts recording the room's audio; the bytes come as `SfuEvent::Recording`.
+    pub async fn start_recording(&self, room: RoomId) -> Result<()> {
+        self.call(|reply| Command::Record {
+            room,
+            start: true,
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Stops recording the room's audio; the recorded duration, if it was recording.
+    pub async fn stop_recording(&self, room: RoomId) -> Result<Option<Duration>> {
+        self.call(|reply| Command::Record {
+            room,
+            start: false,
+            reply,
+        })
+        .await
     }
 
     pub async fn stats(&self) -> Result<ShardStats> {
@@ -297,6 +364,16 @@ impl ShardSet {
         advertised_ip: Option<std::net::IpAddr>,
         count: usize,
     ) -> Result<(Self, mpsc::UnboundedReceiver<(usize, SfuEvent)>)> {
+        Self::spawn_with(bind, advertised_ip, count, MediaTuning::default())
+    }
+
+    /// [`ShardSet::spawn`] with settings for single-stream sessions.
+    pub fn spawn_with(
+        bind: SocketAddr,
+        advertised_ip: Option<std::net::IpAddr>,
+        count: usize,
+        tuning: MediaTuning,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<(usize, SfuEvent)>)> {
         let count = if count == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -310,7 +387,8 @@ impl ShardSet {
             } else {
                 bind.port().checked_add(index as u16).context("media port range")?
             };
-            let (shard, mut events) = spawn_shard(SocketAddr::new(bind.ip(), port), advertised_ip)?;
+            let (shard, mut events) =
+                spawn_shard_with(SocketAddr::new(bind.ip(), port), advertised_ip, tuning.clone())?;
             let tx = merged_tx.clone();
             tokio::spawn(async move {
                 while let Some(event) = events.recv().await {

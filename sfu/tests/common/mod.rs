@@ -4,6 +4,7 @@
 //! the next thing due.
 #![allow(dead_code)]
 
+use mixer::codec::{MAX_PACKET_BYTES, MAX_PACKET_SAMPLES, OpusDecoder, OpusEncoder};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -36,6 +37,8 @@ pub struct Received {
     pub kind: Option<MediaKind>,
     /// (extended sequence number, arrival, first payload bytes, payload length) of each RTP packet.
     pub packets: Vec<(u64, Instant, Vec<u8>, usize)>,
+    /// (SSRC, RTP timestamp) of each RTP packet, in the same order.
+    pub rtp: Vec<(u32, u32)>,
 }
 
 pub struct Client {
@@ -70,6 +73,47 @@ pub struct Client {
     /// RTP packets per video frame (1,000 bytes each, 30 frames a second).
     pub video_packets_per_frame: u64,
     video_packet_seq: u64,
+    /// Sends real opus: a sine of (frequency, amplitude) instead of dummy bytes.
+    pub tone: Option<(f32, f32)>,
+    encoder: Option<OpusEncoder>,
+    /// Sends random bytes of random length as its "opus" instead.
+    pub junk_audio: bool,
+    /// Decodes what arrives on its own audio m-line into `heard` (48 kHz mono).
+    pub listen: bool,
+    decoder: Option<OpusDecoder>,
+    pub heard: Vec<f32>,
+    /// Decodes what arrives on every audio m-line into `ears`.
+    pub listen_all: bool,
+    pub ears: BTreeMap<Mid, Ear>,
+    /// Sends video (when sending at all).
+    pub send_video: bool,
+}
+
+/// Decoded audio of one m-line, with when each packet's samples arrived.
+#[derive(Default)]
+pub struct Ear {
+    decoder: Option<OpusDecoder>,
+    pub pcm: Vec<f32>,
+    /// (arrival, index in `pcm` of the packet's first sample).
+    pub frames: Vec<(Instant, usize)>,
+}
+
+impl Ear {
+    fn hear(&mut self, now: Instant, payload: &[u8]) {
+        let decoder = self.decoder.get_or_insert_with(|| OpusDecoder::new().expect("decoder"));
+        let mut pcm = vec![0f32; MAX_PACKET_SAMPLES];
+        if let Ok(n) = decoder.decode(payload, &mut pcm) {
+            self.frames.push((now, self.pcm.len()));
+            self.pcm.extend_from_slice(&pcm[..n]);
+        }
+    }
+
+    /// When the first sample louder than `threshold` arrived.
+    pub fn onset(&self, threshold: f32) -> Option<Instant> {
+        let index = self.pcm.iter().position(|s| s.abs() > threshold)?;
+        let frame = self.frames.iter().rev().find(|(_, start)| *start <= index)?;
+        Some(frame.0 + Duration::from_secs_f64((index - frame.1) as f64 / 48_000.0))
+    }
 }
 
 pub struct World {
@@ -82,6 +126,8 @@ pub struct World {
     pub loss: Option<LossFn>,
     pub events: Vec<(Instant, SfuEvent)>,
     pub room: RoomId,
+    /// Wall-clock time spent inside the SFU's calls (for benchmarks).
+    pub sfu_busy: Duration,
 }
 
 fn client_config() -> RtcConfig {
@@ -106,6 +152,7 @@ impl World {
             loss: None,
             events: Vec::new(),
             room: RoomId("!room:test".into()),
+            sfu_busy: Duration::ZERO,
         }
     }
 
@@ -116,20 +163,29 @@ impl World {
 
     /// Joins with `simulcast` video (layers "h" and "l").
     pub fn join_with(&mut self, name: &str, simulcast: bool) -> usize {
+        self.join_directed(name, simulcast, Direction::SendRecv)
+    }
+
+    /// Joins only to receive (its m-lines are receive-only; it publishes nothing).
+    pub fn join_receive_only(&mut self, name: &str) -> usize {
+        self.join_directed(name, false, Direction::RecvOnly)
+    }
+
+    fn join_directed(&mut self, name: &str, simulcast: bool, direction: Direction) -> usize {
         let index = self.clients.len();
-        let addr: SocketAddr = format!("127.0.0.{}:5000", 10 + index).parse().expect("addr");
+        let addr = client_addr(index);
         let mut rtc = client_config().build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").expect("candidate"));
         let mut api = rtc.sdp_api();
         let stream = format!("{name}-cam");
-        let audio = api.add_media(MediaKind::Audio, Direction::SendRecv, Some(stream.clone()), None, None);
+        let audio = api.add_media(MediaKind::Audio, direction, Some(stream.clone()), None, None);
         let layers = simulcast.then(|| {
             let mut layers = Simulcast::new();
             layers.add_send_layer(SimulcastLayer::new("h"));
             layers.add_send_layer(SimulcastLayer::new("l"));
             layers
         });
-        let video = api.add_media(MediaKind::Video, Direction::SendRecv, Some(stream), None, layers);
+        let video = api.add_media(MediaKind::Video, direction, Some(stream), None, layers);
         let (offer, pending) = api.apply().expect("an offer");
         let participant = Participant {
             user_id: format!("@{name}:test"),
@@ -149,7 +205,7 @@ impl World {
     /// client's answer, and the client sends on the offer's two m-lines.
     pub fn join_called(&mut self, name: &str) -> usize {
         let index = self.clients.len();
-        let addr: SocketAddr = format!("127.0.0.{}:5000", 10 + index).parse().expect("addr");
+        let addr = client_addr(index);
         let participant = Participant {
             user_id: format!("@{name}:test"),
             device_id: format!("{name}DEV"),
@@ -213,6 +269,15 @@ impl World {
             layer_seq: [0, 5000],
             video_packets_per_frame: 1,
             video_packet_seq: 0,
+            tone: None,
+            encoder: None,
+            junk_audio: false,
+            listen: false,
+            decoder: None,
+            heard: Vec::new(),
+            listen_all: false,
+            ears: BTreeMap::new(),
+            send_video: true,
         });
         self.drain_client(index);
         self.pump_sfu();
@@ -260,6 +325,18 @@ impl World {
                         }
                         let head = packet.payload.iter().take(11).copied().collect();
                         entry.packets.push((*packet.seq_no, now, head, packet.payload.len()));
+                        entry.rtp.push((*packet.header.ssrc, packet.header.timestamp));
+                        if client.listen_all && entry.kind == Some(MediaKind::Audio) {
+                            client.ears.entry(mid).or_default().hear(now, &packet.payload);
+                        }
+                        if client.listen && mid == client.own_mids.0 {
+                            let decoder = client
+                                .decoder
+                                .get_or_insert_with(|| OpusDecoder::new().expect("decoder"));
+                            let mut pcm = vec![0f32; MAX_PACKET_SAMPLES];
+                            let n = decoder.decode(&packet.payload, &mut pcm).expect("the mix decodes");
+                            client.heard.extend_from_slice(&pcm[..n]);
+                        }
                     }
                     Event::KeyframeRequest(request)
                         if request.kind == KeyframeRequestKind::Pli || request.kind == KeyframeRequestKind::Fir =>
@@ -274,7 +351,17 @@ impl World {
     }
 
     fn pump_sfu(&mut self) {
+        let started = std::time::Instant::now();
+        let mut transmits = Vec::new();
         while let Some(t) = self.sfu.poll_transmit() {
+            transmits.push(t);
+        }
+        let mut events = Vec::new();
+        while let Some(event) = self.sfu.poll_event() {
+            events.push(event);
+        }
+        self.sfu_busy += started.elapsed();
+        for t in transmits {
             self.wire.push_back(Datagram {
                 at: self.now + LATENCY,
                 source: t.source,
@@ -282,7 +369,7 @@ impl World {
                 data: t.contents.to_vec(),
             });
         }
-        while let Some(event) = self.sfu.poll_event() {
+        for event in events {
             self.events.push((self.now, event.clone()));
             if let SfuEvent::NegotiationNeeded(session) = event {
                 self.renegotiate(session);
@@ -334,14 +421,42 @@ impl World {
                     ..Default::default()
                 };
                 let ts = (client.audio_seq * 960) as u32;
-                // Byte 1 says who sent it.
-                let mut payload = vec![0xfc; 80];
-                payload[1] = index as u8;
+                let payload = match client.tone {
+                    _ if client.junk_audio => {
+                        let mut x = (client.audio_seq as u32).wrapping_mul(2_654_435_761) | 1;
+                        let len = 1 + (x % 1400) as usize;
+                        (0..len)
+                            .map(|_| {
+                                x ^= x << 13;
+                                x ^= x >> 17;
+                                x ^= x << 5;
+                                x as u8
+                            })
+                            .collect()
+                    }
+                    Some((freq, amplitude)) => {
+                        let encoder = client
+                            .encoder
+                            .get_or_insert_with(|| OpusEncoder::new(48_000, 5).expect("encoder"));
+                        let mut pcm = vec![0f32; 960];
+                        mixer::analysis::sine(freq, amplitude, client.audio_seq * 960, &mut pcm);
+                        let mut out = vec![0u8; MAX_PACKET_BYTES];
+                        let len = encoder.encode(&pcm, &mut out).expect("encode");
+                        out.truncate(len);
+                        out
+                    }
+                    None => {
+                        // Byte 1 says who sent it.
+                        let mut payload = vec![0xfc; 80];
+                        payload[1] = index as u8;
+                        payload
+                    }
+                };
                 tx.write_rtp(RtpWrite::new(pt, client.audio_seq.into(), ts, now, payload).ext_vals(ext));
                 client.audio_seq += 1;
             }
         }
-        if now >= client.next_video {
+        if client.send_video && now >= client.next_video {
             client.next_video += VIDEO_EVERY;
             let pt = client
                 .rtc
@@ -423,7 +538,9 @@ impl World {
                 }
             }
             if self.sfu.poll_timeout().is_some_and(|t| t <= self.now) {
+                let started = std::time::Instant::now();
                 self.sfu.handle_timeout(self.now);
+                self.sfu_busy += started.elapsed();
                 self.pump_sfu();
             }
             for i in 0..self.clients.len() {
@@ -447,7 +564,9 @@ impl World {
                 continue;
             }
             if d.destination == self.sfu_addr {
+                let started = std::time::Instant::now();
                 self.sfu.handle_receive(now, d.source, d.destination, &d.data);
+                self.sfu_busy += started.elapsed();
                 self.pump_sfu();
             } else if let Some(i) = self.clients.iter().position(|c| c.addr == d.destination) {
                 let receive = Receive::new(Protocol::Udp, d.source, d.destination, &d.data).expect("datagram");
@@ -477,6 +596,11 @@ impl World {
         }
         out
     }
+}
+
+/// The simulated address of the `index`th client.
+fn client_addr(index: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 10 + (index % 200) as u8], 5000 + (index / 200) as u16))
 }
 
 /// When a packet stamped by `send_media` was sent, relative to `start`.
