@@ -410,6 +410,21 @@ async function conference(ctx) {
   await Promise.all(first.map((u) => u.seesTiles(ids(first.filter((o) => o !== u)))));
   log("frank left: each sees two again");
   await carol.shot("conference-after-leave");
+  // Frank comes back asking for one mixed stream: a single tile from the bot
+  // (everyone else's voices mixed, the speaker's video) whose bytes grow, while
+  // the others see him as usual.
+  await frank.page.check("#single-stream");
+  await frank.page.click("#join-conference");
+  await frank.waitConnected();
+  await until("frank to receive one mixed stream", async () => {
+    const tiles = await frank.remoteTiles();
+    return tiles.length === 1 && /mixed/.test(tiles[0].name) && tiles[0].bytes > 20000;
+  }, 45000);
+  await Promise.all(first.map((u) => u.seesTiles(ids(all.filter((o) => o !== u)))));
+  log("frank on one mixed stream: one tile for him, the others see him");
+  await frank.shot("conference-single-stream");
+  await frank.page.click("#hangup");
+  await frank.page.uncheck("#single-stream");
 }
 
 // Scenario 2 (relay only, through our TURN relay) needs the relay in the binary.

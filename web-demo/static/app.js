@@ -425,7 +425,7 @@ function attach(call) {
   });
 }
 
-function placeCall(roomId, opponent, kind, conference = false) {
+function placeCall(roomId, opponent, kind, conference = false, singleStream = false) {
   if (busy()) {
     showBanner("You are already in a call: hang up first.", true);
     return null;
@@ -439,6 +439,7 @@ function placeCall(roomId, opponent, kind, conference = false) {
     opponent,
     kind,
     conference,
+    singleStream,
     relayOnly: $("relay-only").checked,
     videoConstraints: VIDEO,
   });
@@ -466,7 +467,7 @@ async function joinConference() {
       return;
     }
   }
-  placeCall(roomId, bot, "video", true);
+  placeCall(roomId, bot, "video", true, $("single-stream").checked);
 }
 
 function onCallEvent(roomId, event) {
@@ -586,9 +587,11 @@ function renderTiles() {
     });
   }
   for (const remote of call.remoteStreams) {
+    // One mixed stream from the bot: everyone else's voices and the speaker's video.
+    const mix = call.singleStream && remote.userId === botId();
     const node = tile(`remote:${remote.streamId}`, {
       userId: remote.userId,
-      label: remote.userId,
+      label: mix ? "Conference (mixed audio, speaker's video)" : remote.userId,
       stream: remote.stream,
       muted: remote.audioMuted,
       videoMuted: remote.videoMuted,

@@ -101,6 +101,7 @@ export class Call extends EventTarget {
    * @param {"video"|"voice"} o.kind
    * @param {boolean} o.conference  the other party is the conference bot
    * @param {boolean} o.relayOnly  iceTransportPolicy "relay"
+   * @param {boolean} o.singleStream  ask the bot for one mixed stream instead of one per participant
    * @param {MediaTrackConstraints} o.videoConstraints
    */
   constructor(o) {
@@ -114,6 +115,7 @@ export class Call extends EventTarget {
       kind: o.kind,
       conference: !!o.conference,
       relayOnly: !!o.relayOnly,
+      singleStream: !!o.singleStream,
       videoConstraints: o.videoConstraints || true,
     });
     this.partyId = o.client.deviceId;
@@ -320,12 +322,16 @@ export class Call extends EventTarget {
       if (this.ended) return;
       const offer = { type: "offer", sdp: pc.localDescription.sdp };
       this.sdpTaken();
-      await this.send("m.call.invite", {
+      const invite = {
         offer,
         lifetime: INVITE_LIFETIME_MS,
         invitee: this.opponent,
         sdp_stream_metadata: this.ownMetadata(),
-      });
+      };
+      // Switchboard's conference bot: the mix-minus of the others' audio and the
+      // active speaker's video on our own m-lines.
+      if (this.conference && this.singleStream) invite["io.switchboard.single_stream"] = true;
+      await this.send("m.call.invite", invite);
       this.sdpSent(); // only now: candidates sent before the invite would be dropped
       this.after(INVITE_LIFETIME_MS, () => {
         if (this.state === "inviting") this.hangup("invite_timeout", "No answer.");
