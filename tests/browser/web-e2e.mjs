@@ -418,7 +418,7 @@ async function conference(ctx) {
   await frank.waitConnected();
   await until("frank to receive one mixed stream", async () => {
     const tiles = await frank.remoteTiles();
-    return tiles.length === 1 && /mixed/.test(tiles[0].name) && tiles[0].bytes > 20000;
+    return tiles.length === 1 && /Conference mix/.test(tiles[0].name) && tiles[0].bytes > 20000;
   }, 45000);
   await Promise.all(first.map((u) => u.seesTiles(ids(all.filter((o) => o !== u)))));
   log("frank on one mixed stream: one tile for him, the others see him");

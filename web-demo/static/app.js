@@ -591,7 +591,7 @@ function renderTiles() {
     const mix = call.singleStream && remote.userId === botId();
     const node = tile(`remote:${remote.streamId}`, {
       userId: remote.userId,
-      label: mix ? "Conference (mixed audio, speaker's video)" : remote.userId,
+      label: mix ? "Conference mix" : remote.userId,
       stream: remote.stream,
       muted: remote.audioMuted,
       videoMuted: remote.videoMuted,
