@@ -590,6 +590,21 @@ impl Bot {
         self.send_raw(room_id, "m.room.message", &content).await;
     }
 
+    /// A call joined `conference`: record it if the operator or a room command
+    /// asked for that, and say so in `room_id`.
+    async fn record_if_wanted(&mut self, conference: &RoomId, room_id: &str) {
+        if self.policy.record_conferences {
+            self.record_wanted.insert(conference.0.clone());
+        }
+        if self.record_wanted.contains(&conference.0)
+            && let Some((name, true)) = self.start_recording(conference, room_id).await
+        {
+            let content = json!({"msgtype": "m.notice",
+                "body": format!("Recording this conference's audio to {name}.")});
+            self.send_raw(room_id, "m.room.message", &content).await;
+        }
+    }
+
     /// Starts recording a conference that has calls; returns the file's name
     /// and whether it started now (false: it was recording already).
     async fn start_recording(&mut self, conference: &RoomId, announce_in: &str) -> Option<(String, bool)> {
@@ -680,16 +695,7 @@ impl Bot {
                                 // The mix and the active speaker, on the caller's own m-lines.
                                 let _ = handle.set_single_stream(session).await;
                             }
-                            if self.policy.record_conferences {
-                                self.record_wanted.insert(conference.0.clone());
-                            }
-                            if self.record_wanted.contains(&conference.0)
-                                && let Some((name, true)) = self.start_recording(&conference, &room_id).await
-                            {
-                                let content = json!({"msgtype": "m.notice",
-                                    "body": format!("Recording this conference's audio to {name}.")});
-                                self.send_raw(&room_id, "m.room.message", &content).await;
-                            }
+                            self.record_if_wanted(&conference, &room_id).await;
                             let media = MediaRef { shard, session };
                             self.calls.insert(call_id.clone(), media);
                             self.by_session.insert(media, call_id.clone());
@@ -725,6 +731,8 @@ impl Bot {
                             self.by_session.insert(media, call_id.clone());
                             self.signalling
                                 .handle_media_offer(now, &call_id, offer, SdpStreamMetadata::new());
+                            let conference = self.conference_of(&room_id);
+                            self.record_if_wanted(&conference, &room_id).await;
                         }
                         Err(e) => {
                             tracing::info!(error = %e, "could not open a media session to call someone");
