@@ -225,6 +225,8 @@ pub fn spawn(mut settings: TurnSettings) -> Result<TurnHandle> {
                 ports,
                 port_cursor: (unix as u16).wrapping_mul(7919),
                 arena: Arena::new(),
+                dirty_conns: Vec::with_capacity(64),
+                stream_deliveries: Vec::with_capacity(ARENA_SLOTS),
                 stats: TurnStats::default(),
                 shared_stats,
                 stop: stop_flag,
@@ -256,48 +258,40 @@ struct Conn {
     outbuf: Vec<u8>,
     /// Plaintext handed to rustls since its output last drained (TLS).
     tls_pending: usize,
+    /// Queued output waits for the end-of-wake flush.
+    dirty: bool,
     closed: bool,
 }
 
 impl Conn {
-    /// Queues a frame for the client and writes what the socket takes.
-    fn send(&mut self, frame: &[u8], queue_drops: &mut u64) {
+    /// Queues a frame for the client; the driver writes every queue once per
+    /// wake ([`Driver::flush_conns`]). Returns whether the connection just
+    /// became dirty (the caller notes it for that flush).
+    fn send(&mut self, frame: &[u8], queue_drops: &mut u64) -> bool {
         if self.closed {
-            return;
+            return false;
         }
         match &mut self.tls {
             Some(tls) => {
                 if self.tls_pending + frame.len() > MAX_TCP_QUEUE {
                     *queue_drops += 1;
-                    return;
+                    return false;
                 }
                 if tls.writer().write_all(frame).is_err() {
                     self.closed = true;
-                    return;
+                    return false;
                 }
                 self.tls_pending += frame.len();
             }
             None => {
                 if self.outbuf.len() + frame.len() > MAX_TCP_QUEUE {
                     *queue_drops += 1;
-                    return;
-                }
-                if self.outbuf.is_empty() {
-                    match self.stream.write(frame) {
-                        Ok(n) if n == frame.len() => return,
-                        Ok(n) => self.outbuf.extend_from_slice(&frame[n..]),
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => self.outbuf.extend_from_slice(frame),
-                        Err(_) => {
-                            self.closed = true;
-                            return;
-                        }
-                    }
-                    return;
+                    return false;
                 }
                 self.outbuf.extend_from_slice(frame);
             }
         }
-        self.flush();
+        !std::mem::replace(&mut self.dirty, true)
     }
 
     /// Writes queued bytes until the socket would block.
@@ -410,6 +404,11 @@ struct Driver {
     port_cursor: u16,
     /// Datagram slots, with head and tail room for relayed data.
     arena: Arena,
+    /// Connections with output queued since the last flush.
+    dirty_conns: Vec<usize>,
+    /// Frames from stream clients for other stream clients, relayed in-process:
+    /// `(arena slot, range, client)`, delivered once the stream buffer is released.
+    stream_deliveries: Vec<(usize, Range<usize>, SocketAddr)>,
     stats: TurnStats,
     shared_stats: Arc<Mutex<TurnStats>>,
     stop: Arc<AtomicBool>,
@@ -445,9 +444,10 @@ impl Driver {
                     Token(_) => {}
                 }
             }
-            self.flush_to_clients();
             self.relay.handle_timeout(now);
             self.run_control(now);
+            self.flush_to_clients();
+            self.flush_conns();
             if now >= next_stats {
                 next_stats = now + STATS_INTERVAL;
                 self.stats.relay = self.relay.stats().clone();
@@ -564,14 +564,7 @@ impl Driver {
                 self.arena.used = self.arena.used.max(slot + 1);
             }
             Transport::Tcp | Transport::Tls => {
-                if let Some(index) = self.conn_by_addr.get(&client.addr).copied()
-                    && let Some(conn) = self.conns[index].as_mut()
-                {
-                    conn.send(&self.arena.slot_mut(slot)[range], &mut self.stats.tcp_queue_drops);
-                    if conn.closed {
-                        self.close_conn(index);
-                    }
-                }
+                self.send_to_stream(client.addr, slot, range);
             }
         }
     }
@@ -634,6 +627,7 @@ impl Driver {
                 filled: 0,
                 outbuf: Vec::new(),
                 tls_pending: 0,
+                dirty: false,
                 closed: false,
             });
             self.conn_by_addr.insert(addr, slot);
@@ -669,18 +663,73 @@ impl Driver {
                 payload,
             } = self.relay.handle_client_packet(now, client, frame)
             {
-                send_datagram(&self.relays, relay_port, &frame[payload], peer, &mut self.stats);
+                let local = self.relay.local_relay(peer);
+                let from = self.relay.relayed_address(relay_port);
+                match (local, from) {
+                    // To another of our allocations, in-process (while the arena
+                    // has a free slot). The stream buffer has no head room: copy.
+                    (Some(local_port), Some(from)) if self.arena.used < ARENA_SLOTS => {
+                        let arena_slot = self.arena.used;
+                        let body = &frame[payload];
+                        let room = PEER_HEADROOM..PEER_HEADROOM + body.len();
+                        self.arena.slot_mut(arena_slot)[room.clone()].copy_from_slice(body);
+                        self.stats.local_relays += 1;
+                        if let Some((to, range)) =
+                            self.relay
+                                .handle_peer_packet(now, local_port, from, self.arena.slot_mut(arena_slot), room)
+                        {
+                            self.arena.used = arena_slot + 1;
+                            match to.transport {
+                                Transport::Udp => self.arena.pending.push((arena_slot, range, to.addr)),
+                                Transport::Tcp | Transport::Tls => {
+                                    self.stream_deliveries.push((arena_slot, range, to.addr));
+                                }
+                            }
+                        }
+                    }
+                    _ => send_datagram(&self.relays, relay_port, &frame[payload], peer, &mut self.stats),
+                }
             }
             at += len;
         }
         conn.inbuf.copy_within(at..conn.filled, 0);
         conn.filled -= at;
-        // TLS: the handshake and our writes may want the socket.
+        // TLS: the handshake may want the socket now.
         conn.flush();
         let closed = conn.closed;
+        let mut deliveries = std::mem::take(&mut self.stream_deliveries);
+        for (arena_slot, range, addr) in deliveries.drain(..) {
+            self.send_to_stream(addr, arena_slot, range);
+        }
+        self.stream_deliveries = deliveries;
         self.run_control(now);
         if closed {
             self.close_conn(slot);
+        }
+    }
+
+    /// Queues `range` of arena slot `slot` for the stream client at `addr`.
+    fn send_to_stream(&mut self, addr: SocketAddr, slot: usize, range: Range<usize>) {
+        if let Some(index) = self.conn_by_addr.get(&addr).copied()
+            && let Some(conn) = self.conns[index].as_mut()
+            && conn.send(&self.arena.slot_mut(slot)[range], &mut self.stats.tcp_queue_drops)
+        {
+            self.dirty_conns.push(index);
+        }
+    }
+
+    /// Writes what each dirty connection has queued: one write (or a few TLS
+    /// records) per connection per wake instead of one per frame.
+    fn flush_conns(&mut self) {
+        while let Some(index) = self.dirty_conns.pop() {
+            let Some(conn) = self.conns.get_mut(index).and_then(Option::as_mut) else {
+                continue;
+            };
+            conn.dirty = false;
+            conn.flush();
+            if conn.closed {
+                self.close_conn(index);
+            }
         }
     }
 
@@ -729,11 +778,9 @@ impl Driver {
                     Transport::Tcp | Transport::Tls => {
                         if let Some(slot) = self.conn_by_addr.get(&transmit.to.addr).copied()
                             && let Some(conn) = self.conns[slot].as_mut()
+                            && conn.send(&transmit.contents, &mut self.stats.tcp_queue_drops)
                         {
-                            conn.send(&transmit.contents, &mut self.stats.tcp_queue_drops);
-                            if conn.closed {
-                                self.close_conn(slot);
-                            }
+                            self.dirty_conns.push(slot);
                         }
                     }
                 }
