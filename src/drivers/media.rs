@@ -117,6 +117,8 @@ pub fn spawn_shard_with(
 ) -> Result<(ShardHandle, mpsc::UnboundedReceiver<SfuEvent>)> {
     let socket = std::net::UdpSocket::bind(bind).with_context(|| format!("binding the media socket to {bind}"))?;
     socket.set_nonblocking(true)?;
+    // Bursts (a busy or descheduled shard thread) wait in the kernel, not dropped.
+    super::bigger_buffers(&socket);
     let local_addr = socket.local_addr()?;
     let ip = advertised_ip.unwrap_or(local_addr.ip());
     anyhow::ensure!(

@@ -55,8 +55,6 @@ const ARENA_SLOTS: usize = 64;
 const STREAM_BUFFER: usize = 20 + 65_535 + 4;
 /// Bytes queued for a slow TCP client before its frames are dropped.
 pub const MAX_TCP_QUEUE: usize = 1 << 20;
-/// Kernel socket buffers asked for (capped by `net.core.*mem_max`).
-const SOCKET_BUFFER: usize = 4 << 20;
 /// How often the counters are copied out for `/metrics`.
 const STATS_INTERVAL: Duration = Duration::from_millis(250);
 /// How many ports are tried for a relay socket before answering 508.
@@ -123,12 +121,6 @@ impl Drop for TurnHandle {
     }
 }
 
-fn bigger_buffers(socket: &impl std::os::fd::AsFd) {
-    let socket = socket2::SockRef::from(socket);
-    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-}
-
 /// Binds the UDP and TCP listeners on one port.
 fn bind_listeners(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
     // Port 0: the UDP socket picks, TCP follows; retry if that port is taken for TCP.
@@ -176,7 +168,7 @@ pub fn spawn(mut settings: TurnSettings) -> Result<TurnHandle> {
     if let Some(ip) = settings.external_ip {
         policy.add_own_ip(ip);
     }
-    bigger_buffers(&udp);
+    super::bigger_buffers(&udp);
     udp.set_nonblocking(true)?;
     tcp.set_nonblocking(true)?;
     let poll = Poll::new()?;
@@ -858,7 +850,7 @@ impl Driver {
             return None;
         }
         let socket = std::net::UdpSocket::bind(SocketAddr::new(self.relay_ip, port)).ok()?;
-        bigger_buffers(&socket);
+        super::bigger_buffers(&socket);
         socket.set_nonblocking(true).ok()?;
         Some(UdpSocket::from_std(socket))
     }
