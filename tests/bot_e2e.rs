@@ -614,6 +614,30 @@ async fn the_bot_resumes_after_a_restart() {
     assert_eq!(answer["content"]["call_id"], "after-restart");
 }
 
+/// Alice and Bob in a room Alice made, with the conference bot joined.
+async fn alice_and_bob_with_the_bot(server: &TestServer) -> (Client, Client, String) {
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let room = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
+    assert_eq!(bob.join(&room).await.0, 200);
+    wait_for_bot(&alice, &room, "join").await;
+    (alice, bob, room)
+}
+
+/// Alice, Bob and Carol in a room Alice made, with the conference bot joined.
+async fn three_with_the_bot(server: &TestServer) -> (Client, Client, Client, String) {
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    let carol = server.user("carol").await;
+    let room = alice
+        .create_room(json!({"invite": ["@bob:localhost", "@carol:localhost", BOT]}))
+        .await;
+    assert_eq!(bob.join(&room).await.0, 200);
+    assert_eq!(carol.join(&room).await.0, 200);
+    wait_for_bot(&alice, &room, "join").await;
+    (alice, bob, carol, room)
+}
+
 async fn membership_of_bot(client: &Client, room: &str) -> Option<String> {
     let (status, body) = client
         .get(&format!("/rooms/{}/state/m.room.member/{}", enc(room), enc(BOT)))
@@ -679,11 +703,7 @@ async fn the_bot_serves_allowed_inviters_and_leaves_empty_rooms() {
 async fn mute_changes_reach_the_other_callers() {
     let _serial = SERIAL.lock().await;
     let server = TestServer::start_with(|c| c.bot.enabled = true).await;
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let room = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
-    assert_eq!(bob.join(&room).await.0, 200);
-    wait_for_bot(&alice, &room, "join").await;
+    let (alice, bob, room) = alice_and_bob_with_the_bot(&server).await;
     let a = call_bot(alice, room.clone()).await;
     let b = call_bot(bob, room.clone()).await;
     wait_until("bob receives alice", || {
@@ -747,15 +767,7 @@ async fn an_invite_with_unusable_sdp_is_rejected() {
 async fn a_version_0_caller_joins_a_conference() {
     let _serial = SERIAL.lock().await;
     let server = TestServer::start_with(|c| c.bot.enabled = true).await;
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let carol = server.user("carol").await;
-    let room = alice
-        .create_room(json!({"invite": ["@bob:localhost", "@carol:localhost", BOT]}))
-        .await;
-    assert_eq!(bob.join(&room).await.0, 200);
-    assert_eq!(carol.join(&room).await.0, 200);
-    wait_for_bot(&alice, &room, "join").await;
+    let (alice, bob, carol, room) = three_with_the_bot(&server).await;
     let old = place_call(alice, room.clone(), true).await;
     let b = call_bot(bob, room.clone()).await;
     let c = call_bot(carol, room.clone()).await;
@@ -797,15 +809,7 @@ fn heard(caller: &Caller, freqs: &[f32]) -> Option<Vec<f32>> {
 async fn a_v0_caller_and_two_multi_stream_callers_all_receive_each_other() {
     let _serial = SERIAL.lock().await;
     let server = TestServer::start_with(|c| c.bot.enabled = true).await;
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let carol = server.user("carol").await;
-    let room = alice
-        .create_room(json!({"invite": ["@bob:localhost", "@carol:localhost", BOT]}))
-        .await;
-    assert_eq!(bob.join(&room).await.0, 200);
-    assert_eq!(carol.join(&room).await.0, 200);
-    wait_for_bot(&alice, &room, "join").await;
+    let (alice, bob, carol, room) = three_with_the_bot(&server).await;
     let freqs = [450.0, 650.0, 1000.0];
     let old = place_toned_call(alice, room.clone(), true, freqs[0], None).await;
     let b = place_toned_call(bob, room.clone(), false, freqs[1], None).await;
@@ -843,11 +847,7 @@ async fn a_v0_caller_and_two_multi_stream_callers_all_receive_each_other() {
 async fn a_caller_may_ask_for_a_single_stream_and_the_room_can_be_recorded() {
     let _serial = SERIAL.lock().await;
     let server = TestServer::start_with(|c| c.bot.enabled = true).await;
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let room = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
-    assert_eq!(bob.join(&room).await.0, 200);
-    wait_for_bot(&alice, &room, "join").await;
+    let (alice, bob, room) = alice_and_bob_with_the_bot(&server).await;
     let mut since = sync_position(&bob).await;
     bob.send_text(&room, "rec-1", "!record start").await;
     wait_for_event(&bob, &room, &mut since, |e| {
@@ -920,11 +920,7 @@ async fn a_caller_may_ask_for_a_single_stream_and_the_room_can_be_recorded() {
 async fn the_room_setting_makes_callers_single_stream_unless_they_choose() {
     let _serial = SERIAL.lock().await;
     let server = TestServer::start_with(|c| c.bot.enabled = true).await;
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let room = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
-    assert_eq!(bob.join(&room).await.0, 200);
-    wait_for_bot(&alice, &room, "join").await;
+    let (alice, bob, room) = alice_and_bob_with_the_bot(&server).await;
     let (status, body) = alice
         .put(
             &format!("/rooms/{}/state/io.switchboard.conference/", enc(&room)),
@@ -1003,11 +999,7 @@ async fn dial_in(client: &Client, group: &str) -> (String, String) {
 async fn dial_in_brings_a_one_to_one_caller_into_the_conference() {
     let _serial = SERIAL.lock().await;
     let server = TestServer::start_with(|c| c.bot.enabled = true).await;
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let group = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
-    assert_eq!(bob.join(&group).await.0, 200);
-    wait_for_bot(&alice, &group, "join").await;
+    let (alice, bob, group) = alice_and_bob_with_the_bot(&server).await;
     let b = call_bot(bob, group.clone()).await;
 
     let (dm, since) = dial_in(&alice, &group).await;
@@ -1040,11 +1032,7 @@ async fn dial_in_brings_a_one_to_one_caller_into_the_conference() {
 async fn glare_keeps_the_smaller_call_id() {
     let _serial = SERIAL.lock().await;
     let server = TestServer::start_with(|c| c.bot.enabled = true).await;
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let group = alice.create_room(json!({"invite": ["@bob:localhost", BOT]})).await;
-    assert_eq!(bob.join(&group).await.0, 200);
-    wait_for_bot(&alice, &group, "join").await;
+    let (alice, bob, group) = alice_and_bob_with_the_bot(&server).await;
     let b = call_bot(bob, group.clone()).await;
     let (dm, mut since) = dial_in(&alice, &group).await;
     let bots = wait_for_event(&alice, &dm, &mut since, |e| {
