@@ -10,10 +10,14 @@
 //!   (a session connected, a renegotiation is due), never per packet.
 
 use anyhow::{Context, Result};
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
 use sfu::{
     MixerConfig, Offer, Participant, RoomId, SessionId, SessionStats, Sfu, SfuConfig, SfuError, SfuEvent, ShardStats,
+    Transmit,
 };
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -161,6 +165,8 @@ async fn run(
 ) -> Result<()> {
     let socket = tokio::net::UdpSocket::from_std(socket)?;
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut outgoing: Vec<Transmit> = Vec::with_capacity(SEND_BATCH);
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(SEND_BATCH, None);
     loop {
         let wake = sfu.poll_timeout().unwrap_or_else(|| Instant::now() + IDLE_WAKE);
         tokio::select! {
@@ -181,14 +187,14 @@ async fn run(
             },
             () = tokio::time::sleep_until(wake.into()) => sfu.handle_timeout(Instant::now()),
         }
-        while let Some(transmit) = sfu.poll_transmit() {
-            match socket.try_send_to(&transmit.contents, transmit.destination) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let _ = socket.send_to(&transmit.contents, transmit.destination).await;
-                }
-                Err(e) => tracing::debug!(error = %e, "media socket send error"),
+        // What this turn produced leaves in `sendmmsg` batches.
+        loop {
+            outgoing.clear();
+            outgoing.extend(std::iter::from_fn(|| sfu.poll_transmit()).take(SEND_BATCH));
+            if outgoing.is_empty() {
+                break;
             }
+            send_all(&socket, &mut headers, &outgoing).await;
         }
         while let Some(event) = sfu.poll_event() {
             if events.send(event).is_err() {
@@ -430,5 +436,47 @@ impl ShardSet {
             all.push(shard.stats().await.unwrap_or_default());
         }
         all
+    }
+}
+
+/// Datagrams per `sendmmsg`.
+const SEND_BATCH: usize = 32;
+
+/// Sends `batch` with as few `sendmmsg` calls as the kernel allows: a full
+/// socket buffer waits for room; a datagram the kernel refuses is skipped.
+async fn send_all(socket: &tokio::net::UdpSocket, headers: &mut MultiHeaders<SockaddrStorage>, batch: &[Transmit]) {
+    let mut at = 0;
+    while at < batch.len() {
+        let rest = &batch[at..];
+        // On the stack: nothing is allocated per batch.
+        let iovs: [[IoSlice<'_>; 1]; SEND_BATCH] =
+            std::array::from_fn(|i| [IoSlice::new(rest.get(i).map_or(&[][..], |t| &t.contents[..]))]);
+        let addrs: [Option<SockaddrStorage>; SEND_BATCH] =
+            std::array::from_fn(|i| rest.get(i).map(|t| SockaddrStorage::from(t.destination)));
+        let n = rest.len().min(SEND_BATCH);
+        let no_control: [ControlMessage<'_>; 0] = [];
+        let sent = sendmmsg(
+            socket.as_raw_fd(),
+            headers,
+            iovs[..n].iter(),
+            &addrs[..n],
+            no_control,
+            MsgFlags::MSG_DONTWAIT,
+        )
+        .map(Iterator::count);
+        match sent {
+            Ok(0) => at += 1,
+            Ok(n) => at += n,
+            Err(nix::errno::Errno::EAGAIN) => {
+                if socket.writable().await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // The first datagram failed (an unreachable peer, say): skip it.
+                tracing::debug!(error = %e, "media socket send error");
+                at += 1;
+            }
+        }
     }
 }
