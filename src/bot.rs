@@ -459,7 +459,8 @@ impl Bot {
 
     /// `!dialin` from `user` in `conference`: a direct room for them linked to
     /// the conference, where the bot calls them once they join (or where they
-    /// call the bot). One that already exists is dialled again.
+    /// call the bot). One that already exists is dialled again if they are in
+    /// it, and otherwise left waiting for them to join.
     async fn open_dialin(&mut self, conference: &str, user: &str) {
         let existing = self
             .dialins
@@ -467,11 +468,11 @@ impl Bot {
             .find(|(_, (c, u))| c == conference && u == user)
             .map(|(room, _)| room.clone());
         if let Some(room) = existing {
-            let joined = self.members.get(&room).is_some_and(|m| m.contains(user));
-            if joined {
+            // Still invited: that room waits for them (no new room per repeat).
+            if self.members.get(&room).is_some_and(|m| m.contains(user)) {
                 self.dial(&room, user);
-                return;
             }
+            return;
         }
         let body = json!({
             "preset": "trusted_private_chat",
