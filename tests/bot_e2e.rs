@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{BinaryServer, Client, TestServer, enc};
+use common::{BinaryServer, Client, Peer, TestServer, enc};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,10 +17,9 @@ use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use str0m::{Event, Input, Output};
 use switchboard_mixer::analysis::{sine, tone_amplitude};
 use switchboard_mixer::codec::{MAX_PACKET_BYTES, MAX_PACKET_SAMPLES, OpusDecoder, OpusEncoder};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 const BOT: &str = "@conference:localhost";
@@ -82,37 +81,6 @@ async fn call_bot(client: Client, room: String) -> Caller {
 async fn place_call(client: Client, room: String, v0: bool) -> Caller {
     let call_id = format!("call{}", client.device_id);
     place_call_as(client, room, v0, call_id).await
-}
-
-/// A WebRTC peer of the test: str0m on a loopback UDP socket, sending audio
-/// and video on two m-lines.
-struct Peer {
-    rtc: Rtc,
-    socket: UdpSocket,
-    local: SocketAddr,
-    /// Sends real opus of a sine at this frequency (and decodes what arrives
-    /// on its own audio m-line) instead of dummy audio.
-    tone: Option<f32>,
-}
-
-impl Peer {
-    async fn new() -> Self {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let local = socket.local_addr().unwrap();
-        let mut rtc = RtcConfig::new()
-            .set_rtp_mode(true)
-            .clear_codecs()
-            .enable_opus(true, false)
-            .enable_vp8(true)
-            .build(Instant::now());
-        rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
-        Self {
-            rtc,
-            socket,
-            local,
-            tone: None,
-        }
-    }
 }
 
 /// The position of `client`'s sync now (take it before anything the bot may answer).
@@ -412,14 +380,19 @@ fn run_peer(
     }
 }
 
-async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+/// Polls `ok` every 100 ms until it holds (at most a minute).
+async fn wait_until_async<F: std::future::Future<Output = bool>>(what: &str, mut ok: impl FnMut() -> F) {
     for _ in 0..600 {
-        if ok() {
+        if ok().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("timed out waiting until {what}");
+}
+
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    wait_until_async(what, || std::future::ready(ok())).await;
 }
 
 /// Four users in one room with the bot: three call it and receive each
@@ -590,13 +563,20 @@ async fn the_bot_resumes_after_a_restart() {
     alice.register("alice", "correct horse").await;
     let dm = alice.create_room(json!({"is_direct": true, "invite": [BOT]})).await;
     wait_for_bot(&alice, &dm, "join").await;
-    // Let the bot save a sync position past its join, then restart it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until the bot has saved a sync position past its join (positions
+    // are `s<N>` on our homeserver), so only relearning can tell it the room's
+    // members after the restart; then restart it.
+    let position = |token: &str| token.trim().trim_start_matches('s').parse::<u64>().ok();
+    let joined_at = position(&sync_position(&alice).await).unwrap();
+    let saved = bot_dir.path().join("bot_sync_token");
+    wait_until_async("the bot saves a position past its join", || async {
+        std::fs::read_to_string(&saved)
+            .ok()
+            .and_then(|t| position(&t))
+            .is_some_and(|p| p >= joined_at)
+    })
+    .await;
     bot.kill().await.unwrap();
-    assert!(
-        bot_dir.path().join("bot_sync_token").exists(),
-        "the bot saved its position"
-    );
     let _bot = spawn_bot(&homeserver.base, bot_dir.path());
 
     let mut offerer = Peer::new().await;

@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
+mod common;
+
+use common::Peer;
 use sfu::{Participant, RoomId, SessionId, SfuEvent};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,9 +17,8 @@ use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
-use str0m::{Candidate, Event, Input, Output, RtcConfig};
+use str0m::{Event, Input, Output};
 use switchboard::drivers::media::{ShardHandle, spawn_shard};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 /// Where the signalling side sends a client the SFU's offer, and gets its answer.
@@ -35,15 +37,9 @@ struct ClientHandle {
 }
 
 async fn join(shard: &ShardHandle, name: &str) -> ClientHandle {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let local = socket.local_addr().unwrap();
-    let mut rtc = RtcConfig::new()
-        .set_rtp_mode(true)
-        .clear_codecs()
-        .enable_opus(true, false)
-        .enable_vp8(true)
-        .build(Instant::now());
-    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    let Peer {
+        mut rtc, socket, local, ..
+    } = Peer::new().await;
     let mut api = rtc.sdp_api();
     let audio = api.add_media(
         MediaKind::Audio,

@@ -262,3 +262,36 @@ pub fn bodies(events: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A WebRTC peer of the test: str0m on a loopback UDP socket, sending audio
+/// and video on two m-lines.
+pub struct Peer {
+    pub rtc: str0m::Rtc,
+    pub socket: tokio::net::UdpSocket,
+    pub local: std::net::SocketAddr,
+    /// Sends real opus of a sine at this frequency (and decodes what arrives
+    /// on its own audio m-line) instead of dummy audio.
+    pub tone: Option<f32>,
+}
+
+impl Peer {
+    pub async fn new() -> Self {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback socket");
+        let local = socket.local_addr().expect("its address");
+        let mut rtc = str0m::RtcConfig::new()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .build(std::time::Instant::now());
+        rtc.add_local_candidate(str0m::Candidate::host(local, "udp").expect("a host candidate"));
+        Self {
+            rtc,
+            socket,
+            local,
+            tone: None,
+        }
+    }
+}
