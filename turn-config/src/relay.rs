@@ -35,10 +35,14 @@ use crate::stun::{
 };
 use hmac::{Hmac, Mac};
 use sha1::Sha1;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::time::{Duration, Instant};
+
+/// Maps on the per-packet path: a fast hash, randomly seeded per process
+/// (peers choose the keys).
+type HashMap<K, V> = foldhash::HashMap<K, V>;
 
 /// Bytes the driver leaves free in front of a peer's payload: room for the
 /// longest header the core writes there (a Data indication to an IPv6 peer).
@@ -422,17 +426,17 @@ impl Relay {
         Self {
             config,
             epoch: (now, unix_now),
-            allocations: HashMap::new(),
-            by_client: HashMap::new(),
-            by_port: HashMap::new(),
-            per_user: HashMap::new(),
+            allocations: HashMap::default(),
+            by_client: HashMap::default(),
+            by_port: HashMap::default(),
+            per_user: HashMap::default(),
             next_id: 1,
             next_sweep: None,
             indication_counter: 0,
             transmits: VecDeque::new(),
             commands: VecDeque::new(),
-            reservations: HashMap::new(),
-            pending_tokens: HashMap::new(),
+            reservations: HashMap::default(),
+            pending_tokens: HashMap::default(),
             stats: RelayStats::default(),
         }
     }
