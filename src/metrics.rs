@@ -304,6 +304,21 @@ fn render_sfu(out: &mut String, shards: &[ShardStats]) {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", value(shard));
         }
     }
+    let name = "switchboard_sfu_forwarding_delay_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} From a datagram's arrival in the kernel to the end of the shard turn that handled it (its forwarded packets sent).\n# TYPE {name} summary"
+    );
+    for (i, shard) in shards.iter().enumerate() {
+        let delay = &shard.forwarding_delay;
+        for q in [0.5, 0.9, 0.99] {
+            if let Some(at) = delay.quantile(q) {
+                let _ = writeln!(out, "{name}{{shard=\"{i}\",quantile=\"{q}\"}} {}", at.as_secs_f64());
+            }
+        }
+        let _ = writeln!(out, "{name}_sum{{shard=\"{i}\"}} {}", delay.sum().as_secs_f64());
+        let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {}", delay.count());
+    }
     let name = "switchboard_sfu_drops_total";
     let _ = writeln!(
         out,

@@ -874,6 +874,8 @@ async fn metrics_endpoint_counts() {
         "switchboard_registrations_total 1",
         "# TYPE switchboard_events_sent_total counter",
         "switchboard_sync_waiting 0",
+        "# TYPE switchboard_sfu_forwarding_delay_seconds summary",
+        "switchboard_sfu_forwarding_delay_seconds_count{shard=\"0\"} 0",
     ] {
         assert!(text.contains(line), "{line} missing in\n{text}");
     }

@@ -222,6 +222,15 @@ async fn clients_receive_each_other_over_udp() {
     let stats = shard.stats().await.unwrap();
     assert_eq!((stats.sessions, stats.rooms, stats.tracks), (3, 1, 6));
     assert!(stats.packets_forwarded > 100);
+    // Every datagram the shard read has its delay (kernel arrival to the end
+    // of the turn's sends) in the histogram.
+    let delays = stats.forwarding_delay.count();
+    assert!(
+        delays > 0 && delays <= stats.datagrams_in,
+        "{delays} delays for {} datagrams",
+        stats.datagrams_in
+    );
+    assert!(stats.forwarding_delay.quantile(0.99).is_some());
     let session_stats = shard.session_stats(clients[0].1.session).await.unwrap().unwrap();
     assert!(session_stats.packets_out > 50 && session_stats.bytes_in > 0);
 

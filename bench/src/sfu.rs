@@ -19,6 +19,7 @@
 use crate::proc_stat;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
+use sfu::DelayHistogram;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -472,6 +473,9 @@ struct Measured {
     loss: f64,
     p50_us: u32,
     p99_us: u32,
+    /// Forwarding delay inside the server (kernel arrival to the end of the
+    /// sends it caused), p50 and p99, over the window.
+    server_delay: Option<(Duration, Duration)>,
     rss_per_track_kib: Option<f64>,
     participants: usize,
     /// Packets the load's publishers sent and its receivers got during the window.
@@ -612,6 +616,7 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
     let forwarded_before = stats["packets_forwarded"].as_u64().unwrap_or(0);
     let timeouts_before = stats["session_timeouts"].as_u64().unwrap_or(0);
     let ingress_before = stats["datagrams_in"].as_u64().unwrap_or(0);
+    let delay_before = delay_histogram(&stats["forwarding_delay"]);
     let cpu_before = proc_stat::cpu_time(server.pid).unwrap_or_default();
     let sent_before = shared.sent.load(Ordering::Relaxed);
     let from = Instant::now();
@@ -634,6 +639,7 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
         .as_u64()
         .unwrap_or(0)
         .saturating_sub(ingress_before);
+    let server_delay = delay_quantiles(&delay_histogram(&stats["forwarding_delay"]).since(&delay_before));
     eprintln!(
         "  (SFU: {:.0} datagrams in/s, {:.0} session timers/s)",
         ingress as f64 / (to - from).as_secs_f64(),
@@ -657,6 +663,7 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
         loss,
         p50_us,
         p99_us,
+        server_delay,
         rss_per_track_kib,
         participants,
         sent,
@@ -680,7 +687,7 @@ async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
     }
     warm_up(&shared, expected_streams(s)).await?;
     let stats_socket = UdpSocket::bind("127.0.0.1:0").await?;
-    let before = forwarded_count(&stats_socket, forwarder).await?;
+    let (before, delay_before) = forwarder_stats(&stats_socket, forwarder).await?;
     let cpu_before = proc_stat::cpu_time(server.pid).unwrap_or_default();
     let sent_before = shared.sent.load(Ordering::Relaxed);
     let from = Instant::now();
@@ -690,7 +697,9 @@ async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
     let cpu = proc_stat::cpu_time(server.pid)
         .unwrap_or_default()
         .saturating_sub(cpu_before);
-    let egress = forwarded_count(&stats_socket, forwarder).await?.saturating_sub(before);
+    let (after, delay_after) = forwarder_stats(&stats_socket, forwarder).await?;
+    let egress = after.saturating_sub(before);
+    let server_delay = delay_quantiles(&delay_after.since(&delay_before));
     let mut samples = Vec::new();
     let participants = clients.len();
     for client in clients {
@@ -707,6 +716,7 @@ async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
         loss,
         p50_us,
         p99_us,
+        server_delay,
         rss_per_track_kib: None,
         participants,
         sent,
@@ -714,12 +724,34 @@ async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
     })
 }
 
-/// Asks the baseline forwarder how many datagrams it forwarded so far.
-async fn forwarded_count(socket: &UdpSocket, forwarder: SocketAddr) -> Result<u64> {
+/// Asks the baseline forwarder how many datagrams it forwarded so far, and
+/// its forwarding-delay histogram.
+async fn forwarder_stats(socket: &UdpSocket, forwarder: SocketAddr) -> Result<(u64, DelayHistogram)> {
     socket.send_to(b"STATS", forwarder).await?;
-    let mut buf = [0u8; 32];
+    let mut buf = [0u8; 4096];
     let (len, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf)).await??;
-    Ok(String::from_utf8_lossy(&buf[..len]).parse::<u64>().unwrap_or(0))
+    let stats: Value = serde_json::from_slice(&buf[..len]).context("the forwarder's STATS")?;
+    Ok((
+        stats["forwarded"].as_u64().unwrap_or(0),
+        delay_histogram(&stats["delay"]),
+    ))
+}
+
+/// A delay histogram from its counts in JSON (empty if absent; quantiles only, no sum).
+fn delay_histogram(counts: &Value) -> DelayHistogram {
+    let counts: Vec<u64> = counts
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    DelayHistogram::from_parts(&counts, Duration::ZERO).unwrap_or_default()
+}
+
+fn delay_quantiles(window: &DelayHistogram) -> Option<(Duration, Duration)> {
+    Some((window.quantile(0.5)?, window.quantile(0.99)?))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 fn per_cpu_second(m: &Measured) -> f64 {
@@ -729,7 +761,7 @@ fn per_cpu_second(m: &Measured) -> f64 {
 #[allow(clippy::print_stdout)]
 fn report(s: &Scenario, who: &str, m: &Measured) {
     println!(
-        "{who} {}: {} participants in {} rooms; sent {} received {}; egress {:.0} pkt/s; server CPU {:.0} %; {:.0} egress pkt per CPU-second; loss {:.3} %; latency p50 {:.2} ms p99 {:.2} ms{}",
+        "{who} {}: {} participants in {} rooms; sent {} received {}; egress {:.0} pkt/s; server CPU {:.0} %; {:.0} egress pkt per CPU-second; loss {:.3} %; latency p50 {:.2} ms p99 {:.2} ms; in the server p50 {} p99 {}{}",
         s.name,
         m.participants,
         s.rooms,
@@ -741,6 +773,10 @@ fn report(s: &Scenario, who: &str, m: &Measured) {
         100.0 * m.loss,
         f64::from(m.p50_us) / 1000.0,
         f64::from(m.p99_us) / 1000.0,
+        m.server_delay
+            .map_or("-".into(), |(p50, _)| format!("{:.3} ms", ms(p50))),
+        m.server_delay
+            .map_or("-".into(), |(_, p99)| format!("{:.3} ms", ms(p99))),
         m.rss_per_track_kib
             .map(|k| format!("; RSS {k:.1} KiB per subscribed track"))
             .unwrap_or_default()
@@ -759,10 +795,14 @@ pub async fn run(args: Args) -> Result<()> {
             .with_context(|| format!("baseline run of {}", scenario.name))?;
         report(&scenario, "baseline", &baseline);
         println!(
-            "ratio {}: SFU/baseline egress per CPU-second = {:.0} % (goals: >= 50 %, >= 300k pkt per CPU-second); added latency p99 {:.2} ms",
+            "ratio {}: SFU/baseline egress per CPU-second = {:.0} % (goals: >= 50 %, >= 300k pkt per CPU-second); added latency p99 end to end {:.2} ms, in the server {} (goal < 1 ms at half of max load)",
             scenario.name,
             100.0 * per_cpu_second(&sfu) / per_cpu_second(&baseline).max(1.0),
-            (f64::from(sfu.p99_us) - f64::from(baseline.p99_us)) / 1000.0
+            (f64::from(sfu.p99_us) - f64::from(baseline.p99_us)) / 1000.0,
+            match (sfu.server_delay, baseline.server_delay) {
+                (Some((_, ours)), Some((_, theirs))) => format!("{:.3} ms", ms(ours) - ms(theirs)),
+                _ => "-".into(),
+            }
         );
     }
     Ok(())

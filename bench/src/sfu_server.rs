@@ -93,6 +93,10 @@ async fn execute(set: &ShardSet, request: &Value) -> Result<Value> {
         "stats" => {
             let all = set.stats().await;
             let sum = |f: fn(&sfu::ShardStats) -> u64| all.iter().map(f).sum::<u64>();
+            let mut delay = sfu::DelayHistogram::default();
+            for shard in &all {
+                delay.merge(&shard.forwarding_delay);
+            }
             Ok(json!({
                 "sessions": sum(|s| s.sessions),
                 "subscriptions": sum(|s| s.subscriptions),
@@ -100,6 +104,7 @@ async fn execute(set: &ShardSet, request: &Value) -> Result<Value> {
                 "datagrams_out": sum(|s| s.datagrams_out),
                 "datagrams_in": sum(|s| s.datagrams_in),
                 "session_timeouts": sum(|s| s.session_timeouts),
+                "forwarding_delay": delay.counts(),
             }))
         }
         other => anyhow::bail!("unknown op '{other}'"),

@@ -35,7 +35,7 @@ pub mod speaker;
 mod stats;
 
 pub use mixer::{MixerConfig, MixerStats};
-pub use stats::{DropReason, SessionStats, ShardStats};
+pub use stats::{DelayHistogram, DropReason, SessionStats, ShardStats};
 
 use forwarder::{Forwarder, InPacket, Skip};
 use std::cmp::Reverse;

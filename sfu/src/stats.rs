@@ -80,6 +80,10 @@ pub struct ShardStats {
     pub mix_decode_errors: u64,
     /// Frames the mixer concealed (lost, late or undecodable input).
     pub mix_concealed: u64,
+    /// From each datagram's arrival in the kernel to the end of the shard's
+    /// turn that handled it (what it caused sent): the delay the shard adds.
+    /// Measured by the driver.
+    pub forwarding_delay: DelayHistogram,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -129,5 +133,135 @@ impl SessionStats {
             }
         }
         self.last_sample = Some((at, bytes_in, bytes_out));
+    }
+}
+
+/// Buckets of a [`DelayHistogram`]: four per doubling, 1 µs to ~67 s.
+const DELAY_BUCKETS: usize = 106;
+
+/// A histogram of delays: four buckets per doubling (each ~19 % wide) from
+/// 1 µs up; a quantile reads as its bucket's upper bound. A value, like the
+/// counters: take two and [`DelayHistogram::since`] gives the window between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelayHistogram {
+    counts: [u64; DELAY_BUCKETS],
+    /// The sum of the recorded delays, µs.
+    sum_us: u64,
+}
+
+impl Default for DelayHistogram {
+    fn default() -> Self {
+        Self {
+            counts: [0; DELAY_BUCKETS],
+            sum_us: 0,
+        }
+    }
+}
+
+impl DelayHistogram {
+    pub fn record(&mut self, delay: Duration) {
+        let micros = delay.as_micros();
+        self.sum_us = self.sum_us.saturating_add(u64::try_from(micros).unwrap_or(u64::MAX));
+        let bucket = if micros == 0 {
+            0
+        } else {
+            // ⌈4·log2(µs)⌉: bucket i holds (2^((i-1)/4), 2^(i/4)] µs.
+            let exact = (micros as f64).log2() * 4.0;
+            (exact.ceil() as usize).min(DELAY_BUCKETS - 1)
+        };
+        self.counts[bucket] += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The delay `q` (0..=1) of the recorded ones are at or under, to a bucket.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        let bucket = self.counts.iter().position(|&n| {
+            seen += n;
+            seen >= rank
+        })?;
+        Some(Duration::from_secs_f64(2f64.powf(bucket as f64 / 4.0) / 1e6))
+    }
+
+    /// What was recorded after `earlier` (a snapshot of the same histogram).
+    pub fn since(&self, earlier: &DelayHistogram) -> DelayHistogram {
+        let mut window = self.clone();
+        for (now, then) in window.counts.iter_mut().zip(earlier.counts) {
+            *now = now.saturating_sub(then);
+        }
+        window.sum_us = window.sum_us.saturating_sub(earlier.sum_us);
+        window
+    }
+
+    pub fn merge(&mut self, other: &DelayHistogram) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
+            *mine += theirs;
+        }
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+    }
+
+    /// The sum of the recorded delays.
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(self.sum_us)
+    }
+
+    /// The counts per bucket (for exporting).
+    pub fn counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    /// A histogram from its [`DelayHistogram::counts`] and [`DelayHistogram::sum`];
+    /// `None` if the number of counts differs.
+    pub fn from_parts(counts: &[u64], sum: Duration) -> Option<DelayHistogram> {
+        Some(DelayHistogram {
+            counts: counts.try_into().ok()?,
+            sum_us: u64::try_from(sum.as_micros()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DelayHistogram;
+    use std::time::Duration;
+
+    #[test]
+    fn quantiles_read_bucket_upper_bounds() {
+        let mut histogram = DelayHistogram::default();
+        assert_eq!(histogram.quantile(0.5), None);
+        for _ in 0..98 {
+            histogram.record(Duration::from_micros(100));
+        }
+        histogram.record(Duration::from_millis(3));
+        histogram.record(Duration::from_secs(600)); // beyond the last bucket: kept there
+        assert_eq!(histogram.count(), 100);
+        let p50 = histogram.quantile(0.5).expect("p50");
+        assert!(
+            p50 >= Duration::from_micros(100) && p50 < Duration::from_micros(120),
+            "{p50:?}"
+        );
+        let p99 = histogram.quantile(0.99).expect("p99");
+        assert!(
+            p99 >= Duration::from_millis(3) && p99 < Duration::from_micros(3_600),
+            "{p99:?}"
+        );
+        assert!(histogram.quantile(1.0).expect("max") > Duration::from_secs(60));
+
+        let snapshot = histogram.clone();
+        histogram.record(Duration::ZERO);
+        let window = histogram.since(&snapshot);
+        assert_eq!(window.count(), 1);
+        assert_eq!(window.quantile(0.5), Some(Duration::from_micros(1)));
+        assert_eq!(window.sum(), Duration::ZERO);
+        assert_eq!(histogram.sum(), Duration::from_micros(98 * 100 + 3_000 + 600_000_000));
+        assert_eq!(DelayHistogram::from_parts(window.counts(), window.sum()), Some(window));
     }
 }

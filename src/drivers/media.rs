@@ -1,30 +1,34 @@
 //! The media shard driver: one thread, one UDP socket, one [`Sfu`].
 //!
-//! The thread runs a single-threaded tokio runtime and loops: wait for a
-//! datagram, a command or the core's next timeout; feed it to the core; send
-//! every transmit; forward every event. The core is owned by this thread
+//! The thread runs a single-threaded tokio runtime and loops: wait for
+//! datagrams, a command or the core's next timeout; feed them to the core
+//! (datagrams in `recvmmsg` batches, up to [`TURN_BATCHES`] a turn); send every
+//! transmit (`sendmmsg`); forward every event. Each datagram's delay, from its
+//! kernel arrival time to the end of the turn's sends, goes into the shard's
+//! [`ShardStats::forwarding_delay`]. The core is owned by this thread
 //! alone; the rest of the process talks to it through [`ShardHandle`]:
 //! - commands go through a bounded channel (capacity [`COMMAND_QUEUE`]); a full
 //!   queue makes the caller wait (backpressure on signalling, never on media);
 //! - events come back on an unbounded channel: they are per signalling action
 //!   (a session connected, a renegotiation is due), never per packet.
 
+use super::udp::{self, Datagrams};
 use anyhow::{Context, Result};
-use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
 use sfu::{
-    MixerConfig, Offer, Participant, RoomId, SessionId, SessionStats, Sfu, SfuConfig, SfuError, SfuEvent, ShardStats,
-    Transmit,
+    DelayHistogram, MixerConfig, Offer, Participant, RoomId, SessionId, SessionStats, Sfu, SfuConfig, SfuError,
+    SfuEvent, ShardStats, Transmit,
 };
-use std::io::IoSlice;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
 
 /// Commands waiting for the shard before callers are made to wait.
 pub const COMMAND_QUEUE: usize = 1024;
-/// Largest datagram read (above any MTU WebRTC uses).
-const MAX_DATAGRAM: usize = 2048;
+/// `recvmmsg` batches read per turn before what they produced is sent: a
+/// burst is forwarded in slices, not held until the socket is empty.
+const TURN_BATCHES: usize = 4;
 /// How long the loop sleeps when the core has no timer at all.
 const IDLE_WAKE: Duration = Duration::from_millis(200);
 
@@ -164,25 +168,34 @@ async fn run(
     events: mpsc::UnboundedSender<SfuEvent>,
 ) -> Result<()> {
     let socket = tokio::net::UdpSocket::from_std(socket)?;
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut outgoing: Vec<Transmit> = Vec::with_capacity(SEND_BATCH);
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(SEND_BATCH, None);
+    let mut input = Datagrams::new(&socket).context("asking for kernel receive timestamps")?;
+    let mut outgoing: Vec<Transmit> = Vec::with_capacity(udp::SEND_BATCH);
+    let mut headers = udp::send_headers();
+    // Kernel arrival times of this turn's datagrams, and their delays so far.
+    let mut arrivals: Vec<SystemTime> = Vec::with_capacity(TURN_BATCHES * udp::RECV_BATCH);
+    let mut delay = DelayHistogram::default();
     loop {
         let wake = sfu.poll_timeout().unwrap_or_else(|| Instant::now() + IDLE_WAKE);
         tokio::select! {
-            received = socket.recv_from(&mut buf) => match received {
-                Ok((len, source)) => {
-                    sfu.handle_receive(Instant::now(), source, advertised_addr, &buf[..len]);
-                    // Take whatever else is already queued without waiting again.
-                    while let Ok((len, source)) = socket.try_recv_from(&mut buf) {
-                        sfu.handle_receive(Instant::now(), source, advertised_addr, &buf[..len]);
+            ready = socket.readable() => {
+                ready?;
+                for _ in 0..TURN_BATCHES {
+                    match socket.try_io(Interest::READABLE, || input.receive(&socket)) {
+                        Ok(_) => {
+                            let now = Instant::now();
+                            for (bytes, source, arrival) in input.iter() {
+                                sfu.handle_receive(now, source, advertised_addr, bytes);
+                                arrivals.push(arrival);
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        // ICMP errors (port unreachable) surface here on Linux; they concern one peer only.
+                        Err(e) => tracing::debug!(error = %e, "media socket receive error"),
                     }
                 }
-                // ICMP errors (port unreachable) surface here on Linux; they concern one peer only.
-                Err(e) => tracing::debug!(error = %e, "media socket receive error"),
             },
             command = commands.recv() => match command {
-                Some(command) => execute(&mut sfu, command),
+                Some(command) => execute(&mut sfu, command, &delay),
                 None => return Ok(()),
             },
             () = tokio::time::sleep_until(wake.into()) => sfu.handle_timeout(Instant::now()),
@@ -190,11 +203,15 @@ async fn run(
         // What this turn produced leaves in `sendmmsg` batches.
         loop {
             outgoing.clear();
-            outgoing.extend(std::iter::from_fn(|| sfu.poll_transmit()).take(SEND_BATCH));
+            outgoing.extend(std::iter::from_fn(|| sfu.poll_transmit()).take(udp::SEND_BATCH));
             if outgoing.is_empty() {
                 break;
             }
-            send_all(&socket, &mut headers, &outgoing).await;
+            udp::send_all(&socket, &mut headers, &outgoing, |t| (&t.contents[..], t.destination)).await;
+        }
+        let sent = SystemTime::now();
+        for arrival in arrivals.drain(..) {
+            delay.record(sent.duration_since(arrival).unwrap_or_default());
         }
         while let Some(event) = sfu.poll_event() {
             if events.send(event).is_err() {
@@ -204,7 +221,7 @@ async fn run(
     }
 }
 
-fn execute(sfu: &mut Sfu, command: Command) {
+fn execute(sfu: &mut Sfu, command: Command, delay: &DelayHistogram) {
     let now = Instant::now();
     match command {
         Command::Open {
@@ -242,7 +259,9 @@ fn execute(sfu: &mut Sfu, command: Command) {
             let _ = reply.send(result);
         }
         Command::Stats { reply } => {
-            let _ = reply.send(sfu.stats());
+            let mut stats = sfu.stats();
+            stats.forwarding_delay = delay.clone();
+            let _ = reply.send(stats);
         }
         Command::SessionStats { session, reply } => {
             let _ = reply.send(sfu.session_stats(session));
@@ -436,47 +455,5 @@ impl ShardSet {
             all.push(shard.stats().await.unwrap_or_default());
         }
         all
-    }
-}
-
-/// Datagrams per `sendmmsg`.
-const SEND_BATCH: usize = 32;
-
-/// Sends `batch` with as few `sendmmsg` calls as the kernel allows: a full
-/// socket buffer waits for room; a datagram the kernel refuses is skipped.
-async fn send_all(socket: &tokio::net::UdpSocket, headers: &mut MultiHeaders<SockaddrStorage>, batch: &[Transmit]) {
-    let mut at = 0;
-    while at < batch.len() {
-        let rest = &batch[at..];
-        // On the stack: nothing is allocated per batch.
-        let iovs: [[IoSlice<'_>; 1]; SEND_BATCH] =
-            std::array::from_fn(|i| [IoSlice::new(rest.get(i).map_or(&[][..], |t| &t.contents[..]))]);
-        let addrs: [Option<SockaddrStorage>; SEND_BATCH] =
-            std::array::from_fn(|i| rest.get(i).map(|t| SockaddrStorage::from(t.destination)));
-        let n = rest.len().min(SEND_BATCH);
-        let no_control: [ControlMessage<'_>; 0] = [];
-        let sent = sendmmsg(
-            socket.as_raw_fd(),
-            headers,
-            iovs[..n].iter(),
-            &addrs[..n],
-            no_control,
-            MsgFlags::MSG_DONTWAIT,
-        )
-        .map(Iterator::count);
-        match sent {
-            Ok(0) => at += 1,
-            Ok(n) => at += n,
-            Err(nix::errno::Errno::EAGAIN) => {
-                if socket.writable().await.is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                // The first datagram failed (an unreachable peer, say): skip it.
-                tracing::debug!(error = %e, "media socket send error");
-                at += 1;
-            }
-        }
     }
 }

@@ -3,6 +3,7 @@
 pub mod matrix;
 pub mod media;
 pub mod turn;
+pub mod udp;
 
 /// Kernel socket buffers asked for (capped by `net.core.*mem_max`): room for
 /// bursts while the thread is busy or descheduled, instead of drops.

@@ -916,7 +916,7 @@ impl Arena {
         .map_err(std::io::Error::from)?;
         let mut count = 0;
         for (i, message) in results.enumerate() {
-            self.meta[i] = (message.bytes, message.address.and_then(to_socket_addr));
+            self.meta[i] = (message.bytes, message.address.and_then(super::udp::to_socket_addr));
             count = i + 1;
         }
         Ok(count)
@@ -967,13 +967,6 @@ impl Arena {
         self.used = 0;
         failed
     }
-}
-
-fn to_socket_addr(addr: SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 fn send_datagram(relays: &[Option<UdpSocket>], relay_port: u16, bytes: &[u8], peer: SocketAddr, stats: &mut TurnStats) {
