@@ -390,6 +390,12 @@ const VIDEO_SEND_BUFFER: usize = 256;
 /// peer, so a fast non-keyed hash is safe.
 type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
+/// Session timers run per [`Sfu::handle_timeout`]: when many sessions' timers
+/// fall due together (sessions opened together keep their RTCP and stats
+/// cadence together), the rest wait for the next call, and datagrams that
+/// arrived meanwhile are not held behind all of them.
+const TIMERS_PER_CALL: usize = 32;
+
 /// How often subscribers' simulcast layers are re-evaluated.
 const LAYER_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -796,9 +802,11 @@ impl Sfu {
         self.by_ufrag.get(ours).copied()
     }
 
-    /// Time passed: run every session whose timer is due, and close sessions
+    /// Time passed: run sessions whose timer is due (up to [`TIMERS_PER_CALL`];
+    /// [`Sfu::poll_timeout`] then says the rest are due), and close sessions
     /// that never connected.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let mut budget = TIMERS_PER_CALL;
         self.advance(now);
         self.flush();
         while let Some(&Reverse((at, id))) = self.out.deadlines.peek() {
@@ -812,7 +820,7 @@ impl Sfu {
             }
         }
         while let Some(&Reverse((at, id))) = self.out.timers.peek() {
-            if at > now {
+            if at > now || budget == 0 {
                 break;
             }
             self.out.timers.pop();
@@ -830,6 +838,7 @@ impl Sfu {
                 continue;
             }
             self.out.stats.session_timeouts += 1;
+            budget -= 1;
             if session.rtc.handle_input(Input::Timeout(now)).is_err() {
                 self.out.stats.drop(DropReason::Rejected);
             }

@@ -652,3 +652,27 @@ fn a_called_single_stream_client_receives_on_the_offered_m_lines() {
     }
     assert!(world.clients[carol].streams.is_empty(), "no renegotiation");
 }
+
+#[test]
+fn a_storm_of_due_timers_is_run_in_slices() {
+    let mut world = World::new();
+    for i in 0..40 {
+        world.join_receive_only(&format!("listener{i}"));
+    }
+    world.run(Duration::from_secs(2));
+    assert_eq!(world.sfu.stats().sessions, 40);
+    // Far enough ahead that every session's timer is due at once.
+    let later = world.now + Duration::from_secs(5);
+    let mut calls = 0;
+    let mut ran = Vec::new();
+    while world.sfu.poll_timeout().is_some_and(|at| at <= later) && calls < 100 {
+        let before = world.sfu.stats().session_timeouts;
+        world.sfu.handle_timeout(later);
+        while world.sfu.poll_transmit().is_some() {}
+        ran.push(world.sfu.stats().session_timeouts - before);
+        calls += 1;
+    }
+    assert!(ran.iter().all(|&n| n <= 32), "timers per call: {ran:?}");
+    assert!(ran.iter().sum::<u64>() >= 40, "every session ran: {ran:?}");
+    assert!(ran.len() >= 2, "the storm took more than one call: {ran:?}");
+}

@@ -14,6 +14,7 @@
 
 use super::udp::{self, Datagrams};
 use anyhow::{Context, Result};
+use nix::sys::socket::{MultiHeaders, SockaddrStorage};
 use sfu::{
     DelayHistogram, MixerConfig, Offer, Participant, RoomId, SessionId, SessionStats, Sfu, SfuConfig, SfuError,
     SfuEvent, ShardStats, Transmit,
@@ -26,9 +27,11 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Commands waiting for the shard before callers are made to wait.
 pub const COMMAND_QUEUE: usize = 1024;
-/// `recvmmsg` batches read per turn before what they produced is sent: a
-/// burst is forwarded in slices, not held until the socket is empty.
+/// `recvmmsg` batches read per turn (then timers and commands get a turn).
 const TURN_BATCHES: usize = 4;
+/// Reading stops to send what was produced once a slice of a turn took this
+/// long: the first datagram of a burst is not held behind the whole burst.
+const SLICE: Duration = Duration::from_micros(200);
 /// How long the loop sleeps when the core has no timer at all.
 const IDLE_WAKE: Duration = Duration::from_millis(200);
 
@@ -179,12 +182,18 @@ async fn run(
         tokio::select! {
             ready = socket.readable() => {
                 ready?;
+                let mut slice = Instant::now();
                 for _ in 0..TURN_BATCHES {
                     match socket.try_io(Interest::READABLE, || input.receive(&socket)) {
                         Ok(_) => {
-                            let now = Instant::now();
                             for (bytes, source, arrival) in input.iter() {
-                                sfu.handle_receive(now, source, advertised_addr, bytes);
+                                if slice.elapsed() >= SLICE {
+                                    // Send what the slice produced before reading on.
+                                    let (out, headers) = (&mut outgoing, &mut headers);
+                                    send_turn(&mut sfu, &socket, headers, out, &mut arrivals, &mut delay).await;
+                                    slice = Instant::now();
+                                }
+                                sfu.handle_receive(Instant::now(), source, advertised_addr, bytes);
                                 arrivals.push(arrival);
                             }
                         }
@@ -200,24 +209,44 @@ async fn run(
             },
             () = tokio::time::sleep_until(wake.into()) => sfu.handle_timeout(Instant::now()),
         }
-        // What this turn produced leaves in `sendmmsg` batches.
-        loop {
-            outgoing.clear();
-            outgoing.extend(std::iter::from_fn(|| sfu.poll_transmit()).take(udp::SEND_BATCH));
-            if outgoing.is_empty() {
-                break;
-            }
-            udp::send_all(&socket, &mut headers, &outgoing, |t| (&t.contents[..], t.destination)).await;
-        }
-        let sent = SystemTime::now();
-        for arrival in arrivals.drain(..) {
-            delay.record(sent.duration_since(arrival).unwrap_or_default());
-        }
+        send_turn(
+            &mut sfu,
+            &socket,
+            &mut headers,
+            &mut outgoing,
+            &mut arrivals,
+            &mut delay,
+        )
+        .await;
         while let Some(event) = sfu.poll_event() {
             if events.send(event).is_err() {
                 tracing::debug!("nobody listens to media events");
             }
         }
+    }
+}
+
+/// Sends what the core produced (in `sendmmsg` batches), then records the
+/// delay of each datagram handled since the last send.
+async fn send_turn(
+    sfu: &mut Sfu,
+    socket: &tokio::net::UdpSocket,
+    headers: &mut MultiHeaders<SockaddrStorage>,
+    outgoing: &mut Vec<Transmit>,
+    arrivals: &mut Vec<SystemTime>,
+    delay: &mut DelayHistogram,
+) {
+    loop {
+        outgoing.clear();
+        outgoing.extend(std::iter::from_fn(|| sfu.poll_transmit()).take(udp::SEND_BATCH));
+        if outgoing.is_empty() {
+            break;
+        }
+        udp::send_all(socket, headers, outgoing, |t| (&t.contents[..], t.destination)).await;
+    }
+    let sent = SystemTime::now();
+    for arrival in arrivals.drain(..) {
+        delay.record(sent.duration_since(arrival).unwrap_or_default());
     }
 }
 
