@@ -50,6 +50,11 @@ pub struct Args {
     /// Scale every scenario's participant count by this factor.
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
+    /// Pin the server under test (SFU or baseline) to the last CPU and the load
+    /// generator to the others (`taskset`), so the server's forwarding delay is
+    /// its own work and queueing, not time the load generator held its CPU.
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +192,26 @@ impl Control {
 struct Server {
     child: tokio::process::Child,
     pid: u32,
+}
+
+/// Puts `server` on the last CPU and this process (the load) on the others.
+async fn pin(server: u32) -> Result<()> {
+    // Counted once, before the first pinning narrows what this process sees.
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
+    anyhow::ensure!(cpus >= 2, "--pin needs two CPUs");
+    let last = (cpus - 1).to_string();
+    let rest = format!("0-{}", cpus - 2);
+    for (cpu, pid) in [(last.as_str(), server), (rest.as_str(), std::process::id())] {
+        let status = tokio::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", cpu, &pid.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .context("running taskset")?;
+        anyhow::ensure!(status.success(), "taskset failed for {pid}");
+    }
+    Ok(())
 }
 
 async fn spawn_server(args: &[&str], ready_prefix: &str) -> Result<(Server, String)> {
@@ -543,6 +568,9 @@ async fn warm_up(shared: &Shared, expected: usize) -> Result<()> {
 async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
     let shards = args.shards.to_string();
     let (mut server, addr) = spawn_server(&["sfu-server", "--shards", &shards], "control ").await?;
+    if args.pin {
+        pin(server.pid).await?;
+    }
     let stream = tokio::net::TcpStream::connect(&addr).await?;
     let (read, write) = stream.into_split();
     let control = Arc::new(Control {
@@ -673,6 +701,9 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
 
 async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
     let (mut server, addr) = spawn_server(&["udp-forwarder"], "forwarder ").await?;
+    if args.pin {
+        pin(server.pid).await?;
+    }
     let forwarder: SocketAddr = addr.parse()?;
     let shared = Arc::new(Shared::new());
     let mut clients = Vec::new();
