@@ -10,7 +10,6 @@
 use anyhow::Result;
 use sfu::DelayHistogram;
 use std::collections::HashMap;
-use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 use switchboard::drivers::udp::{self, Datagrams};
@@ -30,10 +29,9 @@ pub async fn serve() -> Result<()> {
     let mut outgoing: Vec<(usize, SocketAddr)> = Vec::new();
     loop {
         socket.readable().await?;
-        match socket.try_io(Interest::READABLE, || input.receive(&socket)) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-            Err(_) => continue,
+        // Nothing yet (WouldBlock) or an ICMP error for one peer: wait again.
+        if socket.try_io(Interest::READABLE, || input.receive(&socket)).is_err() {
+            continue;
         }
         outgoing.clear();
         let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();

@@ -2,7 +2,7 @@
 //!
 //! The thread runs a single-threaded tokio runtime and loops: wait for
 //! datagrams, a command or the core's next timeout; feed them to the core
-//! (datagrams in `recvmmsg` batches, up to [`TURN_BATCHES`] a turn); send every
+//! (datagrams in `recvmmsg` batches, up to [`BATCHES_PER_TURN`] a turn); send every
 //! transmit (`sendmmsg`); forward every event. Each datagram's delay, from its
 //! kernel arrival time to the end of the turn's sends, goes into the shard's
 //! [`ShardStats::forwarding_delay`]. The core is owned by this thread
@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 /// Commands waiting for the shard before callers are made to wait.
 pub const COMMAND_QUEUE: usize = 1024;
 /// `recvmmsg` batches read per turn (then timers and commands get a turn).
-const TURN_BATCHES: usize = 4;
+const BATCHES_PER_TURN: usize = 4;
 /// Reading stops to send what was produced once a slice of a turn took this
 /// long: the first datagram of a burst is not held behind the whole burst.
 const SLICE: Duration = Duration::from_micros(200);
@@ -172,29 +172,24 @@ async fn run(
 ) -> Result<()> {
     let socket = tokio::net::UdpSocket::from_std(socket)?;
     let mut input = Datagrams::new(&socket).context("asking for kernel receive timestamps")?;
-    let mut outgoing: Vec<Transmit> = Vec::with_capacity(udp::SEND_BATCH);
-    let mut headers = udp::send_headers();
-    // Kernel arrival times of this turn's datagrams, and their delays so far.
-    let mut arrivals: Vec<SystemTime> = Vec::with_capacity(TURN_BATCHES * udp::RECV_BATCH);
-    let mut delay = DelayHistogram::default();
+    let mut egress = Egress::new();
     loop {
         let wake = sfu.poll_timeout().unwrap_or_else(|| Instant::now() + IDLE_WAKE);
         tokio::select! {
             ready = socket.readable() => {
                 ready?;
                 let mut slice = Instant::now();
-                for _ in 0..TURN_BATCHES {
+                for _ in 0..BATCHES_PER_TURN {
                     match socket.try_io(Interest::READABLE, || input.receive(&socket)) {
                         Ok(_) => {
                             for (bytes, source, arrival) in input.iter() {
                                 if slice.elapsed() >= SLICE {
                                     // Send what the slice produced before reading on.
-                                    let (out, headers) = (&mut outgoing, &mut headers);
-                                    send_turn(&mut sfu, &socket, headers, out, &mut arrivals, &mut delay).await;
+                                    egress.send(&mut sfu, &socket).await;
                                     slice = Instant::now();
                                 }
                                 sfu.handle_receive(Instant::now(), source, advertised_addr, bytes);
-                                arrivals.push(arrival);
+                                egress.arrivals.push(arrival);
                             }
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -204,20 +199,12 @@ async fn run(
                 }
             },
             command = commands.recv() => match command {
-                Some(command) => execute(&mut sfu, command, &delay),
+                Some(command) => execute(&mut sfu, command, &egress.delay),
                 None => return Ok(()),
             },
             () = tokio::time::sleep_until(wake.into()) => sfu.handle_timeout(Instant::now()),
         }
-        send_turn(
-            &mut sfu,
-            &socket,
-            &mut headers,
-            &mut outgoing,
-            &mut arrivals,
-            &mut delay,
-        )
-        .await;
+        egress.send(&mut sfu, &socket).await;
         while let Some(event) = sfu.poll_event() {
             if events.send(event).is_err() {
                 tracing::debug!("nobody listens to media events");
@@ -226,27 +213,44 @@ async fn run(
     }
 }
 
-/// Sends what the core produced (in `sendmmsg` batches), then records the
+/// What leaves a shard: the core's transmits, in `sendmmsg` batches, and the
 /// delay of each datagram handled since the last send.
-async fn send_turn(
-    sfu: &mut Sfu,
-    socket: &tokio::net::UdpSocket,
-    headers: &mut MultiHeaders<SockaddrStorage>,
-    outgoing: &mut Vec<Transmit>,
-    arrivals: &mut Vec<SystemTime>,
-    delay: &mut DelayHistogram,
-) {
-    loop {
-        outgoing.clear();
-        outgoing.extend(std::iter::from_fn(|| sfu.poll_transmit()).take(udp::SEND_BATCH));
-        if outgoing.is_empty() {
-            break;
+struct Egress {
+    outgoing: Vec<Transmit>,
+    headers: MultiHeaders<SockaddrStorage>,
+    /// Kernel arrival times of the datagrams handled since the last send.
+    arrivals: Vec<SystemTime>,
+    delay: DelayHistogram,
+}
+
+impl Egress {
+    fn new() -> Self {
+        Self {
+            outgoing: Vec::with_capacity(udp::SEND_BATCH),
+            headers: udp::send_headers(),
+            arrivals: Vec::with_capacity(BATCHES_PER_TURN * udp::RECV_BATCH),
+            delay: DelayHistogram::default(),
         }
-        udp::send_all(socket, headers, outgoing, |t| (&t.contents[..], t.destination)).await;
     }
-    let sent = SystemTime::now();
-    for arrival in arrivals.drain(..) {
-        delay.record(sent.duration_since(arrival).unwrap_or_default());
+
+    /// Sends everything the core produced, then records the delays.
+    async fn send(&mut self, sfu: &mut Sfu, socket: &tokio::net::UdpSocket) {
+        loop {
+            self.outgoing.clear();
+            self.outgoing
+                .extend(std::iter::from_fn(|| sfu.poll_transmit()).take(udp::SEND_BATCH));
+            if self.outgoing.is_empty() {
+                break;
+            }
+            udp::send_all(socket, &mut self.headers, &self.outgoing, |t| {
+                (&t.contents[..], t.destination)
+            })
+            .await;
+        }
+        let sent = SystemTime::now();
+        for arrival in self.arrivals.drain(..) {
+            self.delay.record(sent.duration_since(arrival).unwrap_or_default());
+        }
     }
 }
 
