@@ -121,6 +121,10 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
     Ok(out)
 }
 
+/// Names a program to run the SFU under test, e.g. `heaptrack` for a heap
+/// profile of its sessions. CPU time and RSS are then the wrapper's.
+const SFU_WRAPPER: &str = "SWITCHBOARD_BENCH_SFU_WRAPPER";
+
 const AUDIO_PAYLOAD: usize = 100;
 const VIDEO_PAYLOAD: usize = 1100;
 const AUDIO_INTERVAL: Duration = Duration::from_millis(20);
@@ -214,9 +218,20 @@ async fn pin(server: u32) -> Result<()> {
     Ok(())
 }
 
-async fn spawn_server(args: &[&str], ready_prefix: &str) -> Result<(Server, String)> {
+/// Starts `switchboard-bench <args>` and reads the address from its ready line.
+/// `wrapper` (a program such as `heaptrack`) runs it instead, with the
+/// command line as its arguments; lines the wrapper prints first are skipped.
+async fn spawn_server(args: &[&str], ready_prefix: &str, wrapper: Option<&str>) -> Result<(Server, String)> {
     let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
+    let mut command = match wrapper {
+        Some(wrapper) => {
+            let mut command = tokio::process::Command::new(wrapper);
+            command.arg(exe);
+            command
+        }
+        None => tokio::process::Command::new(exe),
+    };
+    let mut child = command
         .args(args)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -224,12 +239,18 @@ async fn spawn_server(args: &[&str], ready_prefix: &str) -> Result<(Server, Stri
         .context("starting the server under test")?;
     let pid = child.id().context("pid")?;
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await??
-        .context("server exited")?;
+    let mut line = String::new();
+    for _ in 0..20 {
+        line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await??
+            .context("server exited")?;
+        if line.starts_with(ready_prefix) {
+            break;
+        }
+    }
     let addr = line
         .strip_prefix(ready_prefix)
-        .context("unexpected first line")?
+        .context("no ready line")?
         .trim()
         .to_string();
     Ok((Server { child, pid }, addr))
@@ -567,7 +588,12 @@ async fn warm_up(shared: &Shared, expected: usize) -> Result<()> {
 
 async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
     let shards = args.shards.to_string();
-    let (mut server, addr) = spawn_server(&["sfu-server", "--shards", &shards], "control ").await?;
+    let (mut server, addr) = spawn_server(
+        &["sfu-server", "--shards", &shards],
+        "control ",
+        std::env::var(SFU_WRAPPER).ok().as_deref(),
+    )
+    .await?;
     if args.pin {
         pin(server.pid).await?;
     }
@@ -700,7 +726,7 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
 }
 
 async fn run_baseline(s: &Scenario, args: &Args) -> Result<Measured> {
-    let (mut server, addr) = spawn_server(&["udp-forwarder"], "forwarder ").await?;
+    let (mut server, addr) = spawn_server(&["udp-forwarder"], "forwarder ", None).await?;
     if args.pin {
         pin(server.pid).await?;
     }

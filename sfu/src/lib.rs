@@ -295,7 +295,9 @@ struct Room {
 /// The SFU core of one shard.
 pub struct Sfu {
     config: SfuConfig,
-    sessions: FastMap<SessionId, Session>,
+    /// Boxed: a session (str0m's `Rtc`) is over 10 KiB, and a table of them
+    /// inline would cost that for every spare slot and twice while it grows.
+    sessions: FastMap<SessionId, Box<Session>>,
     rooms: HashMap<RoomId, Room>,
     tracks: FastMap<TrackId, Track>,
     by_addr: FastMap<SocketAddr, SessionId>,
@@ -533,7 +535,7 @@ impl Sfu {
             pending,
             stats: SessionStats::default(),
         };
-        self.sessions.insert(id, session);
+        self.sessions.insert(id, Box::new(session));
         self.out
             .deadlines
             .push(Reverse((now + self.config.connect_timeout, id)));
