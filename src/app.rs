@@ -250,6 +250,7 @@ pub async fn start(config: Config, mode: Mode) -> Result<Running> {
                 conference_mode: config.bot.conference_mode,
                 record_conferences: config.bot.record_conferences,
                 recordings_dir: Some(config.data_dir.join("recordings")),
+                record_wanted_path: Some(config.data_dir.join("bot_record_wanted")),
             };
             // All-in-one: our own server answers at once, so the bot is ready
             // before the URLs are printed. Attached elsewhere: retry until the

@@ -78,6 +78,9 @@ pub struct BotPolicy {
     pub record_conferences: bool,
     /// Where recordings go (none: recording is refused).
     pub recordings_dir: Option<PathBuf>,
+    /// Where the conferences a room asked to record (`!record start`) are
+    /// kept, one per line, so a restarted bot records them again.
+    pub record_wanted_path: Option<PathBuf>,
 }
 
 impl Default for BotPolicy {
@@ -88,6 +91,7 @@ impl Default for BotPolicy {
             conference_mode: ConferenceMode::MultiStream,
             record_conferences: false,
             recordings_dir: None,
+            record_wanted_path: None,
         }
     }
 }
@@ -135,7 +139,8 @@ pub struct Bot {
     /// Calls that said whether they want a single stream; for calls the bot
     /// places, what the room or operator chose.
     single_stream_choice: HashMap<String, bool>,
-    /// Conferences (SFU rooms) to record whenever they have calls.
+    /// Conferences (SFU rooms) a `!record start` asked to record whenever
+    /// they have calls (saved at `policy.record_wanted_path`).
     record_wanted: HashSet<String>,
     recordings: HashMap<String, RecordingFile>,
     txn_prefix: String,
@@ -186,6 +191,18 @@ impl Bot {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
+        let record_wanted = policy
+            .record_wanted_path
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .map(|text| {
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
         Self {
             matrix,
             policy,
@@ -200,7 +217,7 @@ impl Bot {
             dialins: HashMap::new(),
             room_modes: HashMap::new(),
             single_stream_choice: HashMap::new(),
-            record_wanted: HashSet::new(),
+            record_wanted,
             recordings: HashMap::new(),
             txn_prefix: format!("sb{started}"),
             txn_counter: 0,
@@ -572,7 +589,9 @@ impl Bot {
             if self.policy.recordings_dir.is_none() {
                 "Recording is not available here.".to_string()
             } else {
-                self.record_wanted.insert(conference.0.clone());
+                if self.record_wanted.insert(conference.0.clone()) {
+                    self.save_record_wanted();
+                }
                 match self.start_recording(&conference, room_id).await {
                     Some((name, true)) => format!("Recording this conference's audio to {name}."),
                     Some((name, false)) => format!("Already recording to {name}."),
@@ -580,7 +599,9 @@ impl Bot {
                 }
             }
         } else {
-            self.record_wanted.remove(&conference.0);
+            if self.record_wanted.remove(&conference.0) {
+                self.save_record_wanted();
+            }
             let (_, handle) = self.media.shard_for(&conference);
             match handle.stop_recording(conference.clone()).await {
                 Ok(Some(duration)) => format!("Recording stopped after {:.1} s.", duration.as_secs_f64()),
@@ -591,13 +612,24 @@ impl Bot {
         self.send_raw(room_id, "m.room.message", &content).await;
     }
 
+    /// Writes `record_wanted` to its file (whole, then renamed into place).
+    fn save_record_wanted(&self) {
+        let Some(path) = &self.policy.record_wanted_path else {
+            return;
+        };
+        let mut rooms: Vec<&str> = self.record_wanted.iter().map(String::as_str).collect();
+        rooms.sort_unstable();
+        let text: String = rooms.iter().map(|room| format!("{room}\n")).collect();
+        let partial = path.with_extension("partial");
+        if let Err(e) = std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, path)) {
+            tracing::warn!(error = %e, "could not save the conferences to record");
+        }
+    }
+
     /// A call joined `conference`: record it if the operator or a room command
     /// asked for that, and say so in `room_id`.
     async fn record_if_wanted(&mut self, conference: &RoomId, room_id: &str) {
-        if self.policy.record_conferences {
-            self.record_wanted.insert(conference.0.clone());
-        }
-        if self.record_wanted.contains(&conference.0)
+        if (self.policy.record_conferences || self.record_wanted.contains(&conference.0))
             && let Some((name, true)) = self.start_recording(conference, room_id).await
         {
             let content = json!({"msgtype": "m.notice",

@@ -544,7 +544,8 @@ fn spawn_bot(base: &str, dir: &std::path::Path) -> tokio::process::Child {
 
 /// A restarted bot resumes from its saved sync position and still knows its
 /// rooms: a call without `invitee` in a two-member room (which needs the
-/// member list) is answered.
+/// member list) is answered, and a `!record start` given before the restart
+/// still records the room's next call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bot_resumes_after_a_restart() {
     let _serial = SERIAL.lock().await;
@@ -563,11 +564,21 @@ async fn the_bot_resumes_after_a_restart() {
     alice.register("alice", "correct horse").await;
     let dm = alice.create_room(json!({"is_direct": true, "invite": [BOT]})).await;
     wait_for_bot(&alice, &dm, "join").await;
-    // Wait until the bot has saved a sync position past its join (positions
-    // are `s<N>` on our homeserver), so only relearning can tell it the room's
-    // members after the restart; then restart it.
+    let mut since = sync_position(&alice).await;
+    alice.send_text(&dm, "rec-before-restart", "!record start").await;
+    wait_for_event(&alice, &dm, &mut since, |e| {
+        e["sender"] == BOT
+            && e["content"]["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("Recording will start"))
+    })
+    .await;
+    // Wait until the bot has saved a sync position past its join and the
+    // command (positions are `s<N>` on our homeserver), so only relearning can
+    // tell it the room's members after the restart, and only its saved list
+    // that the room wants recording; then restart it.
     let position = |token: &str| token.trim().trim_start_matches('s').parse::<u64>().ok();
-    let joined_at = position(&sync_position(&alice).await).unwrap();
+    let joined_at = position(&since).unwrap();
     let saved = bot_dir.path().join("bot_sync_token");
     wait_until_async("the bot saves a position past its join", || async {
         std::fs::read_to_string(&saved)
@@ -587,11 +598,19 @@ async fn the_bot_resumes_after_a_restart() {
     let invite = json!({"version": "1", "call_id": "after-restart", "party_id": alice.device_id, "lifetime": 60000,
         "offer": {"type": "offer", "sdp": offer.to_sdp_string()}});
     assert_eq!(alice.send(&dm, "m.call.invite", "restart-1", invite).await.0, 200);
+    let mut recording = since.clone();
     let answer = wait_for_event(&alice, &dm, &mut since, |e| {
         e["sender"] == BOT && e["type"] == "m.call.answer"
     })
     .await;
     assert_eq!(answer["content"]["call_id"], "after-restart");
+    wait_for_event(&alice, &dm, &mut recording, |e| {
+        e["sender"] == BOT
+            && e["content"]["body"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("Recording this conference"))
+    })
+    .await;
 }
 
 /// Alice and Bob in a room Alice made, with the conference bot joined.
