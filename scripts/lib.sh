@@ -80,3 +80,22 @@ ensure_coturn() {
     # The TLS test makes its certificate with the openssl tool.
     command -v openssl >/dev/null 2>&1 || ensure_apt openssl
 }
+
+# Synapse, the reference homeserver, for the test of the bot attached to it:
+# the pinned release from PyPI in a virtualenv under target/.
+SYNAPSE_VERSION=1.163.2
+ensure_synapse() {
+    local venv="$ROOT/target/synapse"
+    if "$venv/bin/python" -c "import sys, importlib.metadata as m; sys.exit(m.version('matrix-synapse') != '$SYNAPSE_VERSION')" 2>/dev/null; then
+        return 0
+    fi
+    say "installing Synapse $SYNAPSE_VERSION (PyPI) for the interop tests"
+    rm -rf "$venv"
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+        # Debian's own Python keeps venv's pip bootstrap in a separate package.
+        ensure_apt python3-venv
+        python3 -m venv "$venv"
+    fi
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "matrix-synapse==$SYNAPSE_VERSION"
+    "$venv/bin/python" -c "import synapse" || { say "Synapse is still missing after installing it"; return 1; }
+}

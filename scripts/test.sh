@@ -9,6 +9,7 @@ ensure_rust_components
 ensure_interop_clients
 ensure_browser_tests
 ensure_coturn
+ensure_synapse
 
 say "cargo fmt --check"
 cargo fmt --all -- --check

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{BinaryServer, Client, Peer, TestServer, enc};
+use common::{BinaryServer, Client, Peer, Synapse, TestServer, enc};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,6 +23,12 @@ use switchboard_mixer::codec::{MAX_PACKET_BYTES, MAX_PACKET_SAMPLES, OpusDecoder
 use tokio::sync::{mpsc, oneshot};
 
 const BOT: &str = "@conference:localhost";
+
+/// The bot on `client`'s homeserver (`@conference:<its server name>`).
+fn bot_of(client: &Client) -> String {
+    let server = client.user_id.split_once(':').map_or("localhost", |(_, server)| server);
+    format!("@conference:{server}")
+}
 
 /// These tests each run a server, a bot and several WebRTC peers: one at a time,
 /// so that on a 2-core machine they do not starve each other's timers.
@@ -118,13 +124,14 @@ async fn place_call_with(
     let audio = api.add_media(MediaKind::Audio, Direction::SendRecv, Some(stream.clone()), None, None);
     let video = api.add_media(MediaKind::Video, Direction::SendRecv, Some(stream.clone()), None, None);
     let (offer, pending) = api.apply().unwrap();
+    let bot = bot_of(&client);
     let invite = json!({"version": "1", "call_id": call_id, "party_id": client.device_id, "lifetime": 60000,
-        "invitee": BOT, "offer": {"type": "offer", "sdp": offer.to_sdp_string()},
+        "invitee": bot, "offer": {"type": "offer", "sdp": offer.to_sdp_string()},
         "sdp_stream_metadata": {stream.clone(): {"purpose": "m.usermedia"}}});
     let mut invite = if v0 {
         // No party, no metadata; it names the bot, since in a group room only an
         // invite naming the bot reaches it (v0 clients in 1:1 rooms need no invitee).
-        json!({"version": 0, "call_id": call_id, "lifetime": 60000, "invitee": BOT, "offer": invite["offer"].clone()})
+        json!({"version": 0, "call_id": call_id, "lifetime": 60000, "invitee": bot, "offer": invite["offer"].clone()})
     } else {
         invite
     };
@@ -163,7 +170,7 @@ async fn answer_bot(client: Client, room: String, since: String) -> Caller {
                 .into_iter()
                 .flatten()
             {
-                if event["sender"] == BOT && event["type"] == "m.call.invite" {
+                if event["sender"] == bot_of(&client).as_str() && event["type"] == "m.call.invite" {
                     assert_eq!(event["content"]["invitee"], client.user_id.as_str());
                     let call_id = event["content"]["call_id"].as_str().unwrap().to_string();
                     break 'wait (call_id, event["content"]["offer"]["sdp"].as_str().unwrap().to_string());
@@ -227,7 +234,7 @@ fn run_peer(
     // The peer's sync: call events from the bot for this call.
     let (events_tx, mut events) = mpsc::unbounded_channel::<(String, Value)>();
     let syncer = client.clone();
-    let (room_, call_id_) = (room.clone(), call_id.clone());
+    let (room_, call_id_, bot) = (room.clone(), call_id.clone(), bot_of(&client));
     let sync_task = tokio::spawn(async move {
         let mut since = since;
         loop {
@@ -242,7 +249,7 @@ fn run_peer(
                 .into_iter()
                 .flatten()
             {
-                if event["sender"] == BOT && event["content"]["call_id"] == call_id_.as_str() {
+                if event["sender"] == bot.as_str() && event["content"]["call_id"] == call_id_.as_str() {
                     let _ = events_tx.send((event["type"].as_str().unwrap().to_string(), event["content"].clone()));
                 }
             }
@@ -398,10 +405,9 @@ async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 /// Four users in one room with the bot: three call it and receive each
 /// other, a fourth joins late, one hangs up.
 async fn conference(alice: Client, bob: Client, carol: Client, dave: Client) {
+    let bot = bot_of(&alice);
     let room = alice
-        .create_room(
-            json!({"preset": "private_chat", "invite": ["@bob:localhost", "@carol:localhost", "@dave:localhost", BOT]}),
-        )
+        .create_room(json!({"preset": "private_chat", "invite": [&bob.user_id, &carol.user_id, &dave.user_id, &bot]}))
         .await;
     for client in [&bob, &carol, &dave] {
         assert_eq!(client.join(&room).await.0, 200);
@@ -409,7 +415,7 @@ async fn conference(alice: Client, bob: Client, carol: Client, dave: Client) {
     // The bot joins on its own.
     for _ in 0..300 {
         let (_, members) = alice.get(&format!("/rooms/{}/joined_members", enc(&room))).await;
-        if members["joined"].get(BOT).is_some() {
+        if members["joined"].get(&bot).is_some() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -515,6 +521,40 @@ async fn the_bot_attached_to_a_separate_homeserver() {
     let probe = Client::new(&homeserver.base);
     for _ in 0..100 {
         if probe.get(&format!("/profile/{}", enc(BOT))).await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    conference(
+        user("alice").await,
+        user("bob").await,
+        user("carol").await,
+        user("dave").await,
+    )
+    .await;
+    bot.start_kill().unwrap();
+}
+
+/// The same against Synapse, the reference homeserver: the bot registers
+/// itself there, joins when invited and bridges four callers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bot_attached_to_synapse() {
+    let _serial = SERIAL.lock().await;
+    let synapse = Synapse::start().await;
+    let bot_dir = tempfile::tempdir().unwrap();
+    let mut bot = spawn_bot(&synapse.base, bot_dir.path());
+    let user = |name: &'static str| {
+        let base = synapse.base.clone();
+        async move {
+            let mut client = Client::new(&base);
+            client.register(name, "correct horse").await;
+            client
+        }
+    };
+    let probe = Client::new(&synapse.base);
+    let bot_id = format!("@conference:{}", Synapse::SERVER_NAME);
+    for _ in 0..100 {
+        if probe.get(&format!("/profile/{}", enc(&bot_id))).await.0 == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -96,6 +96,95 @@ impl BinaryServer {
     }
 }
 
+/// Synapse, the reference Matrix homeserver (from PyPI, installed into
+/// `target/synapse` by scripts/test.sh; `SYNAPSE_PYTHON` names another Python
+/// that has it), on a free loopback port with open registration and no rate
+/// limits, its state in a temporary directory.
+pub struct Synapse {
+    _child: tokio::process::Child,
+    pub base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Synapse {
+    pub const SERVER_NAME: &'static str = "synapse.test";
+
+    pub async fn start() -> Self {
+        let python = std::env::var_os("SYNAPSE_PYTHON").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/synapse/bin/python"),
+            PathBuf::from,
+        );
+        assert!(
+            python.exists(),
+            "Synapse is not installed at {}: run scripts/test.sh (SYNAPSE_PYTHON names another \
+             Python with matrix-synapse)",
+            python.display()
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("homeserver.yaml");
+        let generated = tokio::process::Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "--server-name", Self::SERVER_NAME])
+            .arg("--config-path")
+            .arg(&config)
+            .arg("--data-directory")
+            .arg(dir.path())
+            .args(["--generate-config", "--report-stats=no"])
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .expect("run Synapse's config generator");
+        assert!(generated.success(), "Synapse could not generate its config");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let generated = std::fs::read_to_string(&config).expect("read Synapse's config");
+        assert!(generated.contains("port: 8008"), "Synapse's generated listener moved");
+        // Later keys win in YAML as Synapse reads it: the additions override.
+        let config_text = generated
+            .replace("    - ::1\n", "")
+            .replace("port: 8008", &format!("port: {port}"))
+            + "\nenable_registration: true\nenable_registration_without_verification: true\n\
+               rc_message: {per_second: 10000, burst_count: 10000}\n\
+               rc_registration: {per_second: 10000, burst_count: 10000}\n\
+               rc_joins: {local: {per_second: 10000, burst_count: 10000}}\n\
+               rc_invites: {per_room: {per_second: 10000, burst_count: 10000}, \
+               per_user: {per_second: 10000, burst_count: 10000}}\n\
+               rc_login: {address: {per_second: 10000, burst_count: 10000}, \
+               account: {per_second: 10000, burst_count: 10000}, \
+               failed_attempts: {per_second: 10000, burst_count: 10000}}\n";
+        std::fs::write(&config, config_text).expect("write Synapse's config");
+        let log = std::fs::File::create(dir.path().join("stdout.log")).expect("log file");
+        let child = tokio::process::Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "--config-path"])
+            .arg(&config)
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start Synapse");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        for _ in 0..300 {
+            let up = http
+                .get(format!("{base}/_matrix/client/versions"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if up {
+                return Self {
+                    _child: child,
+                    base,
+                    _dir: dir,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let log = std::fs::read_to_string(dir.path().join("stdout.log")).unwrap_or_default();
+        panic!("Synapse did not answer within 60 s:\n{log}");
+    }
+}
+
 pub fn data_dir_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().to_path_buf()
 }
