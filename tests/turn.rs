@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{Client, Synapse, TestServer};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -324,6 +324,54 @@ async fn credentials_from_voip_turn_server_authenticate_all_in_one() {
         assert!(run.lost_nothing(), "{}", run.output);
         assert_eq!(run.totals(), Some((100, 100)), "{}", run.output);
     }
+}
+
+/// Credentials Synapse mints from its `turn_shared_secret` (its
+/// `/voip/turnServer`) authenticate at `switchboard turn` run with the same
+/// secret: coturn's client relays with them.
+#[tokio::test]
+async fn credentials_from_synapse_authenticate_at_switchboard_turn() {
+    if tool("turnutils_uclient").is_none() || tool("turnutils_peer").is_none() {
+        return;
+    }
+    let (running, _dir) = start_relay(|c| c.turn.allowed_peer_ip = vec!["127.0.0.1".into()]).await;
+    let port = turn_port(&running);
+    let uri = format!("turn:127.0.0.1:{port}?transport=udp");
+    let synapse = Synapse::start_with(&format!("turn_shared_secret: \"{SECRET}\"\nturn_uris: [\"{uri}\"]\n")).await;
+    let mut alice = Client::new(&synapse.base);
+    alice.register("alice", "correct horse").await;
+    let (status, body) = alice.get("/voip/turnServer").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["uris"], serde_json::json!([uri]));
+    let username = body["username"].as_str().expect("username");
+    assert!(
+        username.ends_with(":@alice:synapse.test"),
+        "Synapse's REST username: {username}"
+    );
+    let password = body["password"].as_str().expect("password");
+    let peer = echo_peer().await;
+    let (port, peer_port) = (port.to_string(), peer.port.to_string());
+    let args = [
+        "-c",
+        "-n",
+        "50",
+        "-m",
+        "2",
+        "-u",
+        username,
+        "-w",
+        password,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+        "-p",
+        &port,
+        "127.0.0.1",
+    ];
+    let run = uclient(&args).await;
+    assert!(run.lost_nothing(), "{}", run.output);
+    assert_eq!(run.totals(), Some((100, 100)), "{}", run.output);
 }
 
 /// A small TURN client over real UDP, built on our codec.

@@ -110,6 +110,11 @@ impl Synapse {
     pub const SERVER_NAME: &'static str = "synapse.test";
 
     pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// With `extra` appended to its YAML config (later keys win).
+    pub async fn start_with(extra: &str) -> Self {
         let python = std::env::var_os("SYNAPSE_PYTHON").map_or_else(
             || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/synapse/bin/python"),
             PathBuf::from,
@@ -152,7 +157,19 @@ impl Synapse {
                per_user: {per_second: 10000, burst_count: 10000}}\n\
                rc_login: {address: {per_second: 10000, burst_count: 10000}, \
                account: {per_second: 10000, burst_count: 10000}, \
-               failed_attempts: {per_second: 10000, burst_count: 10000}}\n";
+               failed_attempts: {per_second: 10000, burst_count: 10000}}\n"
+            + extra;
+        // Its generated logging writes `homeserver.log` into the working
+        // directory: log warnings to stderr instead (kept in the temp dir).
+        let log_config = dir.path().join("log.yaml");
+        std::fs::write(
+            &log_config,
+            "version: 1\nformatters: {plain: {format: '%(asctime)s %(name)s %(levelname)s %(message)s'}}\n\
+             handlers: {console: {class: logging.StreamHandler, formatter: plain}}\n\
+             root: {level: WARNING, handlers: [console]}\ndisable_existing_loggers: false\n",
+        )
+        .expect("write Synapse's log config");
+        let config_text = format!("{config_text}log_config: \"{}\"\n", log_config.display());
         std::fs::write(&config, config_text).expect("write Synapse's config");
         let log = std::fs::File::create(dir.path().join("stdout.log")).expect("log file");
         let child = tokio::process::Command::new(&python)
