@@ -28,7 +28,7 @@ use crate::drivers::matrix::{MatrixClient, SyncBatch};
 use crate::drivers::media::ShardSet;
 use anyhow::Result;
 use serde_json::{Value, json};
-use sfu::{Participant, RoomId, SessionId, SfuEvent, StreamInfo};
+use sfu::{OwnLines, Participant, RoomId, SessionId, SfuEvent, StreamInfo};
 use signalling::call::{Action, Incoming, Signalling};
 use signalling::events::{CallEvent, SdpStreamMetadata, StreamMetadata};
 use std::collections::{HashMap, HashSet};
@@ -722,7 +722,14 @@ impl Bot {
                     }
                     let single_stream = !renegotiates || self.wants_single_stream(&call_id, &room_id);
                     let conference = room.clone();
-                    match handle.open_session(room, participant, offer).await {
+                    // A multi-stream caller gets the others on m-lines of our
+                    // offers; a single-stream one the mix on its own.
+                    let own_lines = if single_stream {
+                        OwnLines::BothWays
+                    } else {
+                        OwnLines::PublishOnly
+                    };
+                    match handle.open_session(room, participant, offer, own_lines).await {
                         Ok((session, answer)) => {
                             if single_stream {
                                 // The mix and the active speaker, on the caller's own m-lines.

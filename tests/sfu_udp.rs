@@ -7,7 +7,7 @@
 mod common;
 
 use common::Peer;
-use sfu::{Participant, RoomId, SessionId, SfuEvent};
+use sfu::{OwnLines, Participant, RoomId, SessionId, SfuEvent};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -61,7 +61,12 @@ async fn join(shard: &ShardHandle, name: &str) -> ClientHandle {
         device_id: "DEV".into(),
     };
     let (session, answer) = shard
-        .open_session(RoomId("!conf:localhost".into()), participant, offer.to_sdp_string())
+        .open_session(
+            RoomId("!conf:localhost".into()),
+            participant,
+            offer.to_sdp_string(),
+            OwnLines::PublishOnly,
+        )
         .await
         .unwrap();
     rtc.sdp_api()

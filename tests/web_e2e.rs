@@ -7,12 +7,14 @@
 //! loopback; the script also checks that the selected pair is on 127.0.0.1.
 //! `scripts/test.sh` installs Chromium, iproute2 and playwright-core; a missing
 //! one fails this test with a message saying so (never a silent skip).
-//! Screenshots of every scenario land in `target/web-e2e/`.
+//! Screenshots of every scenario land in `target/web-e2e/`. One scenario runs
+//! matrix-js-sdk's own `MatrixCall` (bundled from `tests/interop/`) against the
+//! conference bot instead of the demo's call code.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "one-to-one",
     "declined",
     "relay-unavailable",
@@ -20,6 +22,7 @@ const SCENARIOS: [&str; 7] = [
     "unreachable",
     "camera-denied",
     "conference",
+    "js-sdk-conference",
 ];
 
 fn chromium() -> PathBuf {
@@ -59,6 +62,12 @@ async fn web_demo_in_chromium_calls_one_to_one_and_in_a_conference() {
         dir.join("node_modules/playwright-core").exists(),
         "playwright-core is not installed: run scripts/test.sh, or `npm ci` in {}",
         dir.display()
+    );
+    let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/node_modules");
+    assert!(
+        interop.join("matrix-js-sdk").exists() && interop.join("esbuild").exists(),
+        "matrix-js-sdk and esbuild are not installed: run scripts/test.sh, or `npm ci` in {}",
+        interop.parent().unwrap_or(&interop).display()
     );
     let browser = chromium();
     assert!(

@@ -8,7 +8,7 @@
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use sfu::{Participant, RoomId, SessionId, SfuEvent};
+use sfu::{OwnLines, Participant, RoomId, SessionId, SfuEvent};
 use switchboard::drivers::media::ShardSet;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
@@ -75,7 +75,9 @@ async fn execute(set: &ShardSet, request: &Value) -> Result<Value> {
                 user_id: text("user")?,
                 device_id: "LOAD".into(),
             };
-            let (session, answer) = handle.open_session(room, participant, text("offer")?).await?;
+            let (session, answer) = handle
+                .open_session(room, participant, text("offer")?, OwnLines::PublishOnly)
+                .await?;
             Ok(json!({"shard": index, "session": session.0, "answer": answer}))
         }
         "create_offer" => {

@@ -78,6 +78,19 @@ pub struct Participant {
     pub device_id: String,
 }
 
+/// What a caller's own m-lines (those of its offer) carry from the SFU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnLines {
+    /// Nothing: the session receives the others' streams on m-lines of the
+    /// SFU's offers, so its own ones are answered `recvonly` and name no
+    /// stream of ours (clients such as matrix-js-sdk make a feed of every
+    /// stream they receive and need it labelled). Multi-stream callers.
+    PublishOnly,
+    /// Both ways, as offered: the mix and the speaker's video of a
+    /// single-stream session go there ([`Sfu::set_single_stream`]).
+    BothWays,
+}
+
 #[derive(Debug, Clone)]
 pub struct SfuConfig {
     /// The address put in answers as our ICE candidate (the shard's socket, or
@@ -189,6 +202,7 @@ struct Session {
     dirty: bool,
     /// Receives one stream on its own m-lines (the active speaker's), no renegotiation.
     single_stream: bool,
+    own_lines: OwnLines,
     connect_deadline: Option<Instant>,
     addrs: Vec<SocketAddr>,
     /// Tracks this participant publishes, by the m-line they arrive on.
@@ -362,6 +376,36 @@ fn rtc_config(prefer_h264: bool, estimate_bandwidth: bool) -> RtcConfig {
         .set_send_buffer_video(VIDEO_SEND_BUFFER)
 }
 
+/// `offer` with its two-way m-lines made send-only (`a=sendrecv` →
+/// `a=sendonly`), except those whose mid `keep` names: our answer then says
+/// `recvonly` there. Line endings are kept.
+fn publish_only(offer: &str, keep: impl Fn(&str) -> bool) -> String {
+    let mut out = String::with_capacity(offer.len());
+    let mut section: Vec<&str> = Vec::new();
+    let flush = |section: &mut Vec<&str>, out: &mut String| {
+        let mid = section.iter().find_map(|l| l.trim_end().strip_prefix("a=mid:"));
+        let media = section.first().is_some_and(|l| l.starts_with("m="));
+        let rewrite = media && !mid.is_some_and(&keep);
+        for line in section.drain(..) {
+            match line.strip_prefix("a=sendrecv") {
+                Some(end) if rewrite => {
+                    out.push_str("a=sendonly");
+                    out.push_str(end);
+                }
+                _ => out.push_str(line),
+            }
+        }
+    };
+    for line in offer.split_inclusive('\n') {
+        if line.starts_with("m=") {
+            flush(&mut section, &mut out);
+        }
+        section.push(line);
+    }
+    flush(&mut section, &mut out);
+    out
+}
+
 /// Whether an offer's first video m-line lists H.264 before VP8.
 fn offer_prefers_h264(sdp: &str) -> bool {
     let mut lines = sdp.lines().map(str::trim);
@@ -442,24 +486,29 @@ impl Sfu {
 
     /// Opens a session for `participant` in `room` from the peer's SDP offer and
     /// returns the answer. The session subscribes to everything already
-    /// published in the room (asking for renegotiation once connected).
+    /// published in the room (asking for renegotiation once connected);
+    /// `own_lines` says whether we send on the offer's own m-lines.
     pub fn open_session(
         &mut self,
         now: Instant,
         room: RoomId,
         participant: Participant,
         offer: &str,
+        own_lines: OwnLines,
     ) -> Result<(SessionId, String), SfuError> {
         self.advance(now);
         let prefer_h264 = offer_prefers_h264(offer);
         let has_video = offer.lines().any(|l| l.starts_with("m=video"));
-        let offer = self.parse_offer(offer)?;
+        let offer = match own_lines {
+            OwnLines::PublishOnly => self.parse_offer(&publish_only(offer, |_| false))?,
+            OwnLines::BothWays => self.parse_offer(offer)?,
+        };
         let mut rtc = rtc_config(prefer_h264, has_video).build(now);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
         let answer = rtc.sdp_api().accept_offer(offer)?;
-        let id = self.insert_session(now, room, participant, rtc, None);
+        let id = self.insert_session(now, room, participant, rtc, None, own_lines);
         Ok((id, answer.to_sdp_string()))
     }
 
@@ -496,7 +545,7 @@ impl Sfu {
             deactivated: Vec::new(),
             own: own.to_vec(),
         };
-        let id = self.insert_session(now, room, participant, rtc, Some(pending));
+        let id = self.insert_session(now, room, participant, rtc, Some(pending), OwnLines::BothWays);
         Ok((id, offer.to_sdp_string()))
     }
 
@@ -509,6 +558,7 @@ impl Sfu {
         participant: Participant,
         mut rtc: Rtc,
         pending: Option<PendingOffer>,
+        own_lines: OwnLines,
     ) -> SessionId {
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         let id = SessionId(self.next_id());
@@ -526,6 +576,7 @@ impl Sfu {
             scheduled: None,
             dirty: false,
             single_stream: false,
+            own_lines,
             connect_deadline: Some(now + self.config.connect_timeout),
             addrs: Vec::new(),
             published: FastMap::default(),
@@ -671,7 +722,17 @@ impl Sfu {
     /// dropped and its changes are asked for again afterwards.
     pub fn accept_offer(&mut self, now: Instant, id: SessionId, offer: &str) -> Result<String, SfuError> {
         self.advance(now);
-        let offer = self.parse_offer(offer)?;
+        let session = self.sessions.get(&id).ok_or(SfuError::UnknownSession)?;
+        let offer = match session.own_lines {
+            // Still nothing of ours on its own m-lines (new ones included); ours stay as they are.
+            OwnLines::PublishOnly => self.parse_offer(&publish_only(offer, |mid| {
+                session
+                    .rtc
+                    .media(Mid::from(mid))
+                    .is_some_and(|m| m.direction().is_sending())
+            }))?,
+            OwnLines::BothWays => self.parse_offer(offer)?,
+        };
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if let Some(pending) = session.pending.take() {
             session.requeue(&pending.added, &pending.deactivated);
@@ -1587,7 +1648,24 @@ fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
 
 #[cfg(test)]
 mod tests {
-    use super::offer_prefers_h264;
+    use super::{offer_prefers_h264, publish_only};
+
+    #[test]
+    fn publish_only_rewrites_two_way_m_lines_but_the_kept_ones() {
+        let offer = "v=0\r\na=group:BUNDLE 0 1 2\r\na=sendrecv\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\na=mid:0\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=recvonly\r\n";
+        let out = publish_only(offer, |mid| mid == "1");
+        assert_eq!(
+            out,
+            "v=0\r\na=group:BUNDLE 0 1 2\r\na=sendrecv\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\na=mid:0\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=recvonly\r\n"
+        );
+        assert_eq!(publish_only("", |_| false), "");
+    }
 
     #[test]
     fn codec_preference_of_an_offer() {

@@ -6,7 +6,7 @@ mod common;
 use common::{World, is_rtp_with_pt};
 use std::time::Duration;
 use str0m::media::MediaKind;
-use switchboard_sfu::{DropReason, SfuEvent};
+use switchboard_sfu::{DropReason, OwnLines, SfuEvent};
 
 fn user(name: &str) -> String {
     format!("@{name}:test")
@@ -259,7 +259,12 @@ fn bad_sdp_is_an_error_not_a_panic() {
         device_id: "X".into(),
     };
     for sdp in ["", "v=0", "garbage\r\nmore", &"a".repeat(100_000)] {
-        assert!(world.sfu.open_session(now, room.clone(), who.clone(), sdp).is_err());
+        assert!(
+            world
+                .sfu
+                .open_session(now, room.clone(), who.clone(), sdp, OwnLines::BothWays)
+                .is_err()
+        );
     }
     assert_eq!(world.sfu.stats().sessions, 0);
     let alice = world.join("alice");
@@ -370,7 +375,13 @@ fn the_answer_follows_the_offers_video_codec_preference() {
             device_id: "X".into(),
         };
         let (_, answer) = sfu
-            .open_session(now, switchboard_sfu::RoomId("!r:test".into()), who, &offer)
+            .open_session(
+                now,
+                switchboard_sfu::RoomId("!r:test".into()),
+                who,
+                &offer,
+                OwnLines::BothWays,
+            )
             .expect("open");
         assert_eq!(first_video_codec(&answer), expected, "the SFU follows it");
     }
@@ -675,4 +686,61 @@ fn a_storm_of_due_timers_is_run_in_slices() {
     assert!(ran.iter().all(|&n| n <= 32), "timers per call: {ran:?}");
     assert!(ran.iter().sum::<u64>() >= 40, "every session ran: {ran:?}");
     assert!(ran.len() >= 2, "the storm took more than one call: {ran:?}");
+}
+
+/// A multi-stream caller's own m-lines are answered `recvonly`, with no
+/// stream of ours on them (matrix-js-sdk makes a feed of every received stream
+/// and needs each labelled); it still receives the others on the SFU's
+/// m-lines, and they receive it.
+#[test]
+fn a_publish_only_callers_own_m_lines_are_answered_receive_only() {
+    let now = std::time::Instant::now();
+    let mut sfu = switchboard_sfu::Sfu::new(switchboard_sfu::SfuConfig::new("127.0.0.1:3000".parse().expect("addr")));
+    let mut client = str0m::RtcConfig::new().build(now);
+    client.add_local_candidate(str0m::Candidate::host("127.0.0.1:5000".parse().expect("addr"), "udp").expect("host"));
+    let mut api = client.sdp_api();
+    api.add_media(
+        MediaKind::Audio,
+        str0m::media::Direction::SendRecv,
+        Some("cam".into()),
+        None,
+        None,
+    );
+    api.add_media(
+        MediaKind::Video,
+        str0m::media::Direction::SendRecv,
+        Some("cam".into()),
+        None,
+        None,
+    );
+    let (offer, _) = api.apply().expect("offer");
+    let who = switchboard_sfu::Participant {
+        user_id: "@x:test".into(),
+        device_id: "X".into(),
+    };
+    let room = switchboard_sfu::RoomId("!r:test".into());
+    let (_, answer) = sfu
+        .open_session(now, room, who, &offer.to_sdp_string(), OwnLines::PublishOnly)
+        .expect("open");
+    let sections: Vec<&str> = answer.split("\r\nm=").skip(1).collect();
+    assert_eq!(sections.len(), 2, "{answer}");
+    for section in sections {
+        assert!(section.contains("a=recvonly"), "{section}");
+        assert!(!section.contains("a=ssrc:"), "no stream of ours: {section}");
+    }
+    let mut world = World::new();
+    let bob = world.join("bob");
+    world.own_lines = OwnLines::PublishOnly;
+    let alice = world.join("alice");
+    world.run(Duration::from_secs(3));
+    for (me, other) in [(alice, bob), (bob, alice)] {
+        let got = world.received_from(me);
+        for kind in [MediaKind::Audio, MediaKind::Video] {
+            let name = if other == alice { "alice" } else { "bob" };
+            let received = got
+                .get(&(user(name), kind))
+                .unwrap_or_else(|| panic!("{me} got no {kind} from {name}"));
+            assert!(received.packets.len() > 20, "{me}: {kind} from {name}");
+        }
+    }
 }

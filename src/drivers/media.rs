@@ -16,8 +16,8 @@ use super::udp::{self, Datagrams};
 use anyhow::{Context, Result};
 use nix::sys::socket::{MultiHeaders, SockaddrStorage};
 use sfu::{
-    DelayHistogram, MixerConfig, Offer, Participant, RoomId, SessionId, SessionStats, Sfu, SfuConfig, SfuError,
-    SfuEvent, ShardStats, Transmit,
+    DelayHistogram, MixerConfig, Offer, OwnLines, Participant, RoomId, SessionId, SessionStats, Sfu, SfuConfig,
+    SfuError, SfuEvent, ShardStats, Transmit,
 };
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -42,6 +42,7 @@ enum Command {
         room: RoomId,
         participant: Participant,
         offer: String,
+        own_lines: OwnLines,
         reply: Reply<(SessionId, String)>,
     },
     OpenOffer {
@@ -261,9 +262,10 @@ fn execute(sfu: &mut Sfu, command: Command, delay: &DelayHistogram) {
             room,
             participant,
             offer,
+            own_lines,
             reply,
         } => {
-            let _ = reply.send(sfu.open_session(now, room, participant, &offer));
+            let _ = reply.send(sfu.open_session(now, room, participant, &offer, own_lines));
         }
         Command::OpenOffer {
             room,
@@ -314,17 +316,20 @@ impl ShardHandle {
             .map_err(|_| anyhow::anyhow!("the media shard has stopped"))??)
     }
 
-    /// Opens a session from an SDP offer; returns its id and our answer.
+    /// Opens a session from an SDP offer; returns its id and our answer
+    /// (`own_lines`: whether we send on the offer's own m-lines).
     pub async fn open_session(
         &self,
         room: RoomId,
         participant: Participant,
         offer: String,
+        own_lines: OwnLines,
     ) -> Result<(SessionId, String)> {
         self.call(|reply| Command::Open {
             room,
             participant,
             offer,
+            own_lines,
             reply,
         })
         .await

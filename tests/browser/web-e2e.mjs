@@ -10,11 +10,21 @@ import { chromium } from "playwright-core";
 import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
 
 const [binary, outDir, ...only] = process.argv.slice(2);
-const ALL = ["one-to-one", "declined", "relay-unavailable", "ice-failed", "unreachable", "camera-denied", "conference"];
+const ALL = [
+  "one-to-one",
+  "declined",
+  "relay-unavailable",
+  "ice-failed",
+  "unreachable",
+  "camera-denied",
+  "conference",
+  "js-sdk-conference",
+];
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
 const BOT = "@conference:localhost";
 mkdirSync(outDir, { recursive: true });
@@ -427,6 +437,77 @@ async function conference(ctx) {
   await frank.page.uncheck("#single-stream");
 }
 
+/**
+ * matrix-js-sdk's own call implementation (`MatrixCall`, Element Web's legacy
+ * calls) in two pages, bundled from tests/interop/js-sdk-call.mjs: both call
+ * the conference bot in one room, reach "connected", and each gets the other's
+ * stream as a remote feed (the bot's renegotiation and its
+ * `sdp_stream_metadata` as matrix-js-sdk reads them), with media flowing.
+ */
+async function jsSdkConference(ctx) {
+  const interop = join(dirname(fileURLToPath(import.meta.url)), "../interop");
+  const esbuild = await import(join(interop, "node_modules/esbuild/lib/main.js"));
+  const bundle = await (esbuild.default ?? esbuild).build({
+    entryPoints: [join(interop, "js-sdk-call.mjs")],
+    bundle: true,
+    format: "iife",
+    platform: "browser",
+    target: "chrome120",
+    write: false,
+    logLevel: "warning",
+  });
+  const script = bundle.outputFiles[0].text;
+  const users = [];
+  const pageErrors = [];
+  for (const name of ["amy", "ben"]) {
+    const context = await ctx.browser.newContext();
+    const page = await context.newPage();
+    page.on("response", (r) => {
+      if (r.status() >= 400) log(`[${name}] ${r.status()} ${r.request().method()} ${new URL(r.url()).pathname}`);
+    });
+    page.on("pageerror", (e) => {
+      log(`[${name} page error]`, e.message);
+      pageErrors.push(`${name}: ${e.message}`);
+    });
+    // Same origin as the homeserver; the demo page itself stays idle.
+    await page.goto(ctx.url);
+    await page.addScriptTag({ content: script });
+    const baseUrl = new URL(ctx.url).origin;
+    const id = await page.evaluate((args) => window.jsSdk.start(args), { baseUrl, user: `sdk${name}`, password: "correct horse battery" });
+    users.push({ name, id, page });
+  }
+  const [amy, ben] = users;
+  const room = await amy.page.evaluate((invite) => window.jsSdk.createRoom(invite), [ben.id, BOT]);
+  await ben.page.evaluate((r) => window.jsSdk.join(r), room);
+  await until("the bot to join the matrix-js-sdk room", async () =>
+    (await amy.page.evaluate((r) => window.jsSdk.joinedMembers(r), room)).includes(BOT),
+  );
+  for (const u of users) {
+    await until(`${u.name}'s client to know the room`, () => u.page.evaluate((r) => window.jsSdk.knowsRoom(r), room));
+    await u.page.evaluate(([r, bot]) => window.jsSdk.placeCall(r, bot), [room, BOT]);
+  }
+  const status = (u) => u.page.evaluate(() => window.jsSdk.status());
+  for (const u of users) {
+    const other = users.find((o) => o !== u);
+    await until(`${u.name}'s MatrixCall to connect and show ${other.name}'s stream`, async () => {
+      const s = await status(u);
+      if (s?.state === "ended") throw new Error(`${u.name}'s call ended: ${s.hangupReason}`);
+      return s?.state === "connected" && s.remoteFeeds.some((f) => f.audio > 0 && f.video > 0) && s.bytesIn > 20000 && s;
+    }, 45000);
+  }
+  for (const u of users) {
+    const start = (await status(u)).bytesIn;
+    await until(`${u.name}'s received bytes to keep growing`, async () => (await status(u)).bytesIn > start + 20000);
+    log(`${u.name} (matrix-js-sdk):`, JSON.stringify(await status(u)));
+    await u.page.screenshot({ path: join(outDir, `js-sdk-conference-${u.name}.png`) });
+  }
+  if (pageErrors.length) throw new Error(`matrix-js-sdk threw: ${pageErrors.join("; ")}`);
+  for (const u of users) {
+    await u.page.evaluate(() => window.jsSdk.hangup());
+    await u.page.context().close();
+  }
+}
+
 // Scenario 2 (relay only, through our TURN relay) needs the relay in the binary.
 const scenarios = only.length ? only : TURN_RELAY ? [...ALL.slice(0, 2), "relay-only", ...ALL.slice(2)] : ALL;
 
@@ -439,6 +520,7 @@ const SCENARIOS = {
   unreachable,
   "camera-denied": cameraDenied,
   conference,
+  "js-sdk-conference": jsSdkConference,
 };
 
 // ---- main --------------------------------------------------------------------

@@ -14,7 +14,7 @@ use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Simulcast, Si
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
-use switchboard_sfu::{Participant, RoomId, SessionId, Sfu, SfuConfig, SfuEvent, StreamInfo};
+use switchboard_sfu::{OwnLines, Participant, RoomId, SessionId, Sfu, SfuConfig, SfuEvent, StreamInfo};
 
 /// Decides whether a datagram (source, destination, bytes) is lost on the wire.
 pub type LossFn = Box<dyn FnMut(SocketAddr, SocketAddr, &[u8]) -> bool>;
@@ -126,6 +126,9 @@ pub struct World {
     pub loss: Option<LossFn>,
     pub events: Vec<(Instant, SfuEvent)>,
     pub room: RoomId,
+    /// What the next joiner's own m-lines carry from the SFU (both ways unless
+    /// a test says otherwise, so any joiner can be made single-stream).
+    pub own_lines: OwnLines,
     /// Wall-clock time spent inside the SFU's calls (for benchmarks).
     pub sfu_busy: Duration,
 }
@@ -152,6 +155,7 @@ impl World {
             loss: None,
             events: Vec::new(),
             room: RoomId("!room:test".into()),
+            own_lines: OwnLines::BothWays,
             sfu_busy: Duration::ZERO,
         }
     }
@@ -193,7 +197,13 @@ impl World {
         };
         let (session, answer) = self
             .sfu
-            .open_session(self.now, self.room.clone(), participant, &offer.to_sdp_string())
+            .open_session(
+                self.now,
+                self.room.clone(),
+                participant,
+                &offer.to_sdp_string(),
+                self.own_lines,
+            )
             .expect("open");
         rtc.sdp_api()
             .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("answer"))

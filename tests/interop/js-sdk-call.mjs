@@ -1,0 +1,95 @@
+// matrix-js-sdk's own VoIP (`MatrixCall`, the call implementation of Element
+// Web's legacy calls) in a browser page: tests/browser/web-e2e.mjs bundles this
+// file with esbuild, adds it to a page of the server under test and drives it
+// through `window.jsSdk`. A user registers, syncs, and calls the conference
+// bot; `status()` reports the call as matrix-js-sdk sees it.
+
+import * as sdk from "matrix-js-sdk";
+
+let client = null;
+let call = null;
+
+/** Registers `user` with the dummy auth flow and starts syncing. */
+async function start({ baseUrl, user, password }) {
+  const anonymous = sdk.createClient({ baseUrl });
+  let session;
+  try {
+    await anonymous.registerRequest({ username: user, password });
+  } catch (e) {
+    session = e.data?.session;
+    if (!session) throw e;
+  }
+  const login = await anonymous.registerRequest({
+    username: user,
+    password,
+    auth: { type: "m.login.dummy", session },
+  });
+  client = sdk.createClient({
+    baseUrl,
+    userId: login.user_id,
+    accessToken: login.access_token,
+    deviceId: login.device_id,
+  });
+  const prepared = new Promise((resolve) => {
+    client.on(sdk.ClientEvent.Sync, (state) => {
+      if (state === "PREPARED") resolve();
+    });
+  });
+  await client.startClient({ initialSyncLimit: 10 });
+  await prepared;
+  return login.user_id;
+}
+
+async function createRoom(invite) {
+  const { room_id: roomId } = await client.createRoom({ preset: "private_chat", invite });
+  return roomId;
+}
+
+async function join(roomId) {
+  await client.joinRoom(roomId);
+}
+
+async function joinedMembers(roomId) {
+  return Object.keys((await client.getJoinedRoomMembers(roomId)).joined);
+}
+
+/** Whether the client's store has the room (a call needs its state). */
+function knowsRoom(roomId) {
+  return !!client.getRoom(roomId)?.getMember(client.getUserId())?.membership;
+}
+
+/** Places a video call to `invitee` (the bot) in `roomId`. */
+async function placeCall(roomId, invitee) {
+  call = sdk.createNewMatrixCall(client, roomId, { invitee });
+  if (!call) throw new Error("matrix-js-sdk cannot place calls in this browser");
+  await call.placeVideoCall();
+}
+
+/** The call as matrix-js-sdk sees it, and the bytes its peer connection received. */
+async function status() {
+  if (!call) return null;
+  let bytesIn = 0;
+  if (call.peerConn) {
+    const stats = await call.peerConn.getStats();
+    stats.forEach((s) => {
+      if (s.type === "inbound-rtp") bytesIn += s.bytesReceived || 0;
+    });
+  }
+  return {
+    state: call.state,
+    hangupReason: call.hangupReason ?? null,
+    remoteFeeds: call.getRemoteFeeds().map((feed) => ({
+      userId: feed.userId,
+      purpose: feed.purpose,
+      audio: feed.stream.getAudioTracks().length,
+      video: feed.stream.getVideoTracks().length,
+    })),
+    bytesIn,
+  };
+}
+
+async function hangup() {
+  call?.hangup("user_hangup", false);
+}
+
+window.jsSdk = { start, createRoom, join, joinedMembers, knowsRoom, placeCall, status, hangup };
