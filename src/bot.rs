@@ -28,7 +28,7 @@ use crate::drivers::matrix::{MatrixClient, SyncBatch};
 use crate::drivers::media::ShardSet;
 use anyhow::Result;
 use serde_json::{Value, json};
-use sfu::{OwnLines, Participant, RoomId, SessionId, SfuEvent, StreamInfo};
+use sfu::{OwnLines, Participant, RoomId, SessionId, SfuError, SfuEvent, StreamInfo};
 use signalling::call::{Action, Incoming, Signalling};
 use signalling::events::{CallEvent, SdpStreamMetadata, StreamMetadata};
 use std::collections::{HashMap, HashSet};
@@ -174,6 +174,32 @@ fn label(stream: &StreamInfo, own: Option<&StreamMetadata>) -> StreamMetadata {
             .insert("device_id".into(), stream.publisher.device_id.clone().into());
     }
     entry
+}
+
+/// Labels for the streams our own SDP sends (`a=msid` of m-lines that send):
+/// a single-stream session's mix, the m-lines of an offer we make. They are
+/// the bot's, as clients take an unlabelled stream for the other party's;
+/// matrix-js-sdk throws on a received stream that has no label at all.
+fn own_stream_labels(sdp: &str, bot: &str) -> SdpStreamMetadata {
+    let mut labels = SdpStreamMetadata::new();
+    for section in sdp.split("\nm=").skip(1) {
+        let lines = || section.lines().map(str::trim_end);
+        if !lines().any(|l| l == "a=sendrecv" || l == "a=sendonly") {
+            continue;
+        }
+        let Some(stream) = lines().find_map(|l| l.strip_prefix("a=msid:")?.split_whitespace().next()) else {
+            continue;
+        };
+        let mut extra = serde_json::Map::new();
+        extra.insert("user_id".into(), bot.into());
+        labels.entry(stream.to_string()).or_insert(StreamMetadata {
+            purpose: "m.usermedia".into(),
+            audio_muted: false,
+            video_muted: false,
+            extra,
+        });
+    }
+    labels
 }
 
 /// A publisher's own metadata entry for one of its streams. Someone the bot
@@ -547,6 +573,10 @@ impl Bot {
                         }
                     }
                     Ok(None) => {}
+                    // The call ended after the SFU asked: nothing to renegotiate.
+                    Err(e) if matches!(e.downcast_ref(), Some(SfuError::UnknownSession)) => {
+                        tracing::debug!("a renegotiation for a session that has closed");
+                    }
                     Err(e) => tracing::warn!(error = %e, "could not create a renegotiation offer"),
                 }
             }
@@ -739,8 +769,12 @@ impl Bot {
                             let media = MediaRef { shard, session };
                             self.calls.insert(call_id.clone(), media);
                             self.by_session.insert(media, call_id.clone());
-                            self.signalling
-                                .handle_media_answer(now, &call_id, answer, SdpStreamMetadata::new());
+                            self.signalling.handle_media_answer(
+                                now,
+                                &call_id,
+                                answer.clone(),
+                                own_stream_labels(&answer, &self.matrix.user_id),
+                            );
                         }
                         Err(e) => {
                             tracing::info!(error = %e, "could not open a media session for a call");
@@ -769,8 +803,12 @@ impl Bot {
                             let media = MediaRef { shard, session };
                             self.calls.insert(call_id.clone(), media);
                             self.by_session.insert(media, call_id.clone());
-                            self.signalling
-                                .handle_media_offer(now, &call_id, offer, SdpStreamMetadata::new());
+                            self.signalling.handle_media_offer(
+                                now,
+                                &call_id,
+                                offer.clone(),
+                                own_stream_labels(&offer, &self.matrix.user_id),
+                            );
                             let conference = self.conference_of(&room_id);
                             self.record_if_wanted(&conference, &room_id).await;
                         }
@@ -893,5 +931,23 @@ impl Bot {
     fn handle_of(&self, call_id: &str) -> Option<(MediaRef, crate::drivers::media::ShardHandle)> {
         let media = *self.calls.get(call_id)?;
         Some((media, self.media.shard(media.shard)?.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_stream_labels;
+
+    #[test]
+    fn streams_our_sdp_sends_are_labelled_as_the_bots() {
+        let sdp = "v=0\r\na=msid-semantic: WMS\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\na=msid:mix t1\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=msid:mix t2\r\na=sendonly\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=recvonly\r\na=msid:theirs t3\r\n";
+        let labels = own_stream_labels(sdp, "@conference:hs");
+        assert_eq!(labels.keys().collect::<Vec<_>>(), ["mix"]);
+        assert_eq!(labels["mix"].purpose, "m.usermedia");
+        assert_eq!(labels["mix"].extra["user_id"], "@conference:hs");
+        assert!(own_stream_labels("v=0\r\nm=audio 9 RTP/AVP 0\r\na=recvonly\r\n", "@b:hs").is_empty());
     }
 }

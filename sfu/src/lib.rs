@@ -446,6 +446,52 @@ const TIMERS_PER_CALL: usize = 32;
 const LAYER_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Turns anything into an msid token (RFC 8830: no spaces, at most 64 chars).
+/// Our msid stream id for what a session gets on m-lines both sides send on
+/// (the SFU's offer to a callee, a single-stream caller's own m-lines).
+fn session_stream(participant: &Participant) -> String {
+    msid_token(&format!("sb-{}", participant.user_id))
+}
+
+/// `answer` with our stream id in the msid of its two-way m-lines: str0m
+/// repeats the offer's own msid there, and a browser would then receive a
+/// stream with the id of the one it sends (matrix-js-sdk drops it as a feed
+/// it already has). Tracks become `<stream>-<mid>`; line endings are kept.
+fn own_msid(answer: &str, stream: &str) -> String {
+    let mut out = String::with_capacity(answer.len());
+    let mut section: Vec<&str> = Vec::new();
+    let flush = |section: &mut Vec<&str>, out: &mut String| {
+        let two_way = section.first().is_some_and(|l| l.starts_with("m="))
+            && section.iter().any(|l| l.trim_end() == "a=sendrecv");
+        let mid = section
+            .iter()
+            .find_map(|l| l.trim_end().strip_prefix("a=mid:"))
+            .unwrap_or("");
+        for line in section.drain(..) {
+            let body = line.trim_end();
+            let end = &line[body.len()..];
+            let ssrc_msid = body
+                .strip_prefix("a=ssrc:")
+                .and_then(|rest| rest.split_once(" msid:"))
+                .map(|(ssrc, _)| ssrc);
+            if two_way && body.starts_with("a=msid:") {
+                out.push_str(&format!("a=msid:{stream} {stream}-{mid}{end}"));
+            } else if let (true, Some(ssrc)) = (two_way, ssrc_msid) {
+                out.push_str(&format!("a=ssrc:{ssrc} msid:{stream} {stream}-{mid}{end}"));
+            } else {
+                out.push_str(line);
+            }
+        }
+    };
+    for line in answer.split_inclusive('\n') {
+        if line.starts_with("m=") {
+            flush(&mut section, &mut out);
+        }
+        section.push(line);
+    }
+    flush(&mut section, &mut out);
+    out
+}
+
 fn msid_token(raw: &str) -> String {
     raw.chars()
         .filter(|c| c.is_ascii_alphanumeric() || "-_.+".contains(*c))
@@ -508,8 +554,9 @@ impl Sfu {
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
         let answer = rtc.sdp_api().accept_offer(offer)?;
+        let answer = own_msid(&answer.to_sdp_string(), &session_stream(&participant));
         let id = self.insert_session(now, room, participant, rtc, None, own_lines);
-        Ok((id, answer.to_sdp_string()))
+        Ok((id, answer))
     }
 
     /// Opens a session for `participant` in `room` with an offer of ours (we
@@ -528,7 +575,7 @@ impl Sfu {
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
-        let stream = msid_token(&format!("sb-{}", participant.user_id));
+        let stream = session_stream(&participant);
         let mut api = rtc.sdp_api();
         let own = [MediaKind::Audio, MediaKind::Video].map(|kind| {
             (
@@ -545,8 +592,9 @@ impl Sfu {
             deactivated: Vec::new(),
             own: own.to_vec(),
         };
+        let offer = own_msid(&offer.to_sdp_string(), &stream);
         let id = self.insert_session(now, room, participant, rtc, Some(pending), OwnLines::BothWays);
-        Ok((id, offer.to_sdp_string()))
+        Ok((id, offer))
     }
 
     /// Adds a new session to its room; it will subscribe to everything already
@@ -644,7 +692,7 @@ impl Sfu {
             deactivated,
             own: Vec::new(),
         });
-        let sdp = offer.to_sdp_string();
+        let sdp = own_msid(&offer.to_sdp_string(), &session_stream(&session.participant));
         self.drain(id);
         self.process(now);
         Ok(Some(Offer {
@@ -738,13 +786,14 @@ impl Sfu {
             session.requeue(&pending.added, &pending.deactivated);
         }
         let answer = session.rtc.sdp_api().accept_offer(offer)?;
+        let answer = own_msid(&answer.to_sdp_string(), &session_stream(&session.participant));
         let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
         self.drain(id);
         if renegotiate {
             self.events.push_back(SfuEvent::NegotiationNeeded(id));
         }
         self.process(now);
-        Ok(answer.to_sdp_string())
+        Ok(answer)
     }
 
     /// Closes a session: its tracks leave every subscriber (who get a
@@ -1648,7 +1697,20 @@ fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
 
 #[cfg(test)]
 mod tests {
-    use super::{offer_prefers_h264, publish_only};
+    use super::{offer_prefers_h264, own_msid, publish_only};
+
+    #[test]
+    fn two_way_m_lines_of_an_answer_name_our_stream() {
+        let answer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\n\
+            a=msid:cam t1\r\na=ssrc:5 cname:x\r\na=ssrc:5 msid:cam t1\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendonly\r\na=msid:pub t2\r\n";
+        assert_eq!(
+            own_msid(answer, "sb-x"),
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\n\
+            a=msid:sb-x sb-x-0\r\na=ssrc:5 cname:x\r\na=ssrc:5 msid:sb-x sb-x-0\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendonly\r\na=msid:pub t2\r\n"
+        );
+    }
 
     #[test]
     fn publish_only_rewrites_two_way_m_lines_but_the_kept_ones() {

@@ -40,8 +40,8 @@ async function start({ baseUrl, user, password }) {
   return login.user_id;
 }
 
-async function createRoom(invite) {
-  const { room_id: roomId } = await client.createRoom({ preset: "private_chat", invite });
+async function createRoom(invite, initialState = []) {
+  const { room_id: roomId } = await client.createRoom({ preset: "private_chat", invite, initial_state: initialState });
   return roomId;
 }
 
