@@ -8,6 +8,8 @@ import * as sdk from "matrix-js-sdk";
 
 let client = null;
 let call = null;
+/** The last call someone placed to us (matrix-js-sdk's incoming-call event). */
+let incoming = null;
 
 /** Registers `user` with the dummy auth flow and starts syncing. */
 async function start({ baseUrl, user, password }) {
@@ -35,6 +37,9 @@ async function start({ baseUrl, user, password }) {
       if (state === "PREPARED") resolve();
     });
   });
+  client.on("Call.incoming", (c) => {
+    incoming = c;
+  });
   await client.startClient({ initialSyncLimit: 10 });
   await prepared;
   return login.user_id;
@@ -56,6 +61,26 @@ async function joinedMembers(roomId) {
 /** Whether the client's store has the room (a call needs its state). */
 function knowsRoom(roomId) {
   return !!client.getRoom(roomId)?.getMember(client.getUserId())?.membership;
+}
+
+async function sendText(roomId, body) {
+  await client.sendTextMessage(roomId, body);
+}
+
+/** Rooms we are invited to. */
+function invites() {
+  return client
+    .getRooms()
+    .filter((room) => room.getMyMembership() === "invite")
+    .map((room) => room.roomId);
+}
+
+/** Answers the incoming call in `roomId` with camera and microphone; false if none rang yet. */
+async function answerIncoming(roomId) {
+  if (incoming?.roomId !== roomId || incoming.state !== "ringing") return false;
+  call = incoming;
+  await call.answer(true, true);
+  return true;
 }
 
 /** Places a video call to `invitee` (the bot) in `roomId`. */
@@ -92,4 +117,16 @@ async function hangup() {
   call?.hangup("user_hangup", false);
 }
 
-window.jsSdk = { start, createRoom, join, joinedMembers, knowsRoom, placeCall, status, hangup };
+window.jsSdk = {
+  start,
+  createRoom,
+  join,
+  joinedMembers,
+  knowsRoom,
+  sendText,
+  invites,
+  answerIncoming,
+  placeCall,
+  status,
+  hangup,
+};
