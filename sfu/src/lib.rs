@@ -237,9 +237,13 @@ impl Session {
     }
 
     /// Puts the changes of an offer that did not take back into the queue.
-    fn requeue(&mut self, added: &[(Mid, TrackId)], deactivated: &[Mid]) {
+    fn requeue(&mut self, added: &[(Mid, TrackId)], redirected: &[(Mid, Direction)]) {
         self.wanted.extend(added.iter().map(|(_, t)| Change::Subscribe(*t)));
-        self.wanted.extend(deactivated.iter().map(|m| Change::Deactivate(*m)));
+        self.wanted.extend(
+            redirected
+                .iter()
+                .map(|(mid, direction)| Change::Direction(*mid, *direction)),
+        );
     }
 }
 
@@ -259,14 +263,17 @@ struct Subscription {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
     Subscribe(TrackId),
-    /// Stop sending on one of our m-lines (its track is gone).
-    Deactivate(Mid),
+    /// A new direction for one of our m-lines: `Inactive` when its track is
+    /// gone; `RecvOnly` for the m-lines of our first offer to a callee who
+    /// turned out multi-stream (matrix-js-sdk rings only for an offer that
+    /// brings a stream, so it went out both ways; this ends the silent feed).
+    Direction(Mid, Direction),
 }
 
 struct PendingOffer {
     pending: SdpPendingOffer,
     added: Vec<(Mid, TrackId)>,
-    deactivated: Vec<Mid>,
+    redirected: Vec<(Mid, Direction)>,
     /// M-lines of a first offer of ours (we called the peer), which the peer
     /// publishes on. str0m announces m-lines it was offered, not those it
     /// offered, so these are published when the answer comes.
@@ -589,7 +596,7 @@ impl Sfu {
         let pending = PendingOffer {
             pending,
             added: Vec::new(),
-            deactivated: Vec::new(),
+            redirected: Vec::new(),
             own: own.to_vec(),
         };
         let offer = own_msid(&offer.to_sdp_string(), &stream);
@@ -654,7 +661,7 @@ impl Sfu {
             return Ok(None);
         }
         let mut added = Vec::new();
-        let mut deactivated = Vec::new();
+        let mut redirected = Vec::new();
         let mut api = session.rtc.sdp_api();
         for change in std::mem::take(&mut session.wanted) {
             match change {
@@ -677,9 +684,9 @@ impl Sfu {
                     );
                     added.push((mid, track_id));
                 }
-                Change::Deactivate(mid) => {
-                    api.set_direction(mid, Direction::Inactive);
-                    deactivated.push(mid);
+                Change::Direction(mid, direction) => {
+                    api.set_direction(mid, direction);
+                    redirected.push((mid, direction));
                 }
             }
         }
@@ -689,7 +696,7 @@ impl Sfu {
         session.pending = Some(PendingOffer {
             pending,
             added,
-            deactivated,
+            redirected,
             own: Vec::new(),
         });
         let sdp = own_msid(&offer.to_sdp_string(), &session_stream(&session.participant));
@@ -713,21 +720,33 @@ impl Sfu {
         let PendingOffer {
             pending,
             added,
-            deactivated,
+            redirected,
             own,
         } = pending;
         if let Err(e) = session.rtc.sdp_api().accept_answer(pending, answer) {
             // Our changes did not take: ask for them again in the next offer.
-            session.requeue(&added, &deactivated);
+            session.requeue(&added, &redirected);
             return Err(e.into());
         }
+        // A callee's m-lines of our first offer carry nothing of ours unless
+        // it becomes single-stream (which drops these changes).
+        session.wanted.extend(
+            own.iter()
+                .filter(|(mid, _)| {
+                    session
+                        .rtc
+                        .media(*mid)
+                        .is_some_and(|m| m.direction() == Direction::SendRecv)
+                })
+                .map(|(mid, _)| Change::Direction(*mid, Direction::RecvOnly)),
+        );
         let publishes: Vec<(Mid, MediaKind, Direction)> = own
             .into_iter()
             .filter_map(|(mid, kind)| session.rtc.media(mid).map(|m| (mid, kind, m.direction())))
             .collect();
         for (mid, track_id) in added {
             let Some(track) = self.tracks.get_mut(&track_id) else {
-                session.wanted.push(Change::Deactivate(mid));
+                session.wanted.push(Change::Direction(mid, Direction::Inactive));
                 continue;
             };
             let video = track.kind == MediaKind::Video;
@@ -783,7 +802,7 @@ impl Sfu {
         };
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if let Some(pending) = session.pending.take() {
-            session.requeue(&pending.added, &pending.deactivated);
+            session.requeue(&pending.added, &pending.redirected);
         }
         let answer = session.rtc.sdp_api().accept_offer(offer)?;
         let answer = own_msid(&answer.to_sdp_string(), &session_stream(&session.participant));
@@ -1486,7 +1505,10 @@ impl Sfu {
             return;
         };
         session.single_stream = true;
-        session.wanted.retain(|c| !matches!(c, Change::Subscribe(_)));
+        // Nothing to subscribe to, and its own m-lines keep sending (the mix).
+        session
+            .wanted
+            .retain(|c| !matches!(c, Change::Subscribe(_) | Change::Direction(_, Direction::RecvOnly)));
         // Bind a subscription to each of its own m-lines we can send on.
         let own: Vec<(Mid, MediaKind)> = session
             .published
@@ -1604,7 +1626,7 @@ impl Sfu {
                     continue;
                 }
                 subscriber.subscriptions.remove(&mid);
-                subscriber.wanted.push(Change::Deactivate(mid));
+                subscriber.wanted.push(Change::Direction(mid, Direction::Inactive));
                 self.out.stats.subscriptions = self.out.stats.subscriptions.saturating_sub(1);
                 if subscriber.rtc.is_connected() && subscriber.pending.is_none() {
                     self.events.push_back(SfuEvent::NegotiationNeeded(sub_id));

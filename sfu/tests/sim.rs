@@ -641,6 +641,13 @@ fn a_session_the_sfu_offers_publishes_and_subscribes() {
             assert!(n > 40, "{} receives {other}'s {kind}: {n}", world.clients[me].name);
         }
     }
+    // The renegotiation that brought bob turned our first offer's m-lines
+    // receive-only: carol only sends there now (no silent stream of ours).
+    let (audio, video) = world.clients[carol].own_mids;
+    for mid in [audio, video] {
+        let direction = world.clients[carol].rtc.media(mid).expect("m-line").direction();
+        assert_eq!(direction, str0m::media::Direction::SendOnly, "carol's m-line {mid}");
+    }
 }
 
 /// A called client that cannot renegotiate (it answered with version 0) gets

@@ -551,14 +551,19 @@ async function jsSdkCalls(ctx, browser, script) {
       throw new Error(`${e.message}; the call: ${JSON.stringify(seen)}`);
     });
   }
+  // matrix-js-sdk rings only for an offer that brings a stream, so the bot's
+  // offer sends one (labelled as the bot's) on its two m-lines; the
+  // renegotiation that brings amy turns them receive-only, which ends that
+  // silent feed: one feed each.
   for (const u of users) {
-    const s = await status(u);
-    log(`${u.name} (matrix-js-sdk, dial-in):`, JSON.stringify(s));
-    // matrix-js-sdk rings only for an offer that brings a stream, so the
-    // bot's offer sends one (labelled as the bot's) on its two m-lines: the
-    // callee shows it beside the others' streams, the caller does not.
-    const feeds = u === amy ? 1 : 2;
-    if (s.remoteFeeds.length !== feeds) throw new Error(`${u.name} has ${s.remoteFeeds.length} remote feeds after the dial-in, not ${feeds}`);
+    let seen;
+    await until(`${u.name} to have exactly one remote feed after the dial-in`, async () => {
+      seen = await status(u);
+      return seen.remoteFeeds.length === 1;
+    }).catch((e) => {
+      throw new Error(`${e.message}; the call: ${JSON.stringify(seen)}`);
+    });
+    log(`${u.name} (matrix-js-sdk, dial-in):`, JSON.stringify(seen));
     await u.page.screenshot({ path: join(outDir, `js-sdk-conference-dial-in-${u.name}.png`) });
   }
   if (pageErrors.length) throw new Error(`matrix-js-sdk threw: ${pageErrors.join("; ")}`);
