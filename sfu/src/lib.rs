@@ -29,6 +29,7 @@
 
 mod codec;
 pub mod forwarder;
+mod sdp;
 pub mod simulcast;
 mod single_stream;
 pub mod speaker;
@@ -38,6 +39,7 @@ pub use mixer::{MixerConfig, MixerStats};
 pub use stats::{DelayHistogram, DropReason, SessionStats, ShardStats};
 
 use forwarder::{Forwarder, InPacket, Skip};
+use sdp::{msid_token, offer_prefers_h264, own_msid, publish_only, session_stream};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
@@ -383,58 +385,6 @@ fn rtc_config(prefer_h264: bool, estimate_bandwidth: bool) -> RtcConfig {
         .set_send_buffer_video(VIDEO_SEND_BUFFER)
 }
 
-/// `offer` with its two-way m-lines made send-only (`a=sendrecv` →
-/// `a=sendonly`), except those whose mid `keep` names: our answer then says
-/// `recvonly` there. Line endings are kept.
-fn publish_only(offer: &str, keep: impl Fn(&str) -> bool) -> String {
-    let mut out = String::with_capacity(offer.len());
-    let mut section: Vec<&str> = Vec::new();
-    let flush = |section: &mut Vec<&str>, out: &mut String| {
-        let mid = section.iter().find_map(|l| l.trim_end().strip_prefix("a=mid:"));
-        let media = section.first().is_some_and(|l| l.starts_with("m="));
-        let rewrite = media && !mid.is_some_and(&keep);
-        for line in section.drain(..) {
-            match line.strip_prefix("a=sendrecv") {
-                Some(end) if rewrite => {
-                    out.push_str("a=sendonly");
-                    out.push_str(end);
-                }
-                _ => out.push_str(line),
-            }
-        }
-    };
-    for line in offer.split_inclusive('\n') {
-        if line.starts_with("m=") {
-            flush(&mut section, &mut out);
-        }
-        section.push(line);
-    }
-    flush(&mut section, &mut out);
-    out
-}
-
-/// Whether an offer's first video m-line lists H.264 before VP8.
-fn offer_prefers_h264(sdp: &str) -> bool {
-    let mut lines = sdp.lines().map(str::trim);
-    let Some(m_line) = lines.find(|l| l.starts_with("m=video")) else {
-        return false;
-    };
-    let order: Vec<&str> = m_line.split_whitespace().skip(3).collect();
-    let mut codec_of = std::collections::HashMap::new();
-    for line in lines.take_while(|l| !l.starts_with("m=")) {
-        if let Some(rtpmap) = line.strip_prefix("a=rtpmap:")
-            && let Some((pt, codec)) = rtpmap.split_once(' ')
-        {
-            codec_of.insert(pt, codec.split('/').next().unwrap_or("").to_ascii_uppercase());
-        }
-    }
-    order
-        .iter()
-        .filter_map(|pt| codec_of.get(pt))
-        .find(|codec| *codec == "VP8" || *codec == "H264")
-        .is_some_and(|codec| codec == "H264")
-}
-
 /// Packets of history kept per outgoing video stream for NACK/RTX.
 const VIDEO_SEND_BUFFER: usize = 256;
 
@@ -451,60 +401,6 @@ const TIMERS_PER_CALL: usize = 32;
 
 /// How often subscribers' simulcast layers are re-evaluated.
 const LAYER_CHECK_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Turns anything into an msid token (RFC 8830: no spaces, at most 64 chars).
-/// Our msid stream id for what a session gets on m-lines both sides send on
-/// (the SFU's offer to a callee, a single-stream caller's own m-lines).
-fn session_stream(participant: &Participant) -> String {
-    msid_token(&format!("sb-{}", participant.user_id))
-}
-
-/// `answer` with our stream id in the msid of its two-way m-lines: str0m
-/// repeats the offer's own msid there, and a browser would then receive a
-/// stream with the id of the one it sends (matrix-js-sdk drops it as a feed
-/// it already has). Tracks become `<stream>-<mid>`; line endings are kept.
-fn own_msid(answer: &str, stream: &str) -> String {
-    let mut out = String::with_capacity(answer.len());
-    let mut section: Vec<&str> = Vec::new();
-    let flush = |section: &mut Vec<&str>, out: &mut String| {
-        let two_way = section.first().is_some_and(|l| l.starts_with("m="))
-            && section.iter().any(|l| l.trim_end() == "a=sendrecv");
-        let mid = section
-            .iter()
-            .find_map(|l| l.trim_end().strip_prefix("a=mid:"))
-            .unwrap_or("");
-        for line in section.drain(..) {
-            let body = line.trim_end();
-            let end = &line[body.len()..];
-            let ssrc_msid = body
-                .strip_prefix("a=ssrc:")
-                .and_then(|rest| rest.split_once(" msid:"))
-                .map(|(ssrc, _)| ssrc);
-            if two_way && body.starts_with("a=msid:") {
-                out.push_str(&format!("a=msid:{stream} {stream}-{mid}{end}"));
-            } else if let (true, Some(ssrc)) = (two_way, ssrc_msid) {
-                out.push_str(&format!("a=ssrc:{ssrc} msid:{stream} {stream}-{mid}{end}"));
-            } else {
-                out.push_str(line);
-            }
-        }
-    };
-    for line in answer.split_inclusive('\n') {
-        if line.starts_with("m=") {
-            flush(&mut section, &mut out);
-        }
-        section.push(line);
-    }
-    flush(&mut section, &mut out);
-    out
-}
-
-fn msid_token(raw: &str) -> String {
-    raw.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "-_.+".contains(*c))
-        .take(64)
-        .collect()
-}
 
 impl Sfu {
     pub fn new(config: SfuConfig) -> Self {
@@ -1714,52 +1610,5 @@ fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
                 return;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{offer_prefers_h264, own_msid, publish_only};
-
-    #[test]
-    fn two_way_m_lines_of_an_answer_name_our_stream() {
-        let answer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\n\
-            a=msid:cam t1\r\na=ssrc:5 cname:x\r\na=ssrc:5 msid:cam t1\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendonly\r\na=msid:pub t2\r\n";
-        assert_eq!(
-            own_msid(answer, "sb-x"),
-            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\n\
-            a=msid:sb-x sb-x-0\r\na=ssrc:5 cname:x\r\na=ssrc:5 msid:sb-x sb-x-0\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendonly\r\na=msid:pub t2\r\n"
-        );
-    }
-
-    #[test]
-    fn publish_only_rewrites_two_way_m_lines_but_the_kept_ones() {
-        let offer = "v=0\r\na=group:BUNDLE 0 1 2\r\na=sendrecv\r\n\
-            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\na=mid:0\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=recvonly\r\n";
-        let out = publish_only(offer, |mid| mid == "1");
-        assert_eq!(
-            out,
-            "v=0\r\na=group:BUNDLE 0 1 2\r\na=sendrecv\r\n\
-            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\na=mid:0\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=recvonly\r\n"
-        );
-        assert_eq!(publish_only("", |_| false), "");
-    }
-
-    #[test]
-    fn codec_preference_of_an_offer() {
-        let vp8_first = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96 102\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:102 H264/90000\r\n";
-        let h264_first =
-            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 102 96\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:102 h264/90000\r\n";
-        assert!(!offer_prefers_h264(vp8_first));
-        assert!(offer_prefers_h264(h264_first));
-        assert!(!offer_prefers_h264("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"));
-        assert!(!offer_prefers_h264(""));
     }
 }
