@@ -9,6 +9,10 @@ use std::time::Duration;
 /// Sends are retried this many times on network errors and 5xx/429 answers.
 const SEND_ATTEMPTS: u32 = 5;
 
+/// The longest wait a `429`'s `retry_after_ms` gets (a rate-limited bot is
+/// slow; a homeserver asking for minutes is treated as this).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(20);
+
 #[derive(Debug, Clone)]
 pub struct MatrixClient {
     http: reqwest::Client,
@@ -211,13 +215,26 @@ impl MatrixClient {
                     let body: Value = response.json().await?;
                     return Ok(body["event_id"].as_str().unwrap_or_default().to_string());
                 }
-                Ok(response) if response.status().is_client_error() && response.status().as_u16() != 429 => {
+                Ok(response) if response.status().as_u16() == 429 => {
+                    // M_LIMIT_EXCEEDED: wait as long as the homeserver asks.
+                    let body: Value = response.json().await.unwrap_or_default();
+                    let asked = body["retry_after_ms"].as_u64().map(Duration::from_millis);
+                    tracing::debug!(attempt, ?asked, "rate-limited, retrying");
+                    if attempt < SEND_ATTEMPTS {
+                        tokio::time::sleep(asked.unwrap_or(delay).min(MAX_RETRY_AFTER)).await;
+                    }
+                    delay *= 2;
+                    continue;
+                }
+                Ok(response) if response.status().is_client_error() => {
                     bail!("sending {event_type} to {room_id} refused: {}", response.status());
                 }
                 Ok(response) => tracing::debug!(attempt, status = %response.status(), "send failed, retrying"),
                 Err(e) => tracing::debug!(attempt, error = %e, "send failed, retrying"),
             }
-            tokio::time::sleep(delay).await;
+            if attempt < SEND_ATTEMPTS {
+                tokio::time::sleep(delay).await;
+            }
             delay *= 2;
         }
         bail!("sending {event_type} to {room_id} failed {SEND_ATTEMPTS} times")
@@ -235,4 +252,60 @@ pub fn encode(segment: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MatrixClient;
+    use axum::Json;
+    use axum::http::StatusCode;
+    use axum::routing::{get, put};
+    use serde_json::{Value, json};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// A homeserver that rate-limits the first two sends (asking for 300 ms)
+    /// and takes the third: the send waits as asked and succeeds.
+    #[tokio::test]
+    async fn a_rate_limited_send_waits_as_asked_and_goes_through() {
+        let sends = Arc::new(AtomicU32::new(0));
+        let counter = Arc::clone(&sends);
+        let app = axum::Router::new()
+            .route(
+                "/_matrix/client/v3/account/whoami",
+                get(|| async { Json(json!({"user_id": "@bot:hs", "device_id": "D"})) }),
+            )
+            .route(
+                "/_matrix/client/v3/rooms/{room}/send/{kind}/{txn}",
+                put(move || {
+                    let counter = Arc::clone(&counter);
+                    async move {
+                        if counter.fetch_add(1, Ordering::SeqCst) < 2 {
+                            let limited = json!({"errcode": "M_LIMIT_EXCEEDED", "error": "Too many requests",
+                                "retry_after_ms": 300});
+                            (StatusCode::TOO_MANY_REQUESTS, Json(limited))
+                        } else {
+                            (StatusCode::OK, Json(json!({"event_id": "$sent"})))
+                        }
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = MatrixClient::with_token(&base, "token").await.expect("whoami");
+        let started = Instant::now();
+        let event_id = client
+            .send("!r:hs", "m.call.answer", "txn1", &Value::Null)
+            .await
+            .expect("sent after the limits");
+        assert_eq!(event_id, "$sent");
+        assert_eq!(sends.load(Ordering::SeqCst), 3);
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "waited {:?}",
+            started.elapsed()
+        );
+    }
 }

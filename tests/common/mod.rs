@@ -98,11 +98,14 @@ impl BinaryServer {
 
 /// Synapse, the reference Matrix homeserver (from PyPI, installed into
 /// `target/synapse` by scripts/test.sh; `SYNAPSE_PYTHON` names another Python
-/// that has it), on a free loopback port with open registration and no rate
-/// limits, its state in a temporary directory.
+/// that has it), on a free loopback port with open registration, its state in
+/// a temporary directory. Its default rate limit on sending events stays; the
+/// others (registration, login, joins, invites) are lifted for the tests.
 pub struct Synapse {
     _child: tokio::process::Child,
     pub base: String,
+    python: PathBuf,
+    config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -150,7 +153,6 @@ impl Synapse {
             .replace("    - ::1\n", "")
             .replace("port: 8008", &format!("port: {port}"))
             + "\nenable_registration: true\nenable_registration_without_verification: true\n\
-               rc_message: {per_second: 10000, burst_count: 10000}\n\
                rc_registration: {per_second: 10000, burst_count: 10000}\n\
                rc_joins: {local: {per_second: 10000, burst_count: 10000}}\n\
                rc_invites: {per_room: {per_second: 10000, burst_count: 10000}, \
@@ -180,6 +182,7 @@ impl Synapse {
             .kill_on_drop(true)
             .spawn()
             .expect("start Synapse");
+        let config = config.clone();
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         for _ in 0..300 {
@@ -192,6 +195,8 @@ impl Synapse {
                 return Self {
                     _child: child,
                     base,
+                    python,
+                    config,
                     _dir: dir,
                 };
             }
@@ -199,6 +204,49 @@ impl Synapse {
         }
         let log = std::fs::read_to_string(dir.path().join("stdout.log")).unwrap_or_default();
         panic!("Synapse did not answer within 60 s:\n{log}");
+    }
+
+    /// Lifts Synapse's event rate limit for `user_id`, as an operator does for
+    /// the conference bot (its admin API, with an admin made by Synapse's own
+    /// `register_new_matrix_user`).
+    pub async fn exempt_from_rate_limits(&self, user_id: &str) {
+        let tool = self.python.with_file_name("register_new_matrix_user");
+        let made = tokio::process::Command::new(&tool)
+            .args(["-u", "admin", "-p", "admin password", "-a", "-c"])
+            .arg(&self.config)
+            .arg(&self.base)
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .expect("run register_new_matrix_user");
+        assert!(made.success(), "register_new_matrix_user failed");
+        let mut admin = Client::new(&self.base);
+        let (status, login) = admin
+            .post(
+                "/login",
+                json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "admin"},
+                       "password": "admin password"}),
+            )
+            .await;
+        assert_eq!(status, 200, "admin login: {login}");
+        admin.adopt(&login);
+        let response = admin
+            .http
+            .post(format!(
+                "{}/_synapse/admin/v1/users/{}/override_ratelimit",
+                self.base,
+                enc(user_id)
+            ))
+            .bearer_auth(admin.token.as_deref().unwrap_or_default())
+            .json(&json!({"messages_per_second": 0, "burst_count": 0}))
+            .send()
+            .await
+            .expect("override_ratelimit");
+        assert!(
+            response.status().is_success(),
+            "override_ratelimit: {}",
+            response.status()
+        );
     }
 }
 
