@@ -3,10 +3,11 @@
 //! homeserver (ours in all-in-one mode, Synapse or tuwunel otherwise).
 
 use anyhow::{Context, Result, bail};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
 
-/// Sends are retried this many times on network errors and 5xx/429 answers.
+/// Requests are tried at most this many times (see [`MatrixClient::request`]).
 const SEND_ATTEMPTS: u32 = 5;
 
 /// The longest wait a `429`'s `retry_after_ms` gets (a rate-limited bot is
@@ -155,16 +156,9 @@ impl MatrixClient {
 
     pub async fn join(&self, room_id: &str) -> Result<()> {
         let url = self.url(&format!("/rooms/{}/join", encode(room_id)));
-        let response = self
-            .http
-            .post(url)
-            .bearer_auth(&self.token)
-            .json(&json!({}))
-            .send()
-            .await?;
-        if !response.status().is_success() {
-            bail!("joining {room_id} failed: {}", response.status());
-        }
+        self.request(Method::POST, &url, &json!({}), Retry::Idempotent)
+            .await
+            .with_context(|| format!("joining {room_id}"))?;
         Ok(())
     }
 
@@ -181,21 +175,11 @@ impl MatrixClient {
 
     /// Creates a room (`body` as `/createRoom` takes it) and returns its id.
     pub async fn create_room(&self, body: &Value) -> Result<String> {
-        let response = self
-            .http
-            .post(self.url("/createRoom"))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await?;
-        let status = response.status();
-        let answer: Value = response.json().await.context("createRoom answer")?;
-        if !status.is_success() {
-            bail!(
-                "creating a room failed: {status} {}",
-                answer["errcode"].as_str().unwrap_or("")
-            );
-        }
+        // Not idempotent: retried only when the server refused it for now (429).
+        let answer = self
+            .request(Method::POST, &self.url("/createRoom"), body, Retry::RateLimitOnly)
+            .await
+            .context("creating a room")?;
         Ok(answer["room_id"].as_str().context("room_id")?.to_string())
     }
 
@@ -208,37 +192,69 @@ impl MatrixClient {
             encode(event_type),
             encode(txn_id)
         ));
+        let answer = self
+            .request(Method::PUT, &url, content, Retry::Idempotent)
+            .await
+            .with_context(|| format!("sending {event_type} to {room_id}"))?;
+        Ok(answer["event_id"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// One request, its JSON answer on success. A `429` is waited out as long
+    /// as its `retry_after_ms` asks (the server did nothing); network errors
+    /// and 5xx answers are retried only for idempotent requests; other errors
+    /// end it with their status and `errcode`.
+    async fn request(&self, method: Method, url: &str, body: &Value, retry: Retry) -> Result<Value> {
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=SEND_ATTEMPTS {
-            match self.http.put(&url).bearer_auth(&self.token).json(content).send().await {
+            let last = attempt == SEND_ATTEMPTS;
+            let sent = self
+                .http
+                .request(method.clone(), url)
+                .bearer_auth(&self.token)
+                .json(body)
+                .send()
+                .await;
+            let wait = match sent {
                 Ok(response) if response.status().is_success() => {
-                    let body: Value = response.json().await?;
-                    return Ok(body["event_id"].as_str().unwrap_or_default().to_string());
+                    return Ok(response.json().await.unwrap_or_default());
                 }
-                Ok(response) if response.status().as_u16() == 429 => {
-                    // M_LIMIT_EXCEEDED: wait as long as the homeserver asks.
-                    let body: Value = response.json().await.unwrap_or_default();
-                    let asked = body["retry_after_ms"].as_u64().map(Duration::from_millis);
+                Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+                    let answer: Value = response.json().await.unwrap_or_default();
+                    let asked = answer["retry_after_ms"].as_u64().map(Duration::from_millis);
                     tracing::debug!(attempt, ?asked, "rate-limited, retrying");
-                    if attempt < SEND_ATTEMPTS {
-                        tokio::time::sleep(asked.unwrap_or(delay).min(MAX_RETRY_AFTER)).await;
-                    }
-                    delay *= 2;
-                    continue;
+                    asked.unwrap_or(delay).min(MAX_RETRY_AFTER)
                 }
-                Ok(response) if response.status().is_client_error() => {
-                    bail!("sending {event_type} to {room_id} refused: {}", response.status());
+                Ok(response) if response.status().is_client_error() || retry == Retry::RateLimitOnly => {
+                    let status = response.status();
+                    let answer: Value = response.json().await.unwrap_or_default();
+                    bail!("refused: {status} {}", answer["errcode"].as_str().unwrap_or(""));
                 }
-                Ok(response) => tracing::debug!(attempt, status = %response.status(), "send failed, retrying"),
-                Err(e) => tracing::debug!(attempt, error = %e, "send failed, retrying"),
-            }
-            if attempt < SEND_ATTEMPTS {
-                tokio::time::sleep(delay).await;
+                Err(e) if retry == Retry::RateLimitOnly => return Err(e.into()),
+                Ok(response) => {
+                    tracing::debug!(attempt, status = %response.status(), "request failed, retrying");
+                    delay
+                }
+                Err(e) => {
+                    tracing::debug!(attempt, error = %e, "request failed, retrying");
+                    delay
+                }
+            };
+            if !last {
+                tokio::time::sleep(wait).await;
             }
             delay *= 2;
         }
-        bail!("sending {event_type} to {room_id} failed {SEND_ATTEMPTS} times")
+        bail!("failed {SEND_ATTEMPTS} times")
     }
+}
+
+/// Which failures a request may be repeated after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Network errors, 5xx and 429: repeating it changes nothing.
+    Idempotent,
+    /// Only 429 (refused before anything happened).
+    RateLimitOnly,
 }
 
 /// Percent-encodes a path segment.
@@ -307,5 +323,47 @@ mod tests {
             "waited {:?}",
             started.elapsed()
         );
+    }
+
+    /// Creating a room is not idempotent: a server error is not repeated (it
+    /// may have made the room), where a join would be.
+    #[tokio::test]
+    async fn a_failed_create_room_is_not_repeated_but_a_join_is() {
+        let creates = Arc::new(AtomicU32::new(0));
+        let joins = Arc::new(AtomicU32::new(0));
+        let (c, j) = (Arc::clone(&creates), Arc::clone(&joins));
+        let app = axum::Router::new()
+            .route(
+                "/_matrix/client/v3/account/whoami",
+                get(|| async { Json(json!({"user_id": "@bot:hs", "device_id": "D"})) }),
+            )
+            .route(
+                "/_matrix/client/v3/createRoom",
+                axum::routing::post(move || {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    async { (StatusCode::BAD_GATEWAY, Json(json!({}))) }
+                }),
+            )
+            .route(
+                "/_matrix/client/v3/rooms/{room}/join",
+                axum::routing::post(move || {
+                    let first = j.fetch_add(1, Ordering::SeqCst) == 0;
+                    async move {
+                        if first {
+                            (StatusCode::BAD_GATEWAY, Json(json!({})))
+                        } else {
+                            (StatusCode::OK, Json(json!({"room_id": "!r:hs"})))
+                        }
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = MatrixClient::with_token(&base, "token").await.expect("whoami");
+        assert!(client.create_room(&json!({})).await.is_err());
+        assert_eq!(creates.load(Ordering::SeqCst), 1);
+        client.join("!r:hs").await.expect("joined on the second try");
+        assert_eq!(joins.load(Ordering::SeqCst), 2);
     }
 }
