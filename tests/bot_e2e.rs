@@ -554,12 +554,10 @@ async fn the_bot_attached_to_synapse() {
     };
     let probe = Client::new(&synapse.base);
     let bot_id = format!("@conference:{}", Synapse::SERVER_NAME);
-    for _ in 0..100 {
-        if probe.get(&format!("/profile/{}", enc(&bot_id))).await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_async("the bot registers itself on Synapse", || async {
+        probe.get(&format!("/profile/{}", enc(&bot_id))).await.0 == 200
+    })
+    .await;
     // Synapse's default limit on sending events (0.2 a second after a burst
     // of 10) would hold a bot that answers and renegotiates for everyone: the
     // operator lifts it for the bot (README), as here.

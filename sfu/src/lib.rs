@@ -625,7 +625,11 @@ impl Sfu {
             return Err(e.into());
         }
         // A callee's m-lines of our first offer carry nothing of ours unless
-        // it becomes single-stream (which drops these changes).
+        // it becomes single-stream (which drops these changes); its own later
+        // offers are then read as publish-only too.
+        if !own.is_empty() && !session.single_stream {
+            session.own_lines = OwnLines::PublishOnly;
+        }
         session.wanted.extend(
             own.iter()
                 .filter(|(mid, _)| {
@@ -1401,6 +1405,7 @@ impl Sfu {
             return;
         };
         session.single_stream = true;
+        session.own_lines = OwnLines::BothWays;
         // Nothing to subscribe to, and its own m-lines keep sending (the mix).
         session
             .wanted

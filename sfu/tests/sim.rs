@@ -644,10 +644,22 @@ fn a_session_the_sfu_offers_publishes_and_subscribes() {
     // The renegotiation that brought bob turned our first offer's m-lines
     // receive-only: carol only sends there now (no silent stream of ours).
     let (audio, video) = world.clients[carol].own_mids;
-    for mid in [audio, video] {
-        let direction = world.clients[carol].rtc.media(mid).expect("m-line").direction();
-        assert_eq!(direction, str0m::media::Direction::SendOnly, "carol's m-line {mid}");
-    }
+    let directions =
+        |world: &World| [audio, video].map(|mid| world.clients[carol].rtc.media(mid).expect("m-line").direction());
+    assert_eq!(directions(&world), [str0m::media::Direction::SendOnly; 2]);
+    // Her own offer (a browser keeps those transceivers `sendrecv`) does not
+    // bring our silent stream back, and everyone still gets everyone.
+    world.reoffer_two_way(carol);
+    world.run(Duration::from_secs(1));
+    assert_eq!(directions(&world), [str0m::media::Direction::SendOnly; 2]);
+    let before = world.received_from(bob)[&("@carol:test".to_string(), MediaKind::Audio)]
+        .packets
+        .len();
+    world.run(Duration::from_secs(1));
+    let after = world.received_from(bob)[&("@carol:test".to_string(), MediaKind::Audio)]
+        .packets
+        .len();
+    assert!(after > before + 20, "bob still receives carol: {before} → {after}");
 }
 
 /// A called client that cannot renegotiate (it answered with version 0) gets

@@ -10,9 +10,10 @@ use std::time::Duration;
 /// Requests are tried at most this many times (see [`MatrixClient::request`]).
 const SEND_ATTEMPTS: u32 = 5;
 
-/// The longest wait a `429`'s `retry_after_ms` gets (a rate-limited bot is
-/// slow; a homeserver asking for minutes is treated as this).
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(20);
+/// The longest a request waits between its attempts in all: the bot acts on
+/// one thing at a time, so a homeserver asking for minutes (a `429`'s
+/// `retry_after_ms`) must not hold every other call that long.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone)]
 pub struct MatrixClient {
@@ -205,8 +206,9 @@ impl MatrixClient {
     /// end it with their status and `errcode`.
     async fn request(&self, method: Method, url: &str, body: &Value, retry: Retry) -> Result<Value> {
         let mut delay = Duration::from_millis(100);
+        let mut waited = Duration::ZERO;
+        let mut failure = String::new();
         for attempt in 1..=SEND_ATTEMPTS {
-            let last = attempt == SEND_ATTEMPTS;
             let sent = self
                 .http
                 .request(method.clone(), url)
@@ -222,7 +224,8 @@ impl MatrixClient {
                     let answer: Value = response.json().await.unwrap_or_default();
                     let asked = answer["retry_after_ms"].as_u64().map(Duration::from_millis);
                     tracing::debug!(attempt, ?asked, "rate-limited, retrying");
-                    asked.unwrap_or(delay).min(MAX_RETRY_AFTER)
+                    failure = format!("429 {}", answer["errcode"].as_str().unwrap_or(""));
+                    asked.unwrap_or(delay)
                 }
                 Ok(response) if response.status().is_client_error() || retry == Retry::RateLimitOnly => {
                     let status = response.status();
@@ -232,19 +235,23 @@ impl MatrixClient {
                 Err(e) if retry == Retry::RateLimitOnly => return Err(e.into()),
                 Ok(response) => {
                     tracing::debug!(attempt, status = %response.status(), "request failed, retrying");
+                    failure = response.status().to_string();
                     delay
                 }
                 Err(e) => {
                     tracing::debug!(attempt, error = %e, "request failed, retrying");
+                    failure = e.to_string();
                     delay
                 }
             };
-            if !last {
-                tokio::time::sleep(wait).await;
+            if attempt == SEND_ATTEMPTS || waited + wait > MAX_RETRY_WAIT {
+                break;
             }
+            tokio::time::sleep(wait).await;
+            waited += wait;
             delay *= 2;
         }
-        bail!("failed {SEND_ATTEMPTS} times")
+        bail!("gave up after retrying for {waited:?}: {failure}")
     }
 }
 

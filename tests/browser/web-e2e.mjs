@@ -521,6 +521,12 @@ async function jsSdkCalls(ctx, browser, script) {
       const s = await status(u);
       log(`${u.name} (matrix-js-sdk, ${mode}):`, JSON.stringify(s));
       if (s.remoteFeeds.length !== 1) throw new Error(`${u.name} has ${s.remoteFeeds.length} remote feeds in ${mode}`);
+      // Multi-stream: the other's own stream (its msid, which the SFU
+      // prefixes to keep publishers apart); single-stream: the bot's mix.
+      const other = (await status(users.find((o) => o !== u))).localStreams;
+      const stream = s.remoteFeeds[0].stream;
+      const right = mode === "multi_stream" ? other.some((id) => stream.endsWith(`-${id}`)) : stream.startsWith("sb-");
+      if (!right) throw new Error(`${u.name}'s feed in ${mode} is stream ${stream} (the other sends ${other})`);
       await u.page.screenshot({ path: join(outDir, `js-sdk-conference-${mode}-${u.name}.png`) });
     }
     if (pageErrors.length) throw new Error(`matrix-js-sdk threw: ${pageErrors.join("; ")}`);
@@ -564,6 +570,13 @@ async function jsSdkCalls(ctx, browser, script) {
       throw new Error(`${e.message}; the call: ${JSON.stringify(seen)}`);
     });
     log(`${u.name} (matrix-js-sdk, dial-in):`, JSON.stringify(seen));
+    // Ben publishes on the m-lines of the bot's offer, whose msid is the
+    // bot's for him (`sb-<ben>`); amy on her own.
+    const otherUser = users.find((o) => o !== u);
+    const other = u === amy ? [`sb-sdk${ben.name}localhost`] : (await status(otherUser)).localStreams;
+    if (!other.some((id) => seen.remoteFeeds[0].stream.endsWith(`-${id}`))) {
+      throw new Error(`${u.name}'s feed after the dial-in is not the other's stream: ${JSON.stringify(seen)} vs ${other}`);
+    }
     await u.page.screenshot({ path: join(outDir, `js-sdk-conference-dial-in-${u.name}.png`) });
   }
   if (pageErrors.length) throw new Error(`matrix-js-sdk threw: ${pageErrors.join("; ")}`);

@@ -103,7 +103,9 @@ async function status() {
   return {
     state: call.state,
     hangupReason: call.hangupReason ?? null,
+    localStreams: call.getLocalFeeds().map((feed) => feed.stream.id),
     remoteFeeds: call.getRemoteFeeds().map((feed) => ({
+      stream: feed.stream.id,
       userId: feed.userId,
       purpose: feed.purpose,
       audio: feed.stream.getAudioTracks().length,

@@ -295,6 +295,29 @@ impl World {
     }
 
     /// The client hangs up: the SFU closes its session.
+    /// The client offers again with its own m-lines both ways, as a browser
+    /// does whose transceivers stay `sendrecv` whatever we answered; the SFU
+    /// answers and the client takes the answer.
+    pub fn reoffer_two_way(&mut self, index: usize) {
+        let session = self.clients[index].session.expect("session");
+        let (audio, video) = self.clients[index].own_mids;
+        let mut api = self.clients[index].rtc.sdp_api();
+        api.set_direction(audio, Direction::SendRecv);
+        api.set_direction(video, Direction::SendRecv);
+        let (offer, pending) = api.apply().expect("an offer");
+        let answer = self
+            .sfu
+            .accept_offer(self.now, session, &offer.to_sdp_string())
+            .expect("the SFU answers");
+        self.clients[index]
+            .rtc
+            .sdp_api()
+            .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("answer"))
+            .expect("the client accepts");
+        self.drain_client(index);
+        self.pump_sfu();
+    }
+
     pub fn leave(&mut self, index: usize) {
         if let Some(session) = self.clients[index].session.take() {
             self.sfu.close_session(self.now, session);
