@@ -239,13 +239,9 @@ impl Session {
     }
 
     /// Puts the changes of an offer that did not take back into the queue.
-    fn requeue(&mut self, added: &[(Mid, TrackId)], redirected: &[(Mid, Direction)]) {
+    fn requeue(&mut self, added: &[(Mid, TrackId)], redirected: &[Change]) {
         self.wanted.extend(added.iter().map(|(_, t)| Change::Subscribe(*t)));
-        self.wanted.extend(
-            redirected
-                .iter()
-                .map(|(mid, direction)| Change::Direction(*mid, *direction)),
-        );
+        self.wanted.extend_from_slice(redirected);
     }
 }
 
@@ -265,17 +261,20 @@ struct Subscription {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
     Subscribe(TrackId),
-    /// A new direction for one of our m-lines: `Inactive` when its track is
-    /// gone; `RecvOnly` for the m-lines of our first offer to a callee who
-    /// turned out multi-stream (matrix-js-sdk rings only for an offer that
-    /// brings a stream, so it went out both ways; this ends the silent feed).
+    /// Stop sending on one of our m-lines (`Inactive`: its track is gone).
     Direction(Mid, Direction),
+    /// A new direction for an m-line of our first offer to a callee who
+    /// turned out multi-stream: we stop sending there (matrix-js-sdk rings
+    /// only for an offer that brings a stream, so it went out both ways; this
+    /// ends that silent feed). A single-stream session drops these.
+    OwnLine(Mid, Direction),
 }
 
 struct PendingOffer {
     pending: SdpPendingOffer,
     added: Vec<(Mid, TrackId)>,
-    redirected: Vec<(Mid, Direction)>,
+    /// Direction changes it carries (`Change::Direction` or `OwnLine`).
+    redirected: Vec<Change>,
     /// M-lines of a first offer of ours (we called the peer), which the peer
     /// publishes on. str0m announces m-lines it was offered, not those it
     /// offered, so these are published when the answer comes.
@@ -580,9 +579,9 @@ impl Sfu {
                     );
                     added.push((mid, track_id));
                 }
-                Change::Direction(mid, direction) => {
+                Change::Direction(mid, direction) | Change::OwnLine(mid, direction) => {
                     api.set_direction(mid, direction);
-                    redirected.push((mid, direction));
+                    redirected.push(change);
                 }
             }
         }
@@ -630,15 +629,14 @@ impl Sfu {
         if !own.is_empty() && !session.single_stream {
             session.own_lines = OwnLines::PublishOnly;
         }
+        // (Where it only receives, it answered receive-only: nothing either way then.)
         session.wanted.extend(
             own.iter()
-                .filter(|(mid, _)| {
-                    session
-                        .rtc
-                        .media(*mid)
-                        .is_some_and(|m| m.direction() == Direction::SendRecv)
-                })
-                .map(|(mid, _)| Change::Direction(*mid, Direction::RecvOnly)),
+                .filter_map(|(mid, _)| match session.rtc.media(*mid)?.direction() {
+                    Direction::SendRecv => Some(Change::OwnLine(*mid, Direction::RecvOnly)),
+                    Direction::SendOnly => Some(Change::OwnLine(*mid, Direction::Inactive)),
+                    _ => None,
+                }),
         );
         let publishes: Vec<(Mid, MediaKind, Direction)> = own
             .into_iter()
@@ -1409,7 +1407,7 @@ impl Sfu {
         // Nothing to subscribe to, and its own m-lines keep sending (the mix).
         session
             .wanted
-            .retain(|c| !matches!(c, Change::Subscribe(_) | Change::Direction(_, Direction::RecvOnly)));
+            .retain(|c| !matches!(c, Change::Subscribe(_) | Change::OwnLine(..)));
         // Bind a subscription to each of its own m-lines we can send on.
         let own: Vec<(Mid, MediaKind)> = session
             .published

@@ -32,19 +32,27 @@ fn mid_of<'a>(section: &[&'a str]) -> Option<&'a str> {
 }
 
 /// `offer` with its two-way m-lines made send-only (`a=sendrecv` →
+/// `a=sendonly`; one without a direction attribute, two-way by default, gets
 /// `a=sendonly`), except those whose mid `keep` names: our answer then says
 /// `recvonly` there.
 pub(crate) fn publish_only(offer: &str, keep: impl Fn(&str) -> bool) -> String {
+    const DIRECTIONS: [&str; 4] = ["a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive"];
     edit_sections(offer, |section, out| {
         let media = section.first().is_some_and(|l| l.starts_with("m="));
         let rewrite = media && !mid_of(section).is_some_and(&keep);
-        for line in section {
+        let directed = section.iter().any(|l| DIRECTIONS.contains(&l.trim_end()));
+        for (i, line) in section.iter().enumerate() {
             match line.strip_prefix("a=sendrecv") {
                 Some(end) if rewrite => {
                     out.push_str("a=sendonly");
                     out.push_str(end);
                 }
                 _ => out.push_str(line),
+            }
+            if rewrite && !directed && i == 0 {
+                let end = &line[line.trim_end().len()..];
+                out.push_str("a=sendonly");
+                out.push_str(if end.is_empty() { "\r\n" } else { end });
             }
         }
     })
@@ -147,6 +155,11 @@ mod tests {
             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=recvonly\r\n"
         );
         assert_eq!(publish_only("", |_| false), "");
+        // No direction attribute: two-way by default, so made send-only too.
+        assert_eq!(
+            publish_only("v=0\nm=audio 9 UDP/TLS/RTP/SAVPF 111\na=mid:0\n", |_| false),
+            "v=0\nm=audio 9 UDP/TLS/RTP/SAVPF 111\na=sendonly\na=mid:0\n"
+        );
     }
 
     #[test]
