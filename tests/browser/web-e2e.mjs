@@ -31,7 +31,8 @@ mkdirSync(outDir, { recursive: true });
 
 const log = (...args) => console.log(new Date().toISOString().slice(11, 23), ...args);
 
-/** Polls `probe` until it returns a truthy value; fails after `ms` with `what`. */
+/** Polls `probe` until it returns a truthy value; fails after `ms` with `what`
+ * (at once if the probe throws an error marked `fatal`). */
 async function until(what, probe, ms = 30000) {
   const deadline = Date.now() + ms;
   let last;
@@ -40,6 +41,7 @@ async function until(what, probe, ms = 30000) {
       last = await probe();
       if (last) return last;
     } catch (e) {
+      if (e.fatal) throw e;
       last = e.message;
     }
     if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what} (last: ${JSON.stringify(last)})`);
@@ -509,7 +511,7 @@ async function jsSdkCalls(ctx, browser, script) {
       let seen;
       await until(`${u.name}'s MatrixCall (${mode}) to connect and show a stream with audio and video`, async () => {
         const s = (seen = await status(u));
-        if (s?.state === "ended") throw new Error(`${u.name}'s call ended: ${s.hangupReason}`);
+        if (s?.state === "ended") throw Object.assign(new Error(`${u.name}'s call ended: ${s.hangupReason}`), { fatal: true });
         return s?.state === "connected" && s.remoteFeeds.some((f) => f.audio > 0 && f.video > 0) && s.bytesIn > 20000;
       }, 45000).catch((e) => {
         throw new Error(`${e.message}; the call: ${JSON.stringify(seen)}`);
@@ -551,7 +553,7 @@ async function jsSdkCalls(ctx, browser, script) {
     let seen;
     await until(`${u.name}'s call (dial-in) to show the other's stream`, async () => {
       const s = (seen = await status(u));
-      if (s?.state === "ended") throw new Error(`${u.name}'s call ended: ${s.hangupReason}`);
+      if (s?.state === "ended") throw Object.assign(new Error(`${u.name}'s call ended: ${s.hangupReason}`), { fatal: true });
       return s?.state === "connected" && s.remoteFeeds.some((f) => f.audio > 0 && f.video > 0) && s.bytesIn > 20000;
     }, 45000).catch((e) => {
       throw new Error(`${e.message}; the call: ${JSON.stringify(seen)}`);
