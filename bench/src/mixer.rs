@@ -159,6 +159,7 @@ pub fn run(args: Args) -> Result<()> {
 
     // Single-stream: everyone hears a mix (the speakers a mix-minus).
     let mut world = World::new();
+    world.own_lines = switchboard_sfu::OwnLines::BothWays;
     speakers(&mut world, true);
     for i in 0..listeners {
         let c = world.join(&format!("listener{i}"));
@@ -178,6 +179,7 @@ pub fn run(args: Args) -> Result<()> {
 
     // Baseline: receive-only multi-stream listeners, forwarded the 3 speakers.
     let mut baseline_world = World::new();
+    baseline_world.own_lines = switchboard_sfu::OwnLines::BothWays;
     speakers(&mut baseline_world, false);
     for i in 0..listeners {
         let c = baseline_world.join_receive_only(&format!("listener{i}"));
@@ -210,6 +212,7 @@ pub fn run(args: Args) -> Result<()> {
     let tick = mix.core.as_secs_f64() * 1000.0 / stats.ticks.max(1) as f64;
     // The delay: the speakers, one single-stream and one forwarded listener.
     let mut probes = World::new();
+    probes.own_lines = switchboard_sfu::OwnLines::BothWays;
     let speakers = speakers(&mut probes, true);
     let forwarded = probes.join_receive_only("probe-forwarded");
     probes.clients[forwarded].listen_all = true;

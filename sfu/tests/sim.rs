@@ -528,7 +528,10 @@ fn replayed_media_is_not_forwarded_twice() {
 #[test]
 fn a_single_stream_caller_gets_the_active_speaker_on_its_own_m_lines() {
     let mut world = World::new();
+    // Her own m-lines both ways (the bot's choice for a single-stream caller).
+    world.own_lines = OwnLines::BothWays;
     let alice = world.join("alice");
+    world.own_lines = OwnLines::PublishOnly;
     let bob = world.join("bob");
     let carol = world.join("carol");
     let now = world.now;
@@ -604,6 +607,7 @@ fn a_single_stream_caller_set_before_it_connects() {
     let mut world = World::new();
     let bob = world.join("bob");
     world.run(Duration::from_secs(1));
+    world.own_lines = OwnLines::BothWays;
     let alice = world.join("alice");
     let alice_session = world.clients[alice].session.expect("session");
     let now = world.now;
@@ -749,7 +753,6 @@ fn a_publish_only_callers_own_m_lines_are_answered_receive_only() {
     }
     let mut world = World::new();
     let bob = world.join("bob");
-    world.own_lines = OwnLines::PublishOnly;
     let alice = world.join("alice");
     world.run(Duration::from_secs(3));
     for (me, other) in [(alice, bob), (bob, alice)] {

@@ -8,7 +8,7 @@ use common::World;
 use mixer::analysis::tone_amplitude;
 use std::time::Duration;
 use str0m::media::MediaKind;
-use switchboard_sfu::SfuEvent;
+use switchboard_sfu::{OwnLines, SfuEvent};
 
 /// The amplitude of each frequency in the last second `index` heard.
 fn heard(world: &World, index: usize, freqs: &[f32]) -> Vec<f32> {
@@ -33,6 +33,8 @@ fn single_stream(world: &mut World, index: usize) {
 #[test]
 fn single_stream_callers_hear_everyone_but_themselves() {
     let mut world = World::new();
+    // Any of them may be made single-stream: their own m-lines both ways.
+    world.own_lines = OwnLines::BothWays;
     let freqs = [440.0, 660.0, 1000.0];
     for (i, name) in ["alice", "bob", "carol"].into_iter().enumerate() {
         let index = world.join(name);
@@ -74,6 +76,8 @@ fn single_stream_callers_hear_everyone_but_themselves() {
 #[test]
 fn with_five_speakers_a_listener_hears_the_loudest_three() {
     let mut world = World::new();
+    // Any of them may be made single-stream: their own m-lines both ways.
+    world.own_lines = OwnLines::BothWays;
     let freqs = [400.0, 550.0, 700.0, 850.0, 1000.0];
     let levels = [20, 25, 30, 45, 50];
     for i in 0..5 {
@@ -99,6 +103,8 @@ fn with_five_speakers_a_listener_hears_the_loudest_three() {
 #[test]
 fn a_v0_caller_and_two_multi_stream_callers_receive_each_other() {
     let mut world = World::new();
+    // Any of them may be made single-stream: their own m-lines both ways.
+    world.own_lines = OwnLines::BothWays;
     let freqs = [440.0, 660.0, 1000.0];
     let names = ["alice", "bob", "carol"];
     for (i, name) in names.into_iter().enumerate() {
@@ -133,6 +139,8 @@ fn a_v0_caller_and_two_multi_stream_callers_receive_each_other() {
 #[test]
 fn video_follows_the_speaker_after_the_hold_off_on_a_keyframe_with_continuous_numbers() {
     let mut world = World::new();
+    // Any of them may be made single-stream: their own m-lines both ways.
+    world.own_lines = OwnLines::BothWays;
     let alice = world.join("alice");
     let bob = world.join("bob");
     let carol = world.join("carol");
@@ -212,6 +220,8 @@ fn video_follows_the_speaker_after_the_hold_off_on_a_keyframe_with_continuous_nu
 #[test]
 fn a_brief_interruption_does_not_move_the_video() {
     let mut world = World::new();
+    // Any of them may be made single-stream: their own m-lines both ways.
+    world.own_lines = OwnLines::BothWays;
     let alice = world.join("alice");
     let bob = world.join("bob");
     let carol = world.join("carol");
@@ -254,6 +264,8 @@ fn a_brief_interruption_does_not_move_the_video() {
 #[test]
 fn garbage_opus_from_a_peer_is_concealed_and_counted() {
     let mut world = World::new();
+    // Any of them may be made single-stream: their own m-lines both ways.
+    world.own_lines = OwnLines::BothWays;
     let alice = world.join("alice");
     let bob = world.join("bob");
     let carol = world.join("carol");
@@ -281,6 +293,8 @@ fn garbage_opus_from_a_peer_is_concealed_and_counted() {
 #[test]
 fn a_recording_of_the_room_decodes_to_its_duration_and_content() {
     let mut world = World::new();
+    // Any of them may be made single-stream: their own m-lines both ways.
+    world.own_lines = OwnLines::BothWays;
     let freqs = [500.0, 800.0];
     for (i, name) in ["alice", "bob"].into_iter().enumerate() {
         let index = world.join(name);

@@ -126,8 +126,9 @@ pub struct World {
     pub loss: Option<LossFn>,
     pub events: Vec<(Instant, SfuEvent)>,
     pub room: RoomId,
-    /// What the next joiner's own m-lines carry from the SFU (both ways unless
-    /// a test says otherwise, so any joiner can be made single-stream).
+    /// What the next joiner's own m-lines carry from the SFU: nothing, as for
+    /// the bot's multi-stream callers, unless a test that makes the joiner
+    /// single-stream says both ways.
     pub own_lines: OwnLines,
     /// Wall-clock time spent inside the SFU's calls (for benchmarks).
     pub sfu_busy: Duration,
@@ -155,7 +156,7 @@ impl World {
             loss: None,
             events: Vec::new(),
             room: RoomId("!room:test".into()),
-            own_lines: OwnLines::BothWays,
+            own_lines: OwnLines::PublishOnly,
             sfu_busy: Duration::ZERO,
         }
     }
