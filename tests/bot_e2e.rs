@@ -509,29 +509,8 @@ async fn the_bot_attached_to_a_separate_homeserver() {
     let homeserver = BinaryServer::start(hs_dir.path(), &["homeserver"]).await;
     let bot_dir = tempfile::tempdir().unwrap();
     let mut bot = spawn_bot(&homeserver.base, bot_dir.path());
-    let user = |name: &'static str| {
-        let base = homeserver.base.clone();
-        async move {
-            let mut client = Client::new(&base);
-            client.register(name, "correct horse").await;
-            client
-        }
-    };
-    // The bot registers itself on its first start: wait for its user to exist.
-    let probe = Client::new(&homeserver.base);
-    for _ in 0..100 {
-        if probe.get(&format!("/profile/{}", enc(BOT))).await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    conference(
-        user("alice").await,
-        user("bob").await,
-        user("carol").await,
-        user("dave").await,
-    )
-    .await;
+    wait_for_bot_user(&homeserver.base, BOT).await;
+    conference_of_four(&homeserver.base).await;
     bot.start_kill().unwrap();
 }
 
@@ -544,32 +523,36 @@ async fn the_bot_attached_to_synapse() {
     let synapse = Synapse::start().await;
     let bot_dir = tempfile::tempdir().unwrap();
     let mut bot = spawn_bot(&synapse.base, bot_dir.path());
-    let user = |name: &'static str| {
-        let base = synapse.base.clone();
-        async move {
-            let mut client = Client::new(&base);
-            client.register(name, "correct horse").await;
-            client
-        }
-    };
-    let probe = Client::new(&synapse.base);
     let bot_id = format!("@conference:{}", Synapse::SERVER_NAME);
-    wait_until_async("the bot registers itself on Synapse", || async {
-        probe.get(&format!("/profile/{}", enc(&bot_id))).await.0 == 200
-    })
-    .await;
+    wait_for_bot_user(&synapse.base, &bot_id).await;
     // Synapse's default limit on sending events (0.2 a second after a burst
     // of 10) would hold a bot that answers and renegotiates for everyone: the
     // operator lifts it for the bot (README), as here.
     synapse.exempt_from_rate_limits(&bot_id).await;
-    conference(
-        user("alice").await,
-        user("bob").await,
-        user("carol").await,
-        user("dave").await,
-    )
-    .await;
+    conference_of_four(&synapse.base).await;
     bot.start_kill().unwrap();
+}
+
+/// Waits (bounded) until the bot, which registers itself on its first start,
+/// exists on the homeserver at `base`.
+async fn wait_for_bot_user(base: &str, bot_id: &str) {
+    let probe = Client::new(base);
+    wait_until_async("the bot registers itself", || async {
+        probe.get(&format!("/profile/{}", enc(bot_id))).await.0 == 200
+    })
+    .await;
+}
+
+/// Four users new to the homeserver at `base` call its bot in one room.
+async fn conference_of_four(base: &str) {
+    let mut users = Vec::new();
+    for name in ["alice", "bob", "carol", "dave"] {
+        let mut client = Client::new(base);
+        client.register(name, "correct horse").await;
+        users.push(client);
+    }
+    let [alice, bob, carol, dave]: [Client; 4] = users.try_into().ok().expect("four users");
+    conference(alice, bob, carol, dave).await;
 }
 
 /// `switchboard bot` attached to the homeserver at `base`, its state in `dir`.
@@ -596,13 +579,7 @@ async fn the_bot_resumes_after_a_restart() {
     let homeserver = BinaryServer::start(hs_dir.path(), &["homeserver"]).await;
     let bot_dir = tempfile::tempdir().unwrap();
     let mut bot = spawn_bot(&homeserver.base, bot_dir.path());
-    let probe = Client::new(&homeserver.base);
-    for _ in 0..100 {
-        if probe.get(&format!("/profile/{}", enc(BOT))).await.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_bot_user(&homeserver.base, BOT).await;
     let mut alice = Client::new(&homeserver.base);
     alice.register("alice", "correct horse").await;
     let dm = alice.create_room(json!({"is_direct": true, "invite": [BOT]})).await;

@@ -296,34 +296,44 @@ async fn credentials_from_voip_turn_server_authenticate_all_in_one() {
             format!("turn:127.0.0.1:{port}?transport=tcp"),
         ])
     );
-    let username = body["username"].as_str().expect("username");
-    let password = body["password"].as_str().expect("password");
     // All-in-one on localhost allows loopback peers: everything there is local.
     let peer = echo_peer().await;
-    for transport in [&[][..], &["-t"][..]] {
-        let mut args: Vec<String> = transport.iter().map(|s| s.to_string()).collect();
-        for arg in [
-            "-c",
-            "-n",
-            "50",
-            "-m",
-            "2",
-            "-u",
-            username,
-            "-w",
-            password,
-            "-e",
-            "127.0.0.1",
-            "-r",
-        ] {
-            args.push(arg.into());
-        }
-        args.extend([peer.port.to_string(), "-p".into(), port.to_string(), "127.0.0.1".into()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let run = uclient(&args).await;
-        assert!(run.lost_nothing(), "{}", run.output);
-        assert_eq!(run.totals(), Some((100, 100)), "{}", run.output);
+    for tcp in [false, true] {
+        relays_with_rest_credentials(&body, port, peer.port, tcp).await;
     }
+}
+
+/// coturn's client, with the REST credentials of a `/voip/turnServer` answer,
+/// relays 2 × 50 messages through the relay on `port` to the echo peer on
+/// `peer_port` (over TCP if `tcp`) and back, losing none.
+async fn relays_with_rest_credentials(turn_server: &serde_json::Value, port: u16, peer_port: u16, tcp: bool) {
+    let username = turn_server["username"].as_str().expect("username");
+    let password = turn_server["password"].as_str().expect("password");
+    let (port, peer_port) = (port.to_string(), peer_port.to_string());
+    let mut args = vec![
+        "-c",
+        "-n",
+        "50",
+        "-m",
+        "2",
+        "-u",
+        username,
+        "-w",
+        password,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+        "-p",
+        &port,
+        "127.0.0.1",
+    ];
+    if tcp {
+        args.insert(0, "-t");
+    }
+    let run = uclient(&args).await;
+    assert!(run.lost_nothing(), "{}", run.output);
+    assert_eq!(run.totals(), Some((100, 100)), "{}", run.output);
 }
 
 /// Credentials Synapse mints from its `turn_shared_secret` (its
@@ -348,30 +358,8 @@ async fn credentials_from_synapse_authenticate_at_switchboard_turn() {
         username.ends_with(":@alice:synapse.test"),
         "Synapse's REST username: {username}"
     );
-    let password = body["password"].as_str().expect("password");
     let peer = echo_peer().await;
-    let (port, peer_port) = (port.to_string(), peer.port.to_string());
-    let args = [
-        "-c",
-        "-n",
-        "50",
-        "-m",
-        "2",
-        "-u",
-        username,
-        "-w",
-        password,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer_port,
-        "-p",
-        &port,
-        "127.0.0.1",
-    ];
-    let run = uclient(&args).await;
-    assert!(run.lost_nothing(), "{}", run.output);
-    assert_eq!(run.totals(), Some((100, 100)), "{}", run.output);
+    relays_with_rest_credentials(&body, port, peer.port, false).await;
 }
 
 /// A small TURN client over real UDP, built on our codec.

@@ -445,12 +445,9 @@ impl Sfu {
         own_lines: OwnLines,
     ) -> Result<(SessionId, String), SfuError> {
         self.advance(now);
-        let prefer_h264 = offer_prefers_h264(offer);
-        let has_video = offer.lines().any(|l| l.starts_with("m=video"));
-        let offer = match own_lines {
-            OwnLines::PublishOnly => self.parse_offer(&publish_only(offer, |_| false))?,
-            OwnLines::BothWays => self.parse_offer(offer)?,
-        };
+        let (sdp, offer) = (offer, self.parse_offer(offer, own_lines, |_| false)?);
+        let prefer_h264 = offer_prefers_h264(sdp);
+        let has_video = sdp.lines().any(|l| l.starts_with("m=video"));
         let mut rtc = rtc_config(prefer_h264, has_video).build(now);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
@@ -688,16 +685,14 @@ impl Sfu {
     pub fn accept_offer(&mut self, now: Instant, id: SessionId, offer: &str) -> Result<String, SfuError> {
         self.advance(now);
         let session = self.sessions.get(&id).ok_or(SfuError::UnknownSession)?;
-        let offer = match session.own_lines {
-            // Still nothing of ours on its own m-lines (new ones included); ours stay as they are.
-            OwnLines::PublishOnly => self.parse_offer(&publish_only(offer, |mid| {
-                session
-                    .rtc
-                    .media(Mid::from(mid))
-                    .is_some_and(|m| m.direction().is_sending())
-            }))?,
-            OwnLines::BothWays => self.parse_offer(offer)?,
-        };
+        // Publish-only: still nothing of ours on its own m-lines (new ones
+        // included); the m-lines we send on stay as they are.
+        let offer = self.parse_offer(offer, session.own_lines, |mid| {
+            session
+                .rtc
+                .media(Mid::from(mid))
+                .is_some_and(|m| m.direction().is_sending())
+        })?;
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if let Some(pending) = session.pending.take() {
             session.requeue(&pending.added, &pending.redirected);
@@ -776,11 +771,18 @@ impl Sfu {
         self.sessions.get(&id).is_some_and(|s| s.rtc.is_connected())
     }
 
-    fn parse_offer(&self, offer: &str) -> Result<SdpOffer, SfuError> {
+    /// A peer's offer, size-checked before anything reads it, its own
+    /// m-lines made send-only for a `PublishOnly` session (except those `keep`
+    /// names, see [`publish_only`]).
+    fn parse_offer(&self, offer: &str, own_lines: OwnLines, keep: impl Fn(&str) -> bool) -> Result<SdpOffer, SfuError> {
         if offer.len() > self.config.max_sdp_bytes {
             return Err(SfuError::SdpTooLarge(self.config.max_sdp_bytes));
         }
-        SdpOffer::from_sdp_string(offer).map_err(|e| SfuError::InvalidSdp(e.to_string()))
+        let parsed = match own_lines {
+            OwnLines::PublishOnly => SdpOffer::from_sdp_string(&publish_only(offer, keep)),
+            OwnLines::BothWays => SdpOffer::from_sdp_string(offer),
+        };
+        parsed.map_err(|e| SfuError::InvalidSdp(e.to_string()))
     }
 
     // ---- the driver's API ----------------------------------------------------

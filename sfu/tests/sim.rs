@@ -722,20 +722,9 @@ fn a_publish_only_callers_own_m_lines_are_answered_receive_only() {
     let mut client = str0m::RtcConfig::new().build(now);
     client.add_local_candidate(str0m::Candidate::host("127.0.0.1:5000".parse().expect("addr"), "udp").expect("host"));
     let mut api = client.sdp_api();
-    api.add_media(
-        MediaKind::Audio,
-        str0m::media::Direction::SendRecv,
-        Some("cam".into()),
-        None,
-        None,
-    );
-    api.add_media(
-        MediaKind::Video,
-        str0m::media::Direction::SendRecv,
-        Some("cam".into()),
-        None,
-        None,
-    );
+    for kind in [MediaKind::Audio, MediaKind::Video] {
+        api.add_media(kind, str0m::media::Direction::SendRecv, Some("cam".into()), None, None);
+    }
     let (offer, _) = api.apply().expect("offer");
     let who = switchboard_sfu::Participant {
         user_id: "@x:test".into(),

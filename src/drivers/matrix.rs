@@ -288,36 +288,40 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, Instant};
 
+    /// Our client of `routes` (plus `whoami`), served on a free loopback port.
+    async fn client_of(routes: axum::Router) -> MatrixClient {
+        let app = routes.route(
+            "/_matrix/client/v3/account/whoami",
+            get(|| async { Json(json!({"user_id": "@bot:hs", "device_id": "D"})) }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        MatrixClient::with_token(&base, "token").await.expect("whoami")
+    }
+
     /// A homeserver that rate-limits the first two sends (asking for 300 ms)
     /// and takes the third: the send waits as asked and succeeds.
     #[tokio::test]
     async fn a_rate_limited_send_waits_as_asked_and_goes_through() {
         let sends = Arc::new(AtomicU32::new(0));
         let counter = Arc::clone(&sends);
-        let app = axum::Router::new()
-            .route(
-                "/_matrix/client/v3/account/whoami",
-                get(|| async { Json(json!({"user_id": "@bot:hs", "device_id": "D"})) }),
-            )
-            .route(
-                "/_matrix/client/v3/rooms/{room}/send/{kind}/{txn}",
-                put(move || {
-                    let counter = Arc::clone(&counter);
-                    async move {
-                        if counter.fetch_add(1, Ordering::SeqCst) < 2 {
-                            let limited = json!({"errcode": "M_LIMIT_EXCEEDED", "error": "Too many requests",
+        let app = axum::Router::new().route(
+            "/_matrix/client/v3/rooms/{room}/send/{kind}/{txn}",
+            put(move || {
+                let counter = Arc::clone(&counter);
+                async move {
+                    if counter.fetch_add(1, Ordering::SeqCst) < 2 {
+                        let limited = json!({"errcode": "M_LIMIT_EXCEEDED", "error": "Too many requests",
                                 "retry_after_ms": 300});
-                            (StatusCode::TOO_MANY_REQUESTS, Json(limited))
-                        } else {
-                            (StatusCode::OK, Json(json!({"event_id": "$sent"})))
-                        }
+                        (StatusCode::TOO_MANY_REQUESTS, Json(limited))
+                    } else {
+                        (StatusCode::OK, Json(json!({"event_id": "$sent"})))
                     }
-                }),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = MatrixClient::with_token(&base, "token").await.expect("whoami");
+                }
+            }),
+        );
+        let client = client_of(app).await;
         let started = Instant::now();
         let event_id = client
             .send("!r:hs", "m.call.answer", "txn1", &Value::Null)
@@ -341,10 +345,6 @@ mod tests {
         let (c, j) = (Arc::clone(&creates), Arc::clone(&joins));
         let app = axum::Router::new()
             .route(
-                "/_matrix/client/v3/account/whoami",
-                get(|| async { Json(json!({"user_id": "@bot:hs", "device_id": "D"})) }),
-            )
-            .route(
                 "/_matrix/client/v3/createRoom",
                 axum::routing::post(move || {
                     c.fetch_add(1, Ordering::SeqCst);
@@ -364,10 +364,7 @@ mod tests {
                     }
                 }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = MatrixClient::with_token(&base, "token").await.expect("whoami");
+        let client = client_of(app).await;
         assert!(client.create_room(&json!({})).await.is_err());
         assert_eq!(creates.load(Ordering::SeqCst), 1);
         client.join("!r:hs").await.expect("joined on the second try");

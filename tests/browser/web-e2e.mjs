@@ -494,6 +494,17 @@ async function jsSdkCalls(ctx, browser, script) {
   }
   const [amy, ben] = users;
   const status = (u) => u.page.evaluate(() => window.jsSdk.status());
+  /** `u`'s call connects and shows a stream with audio and video, bytes arriving. */
+  const connectedWithMedia = async (u, what) => {
+    let seen;
+    await until(`${u.name}'s MatrixCall (${what}) to connect and show a stream with audio and video`, async () => {
+      const s = (seen = await status(u));
+      if (s?.state === "ended") throw Object.assign(new Error(`${u.name}'s call ended: ${s.hangupReason}`), { fatal: true });
+      return s?.state === "connected" && s.remoteFeeds.some((f) => f.audio > 0 && f.video > 0) && s.bytesIn > 20000;
+    }, 45000).catch((e) => {
+      throw new Error(`${e.message}; the call: ${JSON.stringify(seen)}`);
+    });
+  };
   // Multi-stream (the default), then a room whose state asks for one mixed
   // stream: there each call gets the bot's mix on its own m-lines, labelled.
   for (const mode of ["multi_stream", "single_stream"]) {
@@ -507,16 +518,7 @@ async function jsSdkCalls(ctx, browser, script) {
       await until(`${u.name}'s client to know the room`, () => u.page.evaluate((r) => window.jsSdk.knowsRoom(r), room));
       await u.page.evaluate(([r, bot]) => window.jsSdk.placeCall(r, bot), [room, BOT]);
     }
-    for (const u of users) {
-      let seen;
-      await until(`${u.name}'s MatrixCall (${mode}) to connect and show a stream with audio and video`, async () => {
-        const s = (seen = await status(u));
-        if (s?.state === "ended") throw Object.assign(new Error(`${u.name}'s call ended: ${s.hangupReason}`), { fatal: true });
-        return s?.state === "connected" && s.remoteFeeds.some((f) => f.audio > 0 && f.video > 0) && s.bytesIn > 20000;
-      }, 45000).catch((e) => {
-        throw new Error(`${e.message}; the call: ${JSON.stringify(seen)}`);
-      });
-    }
+    for (const u of users) await connectedWithMedia(u, mode);
     for (const u of users) {
       const start = (await status(u)).bytesIn;
       await until(`${u.name}'s received bytes to keep growing`, async () => (await status(u)).bytesIn > start + 20000);
@@ -549,16 +551,7 @@ async function jsSdkCalls(ctx, browser, script) {
   const dm = await until("the bot's invite to a dial-in room", async () => (await ben.page.evaluate(() => window.jsSdk.invites()))[0]);
   await ben.page.evaluate((r) => window.jsSdk.join(r), dm);
   await until("the bot's call to ring in ben's matrix-js-sdk", () => ben.page.evaluate((r) => window.jsSdk.answerIncoming(r), dm), 30000);
-  for (const u of users) {
-    let seen;
-    await until(`${u.name}'s call (dial-in) to show the other's stream`, async () => {
-      const s = (seen = await status(u));
-      if (s?.state === "ended") throw Object.assign(new Error(`${u.name}'s call ended: ${s.hangupReason}`), { fatal: true });
-      return s?.state === "connected" && s.remoteFeeds.some((f) => f.audio > 0 && f.video > 0) && s.bytesIn > 20000;
-    }, 45000).catch((e) => {
-      throw new Error(`${e.message}; the call: ${JSON.stringify(seen)}`);
-    });
-  }
+  for (const u of users) await connectedWithMedia(u, "dial-in");
   // matrix-js-sdk rings only for an offer that brings a stream, so the bot's
   // offer sends one (labelled as the bot's) on its two m-lines; the
   // renegotiation that brings amy turns them receive-only, which ends that
