@@ -222,7 +222,7 @@ fn render_sfu(out: &mut String, shards: &[ShardStats]) {
     if shards.is_empty() {
         return;
     }
-    let series: [ShardSeries; 13] = [
+    let series: [ShardSeries; 14] = [
         ("switchboard_sfu_sessions", Kind::Gauge, "WebRTC sessions.", |s| {
             s.sessions
         }),
@@ -256,6 +256,12 @@ fn render_sfu(out: &mut String, shards: &[ShardStats]) {
             Kind::Counter,
             "RTP packets forwarded.",
             |s| s.packets_forwarded,
+        ),
+        (
+            "switchboard_sfu_packets_sealed_total",
+            Kind::Counter,
+            "Forwarded audio packets the SFU encrypted itself (the rest go through str0m).",
+            |s| s.packets_sealed,
         ),
         (
             "switchboard_sfu_keyframe_requests_total",

@@ -33,6 +33,7 @@ mod sdp;
 pub mod simulcast;
 mod single_stream;
 pub mod speaker;
+mod srtp;
 mod stats;
 
 pub use mixer::{MixerConfig, MixerStats};
@@ -218,6 +219,12 @@ struct Session {
     wanted: Vec<Change>,
     pending: Option<PendingOffer>,
     stats: SessionStats,
+    /// The SRTP keys of its DTLS handshake, and our sealing of forwarded audio.
+    keys: srtp::KeySlot,
+    audio_path: srtp::AudioPath,
+    /// Where str0m last sent media or DTLS: (our address, the peer's), the
+    /// nominated ICE pair. Directly sealed audio goes there too.
+    route: Option<(SocketAddr, SocketAddr)>,
 }
 
 impl Session {
@@ -232,6 +239,7 @@ impl Session {
             max_quality: simulcast::Quality::High,
             forwarder: Forwarder::new(if video { 90_000 } else { 48_000 }, video),
             pt_map: Vec::new(),
+            direct: None,
         });
         if let Some(tx) = self.rtc.direct_api().stream_tx_by_mid(mid, None) {
             tx.set_unpaced(true);
@@ -256,6 +264,8 @@ struct Subscription {
     forwarder: Forwarder,
     /// Publisher payload type → ours for this subscriber (cached from `match_params`).
     pt_map: Vec<(Pt, Pt)>,
+    /// Audio we seal ourselves (see [`srtp`]), once the keys are there.
+    direct: Option<srtp::DirectStream>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -448,13 +458,13 @@ impl Sfu {
         let (sdp, offer) = (offer, self.parse_offer(offer, own_lines, |_| false)?);
         let prefer_h264 = offer_prefers_h264(sdp);
         let has_video = sdp.lines().any(|l| l.starts_with("m=video"));
-        let mut rtc = rtc_config(prefer_h264, has_video).build(now);
+        let (mut rtc, keys) = srtp::build_rtc(rtc_config(prefer_h264, has_video), now);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
         let answer = rtc.sdp_api().accept_offer(offer)?;
         let answer = own_msid(&answer.to_sdp_string(), &session_stream(&participant));
-        let id = self.insert_session(now, room, participant, rtc, None, own_lines);
+        let id = self.insert_session(now, room, participant, (rtc, keys), None, own_lines);
         Ok((id, answer))
     }
 
@@ -470,7 +480,7 @@ impl Sfu {
         participant: Participant,
     ) -> Result<(SessionId, String), SfuError> {
         self.advance(now);
-        let mut rtc = rtc_config(false, true).build(now);
+        let (mut rtc, keys) = srtp::build_rtc(rtc_config(false, true), now);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
@@ -492,7 +502,7 @@ impl Sfu {
             own: own.to_vec(),
         };
         let offer = own_msid(&offer.to_sdp_string(), &stream);
-        let id = self.insert_session(now, room, participant, rtc, Some(pending), OwnLines::BothWays);
+        let id = self.insert_session(now, room, participant, (rtc, keys), Some(pending), OwnLines::BothWays);
         Ok((id, offer))
     }
 
@@ -503,7 +513,7 @@ impl Sfu {
         now: Instant,
         room: RoomId,
         participant: Participant,
-        mut rtc: Rtc,
+        (mut rtc, keys): (Rtc, srtp::KeySlot),
         pending: Option<PendingOffer>,
         own_lines: OwnLines,
     ) -> SessionId {
@@ -532,6 +542,9 @@ impl Sfu {
             wanted,
             pending,
             stats: SessionStats::default(),
+            keys,
+            audio_path: srtp::AudioPath::Pending,
+            route: None,
         };
         self.sessions.insert(id, Box::new(session));
         self.out
@@ -656,6 +669,7 @@ impl Sfu {
                     max_quality: simulcast::Quality::High,
                     forwarder,
                     pt_map: Vec::new(),
+                    direct: None,
                 },
             );
             track.subscribers.push((id, mid));
@@ -1279,6 +1293,19 @@ impl Sfu {
                     }
                 },
             };
+            if !video {
+                let sealed = seal_audio(now, subscriber, mid, pt, out, &packet);
+                if let Some(transmit) = sealed {
+                    subscriber.stats.packets_out += 1;
+                    subscriber.stats.datagrams_out += 1;
+                    subscriber.stats.bytes_out += transmit.contents.len() as u64;
+                    self.out.stats.packets_forwarded += 1;
+                    self.out.stats.packets_sealed += 1;
+                    self.out.stats.datagrams_out += 1;
+                    self.out.transmits.push_back(transmit);
+                    continue;
+                }
+            }
             let mut api = subscriber.rtc.direct_api();
             let Some(tx) = api.stream_tx_by_mid(mid, None) else {
                 self.out.stats.drop(DropReason::NoTrack);
@@ -1589,6 +1616,50 @@ struct Outputs {
     broken: Vec<SessionId>,
 }
 
+/// A forwarded audio packet sealed by us (see [`srtp`]), or `None` when it
+/// goes through str0m: keys or route not known yet, a profile we leave to
+/// str0m, or this stream's once-a-second packet for str0m's sender reports.
+fn seal_audio(
+    now: Instant,
+    session: &mut Session,
+    mid: Mid,
+    pt: Pt,
+    out: forwarder::OutPacket,
+    packet: &RtpPacket,
+) -> Option<Transmit> {
+    let (source, destination) = session.route?;
+    let sender = session.audio_path.sender(&session.keys)?;
+    let subscription = session.subscriptions.get_mut(&mid)?;
+    if subscription.direct.is_none() {
+        let ssrc = *session.rtc.direct_api().stream_tx_by_mid(mid, None)?.ssrc();
+        let extensions = session.rtc.media(mid)?.remote_extmap();
+        subscription.direct = Some(srtp::DirectStream::new(ssrc, mid, extensions, now));
+    }
+    let stream = subscription.direct.as_mut()?;
+    if now >= stream.str0m_due {
+        stream.str0m_due = now + srtp::STR0M_EVERY;
+        return None;
+    }
+    let ext = &packet.header.ext_vals;
+    let level = ext.audio_level.zip(ext.voice_activity);
+    let payload = &packet.payload;
+    let mut datagram = stream.header(
+        *pt,
+        packet.header.marker,
+        out.seq as u16,
+        out.timestamp,
+        level,
+        payload.len(),
+    );
+    sender.seal(&mut datagram, payload, stream.ssrc, out.seq).ok()?;
+    Some(Transmit {
+        proto: Protocol::Udp,
+        source,
+        destination,
+        contents: datagram.into(),
+    })
+}
+
 fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
     loop {
         match session.rtc.poll_output() {
@@ -1601,6 +1672,11 @@ fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
                 return;
             }
             Ok(Output::Transmit(transmit)) => {
+                // STUN (first byte 0–3) answers whoever checks; media and
+                // DTLS go to the nominated pair.
+                if transmit.contents.first().is_some_and(|b| *b > 3) {
+                    session.route = Some((transmit.source, transmit.destination));
+                }
                 session.stats.datagrams_out += 1;
                 session.stats.bytes_out += transmit.contents.len() as u64;
                 out.stats.datagrams_out += 1;

@@ -67,6 +67,8 @@ pub struct ShardStats {
     pub datagrams_in: u64,
     pub datagrams_out: u64,
     pub packets_forwarded: u64,
+    /// Of those, audio packets the SFU sealed itself instead of str0m.
+    pub packets_sealed: u64,
     pub keyframe_requests: u64,
     /// Session timers that fired (each runs one session's WebRTC clock).
     pub session_timeouts: u64,

@@ -53,6 +53,27 @@ fn three_participants_exchange_audio_and_video() {
         (3, 1, 6, 12)
     );
     assert!(stats.packets_forwarded > 1000);
+    // Audio is sealed by the SFU itself but for one packet a second per
+    // stream (str0m's, for its sender reports): 6 streams × 4 s.
+    let audio: usize = (0..3)
+        .flat_map(|i| world.received_from(i).into_iter())
+        .filter(|((_, kind), _)| *kind == MediaKind::Audio)
+        .map(|(_, r)| r.packets.len())
+        .sum();
+    assert!(
+        stats.packets_sealed as usize >= audio.saturating_sub(6 * 5) && stats.packets_sealed > 0,
+        "{} of {audio} audio packets sealed by the SFU",
+        stats.packets_sealed
+    );
+    for received in world.clients[0].received.values() {
+        if received.kind == Some(MediaKind::Audio) {
+            assert!(
+                received.levels.iter().all(|l| *l == Some(-30)),
+                "audio levels arrive with every packet: {:?}",
+                &received.levels[..10.min(received.levels.len())]
+            );
+        }
+    }
     // Video is forwarded as it arrives, not queued behind a pacer: two hops of
     // 10 ms each, whatever the bandwidth estimate says.
     let video = &world.received_from(0)[&(user("bob"), MediaKind::Video)];

@@ -199,7 +199,12 @@ class User {
   /** Remote tiles: [{userId, bytes}]. */
   remoteTiles() {
     return this.page.$$eval("#tiles > .tile.remote", (nodes) =>
-      nodes.map((n) => ({ userId: n.dataset.userId, bytes: Number(n.dataset.bytes || 0), name: n.querySelector(".name")?.textContent })),
+      nodes.map((n) => ({
+        userId: n.dataset.userId,
+        bytes: Number(n.dataset.bytes || 0),
+        audioPackets: Number(n.dataset.audioPackets || 0),
+        name: n.querySelector(".name")?.textContent,
+      })),
     );
   }
 
@@ -219,6 +224,15 @@ class User {
       const now = await this.remoteTiles();
       return now.length === users.length && now.every((t) => t.bytes > (before.get(t.userId) || 0) + 5000);
     }, 40000);
+  }
+
+  /** Each remote tile's received audio packets grow by 100 (two seconds of opus). */
+  async hearsEachTile() {
+    const before = new Map((await this.remoteTiles()).map((t) => [t.userId, t.audioPackets]));
+    await until(`${this.name}'s audio packets from each tile to grow`, async () => {
+      const now = await this.remoteTiles();
+      return now.every((t) => t.audioPackets > (before.get(t.userId) || 0) + 100);
+    }, 20000);
   }
 
   async bannerText() {
@@ -416,6 +430,16 @@ async function conference(ctx) {
   await frank.waitConnected();
   await Promise.all(all.map((u) => u.seesTiles(ids(all.filter((o) => o !== u)))));
   log("four in the conference: each sees three");
+  // The SFU seals forwarded audio itself (sfu/src/srtp.rs): Chrome decrypts
+  // it (packets that fail SRTP authentication never reach packetsReceived),
+  // and the server says it sealed them.
+  await Promise.all(all.map((u) => u.hearsEachTile()));
+  const sealed = await until("the SFU to report sealed audio", async () => {
+    const text = await (await fetch(`${new URL(ctx.url).origin}/metrics`)).text();
+    const m = text.match(/^switchboard_sfu_packets_sealed_total(?:\{[^}]*\})? (\d+)/m);
+    return m && Number(m[1]) > 500 && Number(m[1]);
+  });
+  log(`audio reaches each from each; the SFU sealed ${sealed} audio packets itself`);
   await frank.assertLoopbackPair();
   await Promise.all(all.map((u) => u.shot("conference-four")));
   await frank.page.click("#hangup");

@@ -653,6 +653,7 @@ async function updateStats() {
     const ids = (node.dataset.trackIds || "").split(" ").filter(Boolean);
     const bytes = ids.reduce((sum, id) => sum + (s.bytesByTrack.get(id) || 0), 0);
     node.dataset.bytes = String(bytes);
+    node.dataset.audioPackets = String(ids.reduce((sum, id) => sum + (s.audioPacketsByTrack.get(id) || 0), 0));
     node.querySelector(".bytes").textContent = formatBytes(bytes);
   }
 }

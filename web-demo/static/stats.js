@@ -6,7 +6,8 @@
  * One reading. `previous` is the last reading (for bitrates), or null.
  * Returns {at, bytesIn, bytesOut, bitrateIn, bitrateOut, lossPercent, rttMs,
  *          pair: {localType, remoteType, local, remote, protocol} | null,
- *          bytesByTrack: Map(trackIdentifier → bytesReceived)}.
+ *          bytesByTrack: Map(trackIdentifier → bytesReceived),
+ *          audioPacketsByTrack: Map(trackIdentifier → packetsReceived) of audio tracks}.
  */
 export async function readStats(pc, previous) {
   const report = await pc.getStats();
@@ -15,6 +16,7 @@ export async function readStats(pc, previous) {
   let lost = 0;
   let received = 0;
   const bytesByTrack = new Map();
+  const audioPacketsByTrack = new Map();
   let pairId = null;
   const pairs = [];
   report.forEach((s) => {
@@ -23,6 +25,7 @@ export async function readStats(pc, previous) {
       lost += Math.max(0, s.packetsLost || 0);
       received += s.packetsReceived || 0;
       if (s.trackIdentifier) bytesByTrack.set(s.trackIdentifier, s.bytesReceived || 0);
+      if (s.trackIdentifier && s.kind === "audio") audioPacketsByTrack.set(s.trackIdentifier, s.packetsReceived || 0);
     } else if (s.type === "outbound-rtp") {
       bytesOut += s.bytesSent || 0;
     } else if (s.type === "transport" && s.selectedCandidatePairId) {
@@ -63,6 +66,7 @@ export async function readStats(pc, previous) {
     rttMs,
     pair,
     bytesByTrack,
+    audioPacketsByTrack,
   };
 }
 

@@ -39,6 +39,8 @@ pub struct Received {
     pub packets: Vec<(u64, Instant, Vec<u8>, usize)>,
     /// (SSRC, RTP timestamp) of each RTP packet, in the same order.
     pub rtp: Vec<(u32, u32)>,
+    /// The audio level extension (RFC 6464) of each RTP packet, in the same order.
+    pub levels: Vec<Option<i8>>,
 }
 
 pub struct Client {
@@ -360,6 +362,7 @@ impl World {
                         let head = packet.payload.iter().take(11).copied().collect();
                         entry.packets.push((*packet.seq_no, now, head, packet.payload.len()));
                         entry.rtp.push((*packet.header.ssrc, packet.header.timestamp));
+                        entry.levels.push(packet.header.ext_vals.audio_level);
                         if client.listen_all && entry.kind == Some(MediaKind::Audio) {
                             client.ears.entry(mid).or_default().hear(now, &packet.payload);
                         }
