@@ -219,12 +219,8 @@ struct Session {
     wanted: Vec<Change>,
     pending: Option<PendingOffer>,
     stats: SessionStats,
-    /// The SRTP keys of its DTLS handshake, and our sealing of forwarded audio.
-    keys: srtp::KeySlot,
-    audio_path: srtp::AudioPath,
-    /// Where str0m last sent media or DTLS: (our address, the peer's), the
-    /// nominated ICE pair. Directly sealed audio goes there too.
-    route: Option<(SocketAddr, SocketAddr)>,
+    /// Forwarded audio sealed by us (see [`srtp`]).
+    sealer: srtp::Sealer,
 }
 
 impl Session {
@@ -308,6 +304,8 @@ struct Track {
     last_keyframe_request: Option<Instant>,
     /// Smoothed audio level (audio tracks).
     level: speaker::LevelMeter,
+    /// When this track next asks for its room's active-speaker check.
+    next_speaker_check: Option<Instant>,
     /// Simulcast layers (one, without a rid, when the publisher does not simulcast).
     layers: Vec<simulcast::Layer>,
 }
@@ -542,9 +540,7 @@ impl Sfu {
             wanted,
             pending,
             stats: SessionStats::default(),
-            keys,
-            audio_path: srtp::AudioPath::Pending,
-            route: None,
+            sealer: srtp::Sealer::new(keys),
         };
         self.sessions.insert(id, Box::new(session));
         self.out
@@ -903,6 +899,12 @@ impl Sfu {
         self.out.transmits.pop_front()
     }
 
+    /// Datagrams ready to send without a flush (those sealed by the SFU
+    /// itself): the driver may send them before its read slice is over.
+    pub fn transmits_ready(&self) -> usize {
+        self.out.transmits.len()
+    }
+
     pub fn poll_event(&mut self) -> Option<SfuEvent> {
         self.flush();
         self.events.pop_front()
@@ -1102,6 +1104,7 @@ impl Sfu {
                 codecs,
                 last_keyframe_request: None,
                 level: speaker::LevelMeter::default(),
+                next_speaker_check: None,
                 layers: rids.into_iter().map(simulcast::Layer::new).collect(),
             },
         );
@@ -1190,21 +1193,29 @@ impl Sfu {
                 (track_id, layer)
             }
         };
-        if let Some(track) = self.tracks.get_mut(&track_id)
-            && let Some(meter) = track.layers.get_mut(layer)
-        {
-            meter.add(now, packet.payload.len());
-        }
-        if let (Some(level), Some(track)) = (packet.header.ext_vals.audio_level, self.tracks.get_mut(&track_id)) {
-            track.level.add(now, level, packet.header.ext_vals.voice_activity);
-            let due = self
-                .rooms
-                .get(&track.room)
-                .is_some_and(|r| r.next_speaker_check.is_none_or(|at| now >= at));
-            if due {
-                let room = track.room.clone();
-                self.check_speaker(now, &room);
+        let speaker_check = {
+            let Some(track) = self.tracks.get_mut(&track_id) else {
+                return self.out.stats.drop(DropReason::NoTrack);
+            };
+            if let Some(meter) = track.layers.get_mut(layer) {
+                meter.add(now, packet.payload.len());
             }
+            match packet.header.ext_vals.audio_level {
+                Some(level) => {
+                    track.level.add(now, level, packet.header.ext_vals.voice_activity);
+                    // The room's check runs at its own interval; a track asks
+                    // for it at most as often (no room lookup per packet).
+                    let due = track.next_speaker_check.is_none_or(|at| now >= at);
+                    if due {
+                        track.next_speaker_check = Some(now + speaker::CHECK_INTERVAL);
+                    }
+                    due.then(|| track.room.clone())
+                }
+                None => None,
+            }
+        };
+        if let Some(room) = speaker_check {
+            self.check_speaker(now, &room);
         }
         let Some(track) = self.tracks.get(&track_id) else {
             return self.out.stats.drop(DropReason::NoTrack);
@@ -1218,7 +1229,9 @@ impl Sfu {
             return self.out.stats.drop(DropReason::UnknownPayloadType);
         };
         let codec = params.spec().codec;
+        // (`next_mix` is set while any room mixes.)
         if codec == str0m::format::Codec::Opus
+            && self.next_mix.is_some()
             && let Some(mix) = self.rooms.get_mut(&track.room).and_then(|r| r.mix.as_mut())
         {
             mix.feed(now, track_id, &packet);
@@ -1293,9 +1306,16 @@ impl Sfu {
                     }
                 },
             };
-            if !video {
-                let sealed = seal_audio(now, subscriber, mid, pt, out, &packet);
-                if let Some(transmit) = sealed {
+            if !video && let Some(stream) = direct_stream(now, &mut subscriber.rtc, &mut subscription.direct, mid) {
+                let forwarded = srtp::Forwarded {
+                    pt: *pt,
+                    marker: packet.header.marker,
+                    seq: out.seq,
+                    timestamp: out.timestamp,
+                    level: ext.audio_level.zip(ext.voice_activity),
+                    payload: &packet.payload,
+                };
+                if let Some(transmit) = subscriber.sealer.seal(now, stream, forwarded) {
                     subscriber.stats.packets_out += 1;
                     subscriber.stats.datagrams_out += 1;
                     subscriber.stats.bytes_out += transmit.contents.len() as u64;
@@ -1616,48 +1636,20 @@ struct Outputs {
     broken: Vec<SessionId>,
 }
 
-/// A forwarded audio packet sealed by us (see [`srtp`]), or `None` when it
-/// goes through str0m: keys or route not known yet, a profile we leave to
-/// str0m, or this stream's once-a-second packet for str0m's sender reports.
-fn seal_audio(
+/// The subscription's directly sealed audio stream, made on first use (its
+/// SSRC and header extensions are known once its m-line is negotiated).
+fn direct_stream<'a>(
     now: Instant,
-    session: &mut Session,
+    rtc: &mut Rtc,
+    direct: &'a mut Option<srtp::DirectStream>,
     mid: Mid,
-    pt: Pt,
-    out: forwarder::OutPacket,
-    packet: &RtpPacket,
-) -> Option<Transmit> {
-    let (source, destination) = session.route?;
-    let sender = session.audio_path.sender(&session.keys)?;
-    let subscription = session.subscriptions.get_mut(&mid)?;
-    if subscription.direct.is_none() {
-        let ssrc = *session.rtc.direct_api().stream_tx_by_mid(mid, None)?.ssrc();
-        let extensions = session.rtc.media(mid)?.remote_extmap();
-        subscription.direct = Some(srtp::DirectStream::new(ssrc, mid, extensions, now));
+) -> Option<&'a mut srtp::DirectStream> {
+    if direct.is_none() {
+        let ssrc = *rtc.direct_api().stream_tx_by_mid(mid, None)?.ssrc();
+        let extensions = rtc.media(mid)?.remote_extmap();
+        *direct = Some(srtp::DirectStream::new(ssrc, mid, extensions, now));
     }
-    let stream = subscription.direct.as_mut()?;
-    if now >= stream.str0m_due {
-        stream.str0m_due = now + srtp::STR0M_EVERY;
-        return None;
-    }
-    let ext = &packet.header.ext_vals;
-    let level = ext.audio_level.zip(ext.voice_activity);
-    let payload = &packet.payload;
-    let mut datagram = stream.header(
-        *pt,
-        packet.header.marker,
-        out.seq as u16,
-        out.timestamp,
-        level,
-        payload.len(),
-    );
-    sender.seal(&mut datagram, payload, stream.ssrc, out.seq).ok()?;
-    Some(Transmit {
-        proto: Protocol::Udp,
-        source,
-        destination,
-        contents: datagram.into(),
-    })
+    direct.as_mut()
 }
 
 fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
@@ -1672,11 +1664,7 @@ fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
                 return;
             }
             Ok(Output::Transmit(transmit)) => {
-                // STUN (first byte 0–3) answers whoever checks; media and
-                // DTLS go to the nominated pair.
-                if transmit.contents.first().is_some_and(|b| *b > 3) {
-                    session.route = Some((transmit.source, transmit.destination));
-                }
+                session.sealer.saw_transmit(&transmit);
                 session.stats.datagrams_out += 1;
                 session.stats.bytes_out += transmit.contents.len() as u64;
                 out.stats.datagrams_out += 1;

@@ -21,12 +21,14 @@
 //!   an SRTP index is never used twice.
 
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use str0m::config::{CryptoProvider, DtlsCert, DtlsVersion};
 use str0m::crypto::dtls::{DtlsImplError, DtlsInstance, DtlsOutput, DtlsProvider, ProtocolVersion, SrtpProfile};
 use str0m::crypto::{AeadAes128GcmCipher, AeadAes256GcmCipher, CryptoError, SrtpProvider};
 use str0m::media::Mid;
+use str0m::net::{Protocol, Transmit};
 use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Rtc, RtcConfig};
 
@@ -165,8 +167,70 @@ impl SrtpSender {
     }
 }
 
+/// A session's sealing of forwarded audio: its keys, our sender once they
+/// are known, and where its media goes.
+pub(crate) struct Sealer {
+    keys: KeySlot,
+    path: AudioPath,
+    /// Where str0m last sent media or DTLS: (our address, the peer's), the
+    /// nominated ICE pair.
+    route: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// One forwarded packet, as rewritten for a subscriber.
+pub(crate) struct Forwarded<'a> {
+    pub(crate) pt: u8,
+    pub(crate) marker: bool,
+    /// Extended sequence number: ROC << 16 | SEQ, the packet's SRTP index.
+    pub(crate) seq: u64,
+    pub(crate) timestamp: u32,
+    /// RFC 6464 level (negative dBov) and voice activity.
+    pub(crate) level: Option<(i8, bool)>,
+    pub(crate) payload: &'a [u8],
+}
+
+impl Sealer {
+    pub(crate) fn new(keys: KeySlot) -> Self {
+        Self {
+            keys,
+            path: AudioPath::Pending,
+            route: None,
+        }
+    }
+
+    /// str0m sent a datagram: media and DTLS (first byte above 3) go to the
+    /// nominated pair; STUN answers whoever checks.
+    pub(crate) fn saw_transmit(&mut self, transmit: &Transmit) {
+        if transmit.contents.first().is_some_and(|b| *b > 3) {
+            self.route = Some((transmit.source, transmit.destination));
+        }
+    }
+
+    /// The packet sealed for `stream`, or `None` when it goes through str0m:
+    /// keys or route not known yet, a profile left to str0m, or the stream's
+    /// once-a-second packet for str0m's sender reports.
+    pub(crate) fn seal(&mut self, now: Instant, stream: &mut DirectStream, packet: Forwarded<'_>) -> Option<Transmit> {
+        let (source, destination) = self.route?;
+        let sender = self.path.sender(&self.keys)?;
+        if now >= stream.str0m_due {
+            stream.str0m_due = now + STR0M_EVERY;
+            return None;
+        }
+        let mut datagram = stream.header(&packet);
+        sender
+            .seal(&mut datagram, packet.payload, stream.ssrc, packet.seq)
+            .ok()?;
+        Some(Transmit {
+            proto: Protocol::Udp,
+            source,
+            destination,
+            contents: datagram.into(),
+        })
+    }
+}
+
 /// How a session's forwarded audio leaves when the SFU seals it itself.
-pub(crate) enum AudioPath {
+enum AudioPath {
     /// The DTLS handshake has not exported keys yet.
     Pending,
     /// We seal with this sender.
@@ -177,7 +241,7 @@ pub(crate) enum AudioPath {
 
 impl AudioPath {
     /// Our sender, once the keys are there and the profile is ours.
-    pub(crate) fn sender(&mut self, keys: &KeySlot) -> Option<&mut SrtpSender> {
+    fn sender(&mut self, keys: &KeySlot) -> Option<&mut SrtpSender> {
         if let AudioPath::Pending = self
             && keys.0.get().is_some()
         {
@@ -193,18 +257,18 @@ impl AudioPath {
 /// One outgoing audio stream (a subscription's m-line) sealed by us: its SSRC
 /// and the header extensions its m-line negotiated (one-byte form, RFC 8285).
 pub(crate) struct DirectStream {
-    pub(crate) ssrc: u32,
+    ssrc: u32,
     /// `urn:ietf:params:rtp-hdrext:sdes:mid` (RFC 8843 §15): id and value.
     mid: Option<(u8, Mid)>,
     /// `urn:ietf:params:rtp-hdrext:ssrc-audio-level` (RFC 6464): id.
     audio_level: Option<u8>,
     /// When the next packet goes through str0m instead, so that its sender
     /// reports map RTP time to wall-clock time.
-    pub(crate) str0m_due: Instant,
+    str0m_due: Instant,
 }
 
 /// How often a directly sealed stream's packet goes through str0m.
-pub(crate) const STR0M_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const STR0M_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl DirectStream {
     pub(crate) fn new(ssrc: u32, mid: Mid, extensions: &ExtensionMap, now: Instant) -> Self {
@@ -225,22 +289,14 @@ impl DirectStream {
 
     /// The RTP header (RFC 3550 §5.1) of a packet, in a buffer with room for
     /// the payload and tag.
-    pub(crate) fn header(
-        &self,
-        pt: u8,
-        marker: bool,
-        seq: u16,
-        timestamp: u32,
-        level: Option<(i8, bool)>,
-        payload_len: usize,
-    ) -> Vec<u8> {
-        let mut packet = Vec::with_capacity(12 + 4 + 20 + payload_len + TAG_LEN);
-        let level = self.audio_level.zip(level);
+    fn header(&self, forwarded: &Forwarded<'_>) -> Vec<u8> {
+        let mut packet = Vec::with_capacity(12 + 4 + 20 + forwarded.payload.len() + TAG_LEN);
+        let level = self.audio_level.zip(forwarded.level);
         let extended = self.mid.is_some() || level.is_some();
         packet.push(0x80 | if extended { 0x10 } else { 0 });
-        packet.push((pt & 0x7f) | if marker { 0x80 } else { 0 });
-        packet.extend_from_slice(&seq.to_be_bytes());
-        packet.extend_from_slice(&timestamp.to_be_bytes());
+        packet.push((forwarded.pt & 0x7f) | if forwarded.marker { 0x80 } else { 0 });
+        packet.extend_from_slice(&(forwarded.seq as u16).to_be_bytes());
+        packet.extend_from_slice(&forwarded.timestamp.to_be_bytes());
         packet.extend_from_slice(&self.ssrc.to_be_bytes());
         if extended {
             packet.extend_from_slice(&[0xbe, 0xde, 0, 0]);
@@ -331,13 +387,12 @@ impl DtlsInstance for TappedDtls {
     }
 
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
-        let client = self.inner.is_active();
         let output = self.inner.poll_output(buf);
         if let (DtlsOutput::KeyingMaterial(material, profile), Some(slot)) = (&output, &self.slot) {
             let keying = Keying {
                 material: material.as_ref().to_vec(),
                 profile: *profile,
-                client,
+                client: self.inner.is_active(),
             };
             // A second handshake's keys would be ignored, as str0m keeps its first.
             let _ = slot.0.set(keying);

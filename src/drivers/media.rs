@@ -184,8 +184,9 @@ async fn run(
                     match socket.try_io(Interest::READABLE, || input.receive(&socket)) {
                         Ok(_) => {
                             for (bytes, source, arrival) in input.iter() {
-                                if slice.elapsed() >= SLICE {
-                                    // Send what the slice produced before reading on.
+                                if slice.elapsed() >= SLICE || sfu.transmits_ready() >= udp::SEND_BATCH {
+                                    // Send what the slice produced before reading on
+                                    // (at once if a batch is full: a fan-out).
                                     egress.send(&mut sfu, &socket).await;
                                     slice = Instant::now();
                                 }
