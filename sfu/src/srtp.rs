@@ -467,6 +467,126 @@ mod tests {
         assert_eq!(packet, hex(expected));
     }
 
+    fn forwarded(seq: u64, payload: &[u8]) -> Forwarded<'_> {
+        Forwarded {
+            pt: 111,
+            marker: false,
+            seq,
+            timestamp: 960 * seq as u32,
+            level: Some((-30, true)),
+            payload,
+        }
+    }
+
+    fn transmit(first_byte: u8, destination: SocketAddr) -> Transmit {
+        Transmit {
+            proto: Protocol::Udp,
+            source: "127.0.0.1:3478".parse().expect("address"),
+            destination,
+            contents: vec![first_byte, 0, 0, 0].into(),
+        }
+    }
+
+    #[test]
+    fn the_sealer_waits_for_route_and_keys_and_leaves_str0m_a_packet_a_second() {
+        let now = Instant::now();
+        let keys = KeySlot::default();
+        let mut sealer = Sealer::new(keys.clone());
+        let mut stream = DirectStream::new(0x1234_5678, Mid::from("1"), &ExtensionMap::standard(), now);
+        let payload = [0xfc, 1, 2, 3, 4];
+        let peer: SocketAddr = "127.0.0.1:50000".parse().expect("address");
+        assert!(
+            sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
+            "no route yet"
+        );
+        // STUN answers whoever checks: not the route. DTLS (22) goes to the nominated pair.
+        sealer.saw_transmit(&transmit(1, "127.0.0.1:1".parse().expect("address")));
+        assert!(
+            sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
+            "no route yet"
+        );
+        sealer.saw_transmit(&transmit(22, peer));
+        assert!(
+            sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
+            "no keys yet"
+        );
+        let material: Vec<u8> = (0..2 * 16 + 2 * 12).map(|i: u8| i.wrapping_mul(7)).collect();
+        let keying = Keying {
+            material,
+            profile: SrtpProfile::AEAD_AES_128_GCM,
+            client: false,
+        };
+        let (master, master_salt) = keying.ours::<16>().expect("128-bit material");
+        assert!(keys.0.set(keying).is_ok());
+        assert!(
+            sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
+            "the first is str0m's"
+        );
+        let at = now + std::time::Duration::from_millis(20);
+        let sealed = sealer.seal(at, &mut stream, forwarded(2, &payload)).expect("sealed");
+        assert_eq!(sealed.destination, peer);
+        // Header: V=2 with extensions, PT 111, seq 2, timestamp, SSRC, then the
+        // one-byte extensions: mid "1" (id 4 in str0m's standard map) and the
+        // audio level (id 1): voice, 30 dB below overload.
+        let bytes: &[u8] = &sealed.contents;
+        assert_eq!(
+            &bytes[..12],
+            &[0x90, 111, 0, 2, 0, 0, 0x07, 0x80, 0x12, 0x34, 0x56, 0x78]
+        );
+        assert_eq!(&bytes[12..16], &[0xbe, 0xde, 0, 1]);
+        let mut ext = bytes[16..20].to_vec();
+        ext.sort_unstable();
+        assert_eq!(ext, {
+            let mut want = vec![4 << 4, b'1', 1 << 4, 0x80 | 30];
+            want.sort_unstable();
+            want
+        });
+        // The payload decrypts with the session key derived from our half.
+        let srtp = provider().srtp_provider;
+        let key: [u8; 16] = derive(srtp, &master, &master_salt, LABEL_RTP_KEY);
+        let salt: [u8; 12] = derive(srtp, &master, &master_salt, LABEL_RTP_SALT);
+        let mut iv = [0u8; 12];
+        iv[2..6].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        iv[10..12].copy_from_slice(&2u16.to_be_bytes());
+        for (byte, salt) in iv.iter_mut().zip(salt) {
+            *byte ^= salt;
+        }
+        let mut plain = vec![0u8; payload.len() + TAG_LEN];
+        let n = srtp
+            .aead_aes_128_gcm()
+            .create_cipher(key, false)
+            .decrypt(&iv, &[&bytes[..20]], &bytes[20..], &mut plain)
+            .expect("authentic");
+        assert_eq!(&plain[..n], &payload);
+        assert!(sealer.seal(at, &mut stream, forwarded(3, &payload)).is_some());
+        let second = now + STR0M_EVERY;
+        assert!(
+            sealer.seal(second, &mut stream, forwarded(52, &payload)).is_none(),
+            "str0m's again"
+        );
+        assert!(sealer.seal(second, &mut stream, forwarded(53, &payload)).is_some());
+    }
+
+    #[test]
+    fn a_profile_without_aead_stays_with_str0m() {
+        let now = Instant::now();
+        let keys = KeySlot::default();
+        let mut sealer = Sealer::new(keys.clone());
+        let mut stream = DirectStream::new(1, Mid::from("0"), &ExtensionMap::standard(), now);
+        sealer.saw_transmit(&transmit(128, "127.0.0.1:50000".parse().expect("address")));
+        let keying = Keying {
+            material: vec![1; 2 * 16 + 2 * 14],
+            profile: SrtpProfile::AES128_CM_SHA1_80,
+            client: true,
+        };
+        assert!(keys.0.set(keying).is_ok());
+        for seq in 1..5 {
+            let at = now + std::time::Duration::from_millis(20 * seq);
+            assert!(sealer.seal(at, &mut stream, forwarded(seq, &[1, 2, 3])).is_none());
+        }
+        assert!(matches!(sealer.path, AudioPath::Str0m));
+    }
+
     #[test]
     fn our_half_of_the_material_follows_the_dtls_role() {
         let material: Vec<u8> = (0..2 * 16 + 2 * 12).collect();
