@@ -326,8 +326,9 @@ impl Bot {
                 let _ = self.matrix.leave(room).await;
                 continue;
             }
+            let asked = Instant::now();
             match self.matrix.join(room).await {
-                Ok(()) => tracing::info!("joined a room on invite"),
+                Ok(()) => tracing::info!(took_ms = asked.elapsed().as_millis() as u64, "joined a room on invite"),
                 Err(e) => tracing::warn!(error = %e, "could not join a room"),
             }
         }

@@ -71,7 +71,8 @@ function turnArgs(relay) {
 async function startServer(extra = []) {
   const dataDir = mkdtempSync(join(tmpdir(), "switchboard-web-e2e-"));
   const child = spawn(binary, ["--data-dir", dataDir, "--bind", "127.0.0.1:0", "--set", "media.shards=1", ...extra], {
-    env: { ...process.env, SWITCHBOARD_LOG_LEVEL: process.env.SWITCHBOARD_LOG_LEVEL || "warn" },
+    // The bot's joins at info: a slow one (seen once) then shows in a failure's output.
+    env: { ...process.env, SWITCHBOARD_LOG_LEVEL: process.env.SWITCHBOARD_LOG_LEVEL || "warn,switchboard::bot=info" },
     stdio: ["ignore", "pipe", "inherit"],
   });
   const lines = createInterface({ input: child.stdout });
