@@ -907,17 +907,19 @@ impl Bot {
         let Some(publisher) = self.participants.get(call_id).cloned() else {
             return;
         };
-        self.published
-            .entry(call_id.to_string())
-            .or_default()
-            .extend(metadata.clone());
+        let published = self.published.entry(call_id.to_string()).or_default();
+        let before = published.clone();
+        published.extend(metadata.clone());
         let mut updates = Vec::new();
         for (other_call, streams) in &self.streams {
+            // Only what changed (renegotiations repeat the whole metadata).
             let changed: SdpStreamMetadata = streams
                 .iter()
                 .filter(|s| s.publisher == publisher)
                 .filter_map(|s| {
-                    own_entry(&metadata, &s.publisher_stream_id).map(|own| (s.stream_id.clone(), label(s, Some(own))))
+                    let own = own_entry(&metadata, &s.publisher_stream_id)?;
+                    let known = own_entry(&before, &s.publisher_stream_id);
+                    (known != Some(own)).then(|| (s.stream_id.clone(), label(s, Some(own))))
                 })
                 .collect();
             if !changed.is_empty() {

@@ -236,6 +236,7 @@ impl Session {
             forwarder: Forwarder::new(if video { 90_000 } else { 48_000 }, video),
             pt_map: Vec::new(),
             direct: None,
+            our_mline: false,
         });
         if let Some(tx) = self.rtc.direct_api().stream_tx_by_mid(mid, None) {
             tx.set_unpaced(true);
@@ -262,6 +263,16 @@ struct Subscription {
     pt_map: Vec<(Pt, Pt)>,
     /// Audio we seal ourselves (see [`srtp`]), once the keys are there.
     direct: Option<srtp::DirectStream>,
+    /// Its m-line was added by our offer (not one of the caller's own).
+    our_mline: bool,
+}
+
+impl Session {
+    /// Whether `mid` is an m-line of ours carrying someone else's stream (its
+    /// label is that stream's, never the session's own).
+    fn forwards_on(&self, mid: &str) -> bool {
+        self.subscriptions.get(&Mid::from(mid)).is_some_and(|s| s.our_mline)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,6 +285,18 @@ enum Change {
     /// only for an offer that brings a stream, so it went out both ways; this
     /// ends that silent feed). A single-stream session drops these.
     OwnLine(Mid, Direction),
+}
+
+/// An m-line a session starts publishing on.
+struct PublishedLine {
+    mid: Mid,
+    kind: MediaKind,
+    /// Its direction from our side.
+    direction: Direction,
+    /// Simulcast layers (one `None` without simulcast).
+    rids: Vec<Option<Rid>>,
+    /// The msid stream id the publisher gave it.
+    publisher_stream_id: String,
 }
 
 struct PendingOffer {
@@ -461,7 +484,7 @@ impl Sfu {
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
         let answer = rtc.sdp_api().accept_offer(offer)?;
-        let answer = own_msid(&answer.to_sdp_string(), &session_stream(&participant));
+        let answer = own_msid(&answer.to_sdp_string(), &session_stream(&participant), |_| false);
         let id = self.insert_session(now, room, participant, (rtc, keys), None, own_lines);
         Ok((id, answer))
     }
@@ -499,7 +522,7 @@ impl Sfu {
             redirected: Vec::new(),
             own: own.to_vec(),
         };
-        let offer = own_msid(&offer.to_sdp_string(), &stream);
+        let offer = own_msid(&offer.to_sdp_string(), &stream, |_| false);
         let id = self.insert_session(now, room, participant, (rtc, keys), Some(pending), OwnLines::BothWays);
         Ok((id, offer))
     }
@@ -600,7 +623,9 @@ impl Sfu {
             redirected,
             own: Vec::new(),
         });
-        let sdp = own_msid(&offer.to_sdp_string(), &session_stream(&session.participant));
+        let sdp = own_msid(&offer.to_sdp_string(), &session_stream(&session.participant), |mid| {
+            session.forwards_on(mid)
+        });
         self.drain(id);
         self.process(now);
         Ok(Some(Offer {
@@ -666,6 +691,7 @@ impl Sfu {
                     forwarder,
                     pt_map: Vec::new(),
                     direct: None,
+                    our_mline: true,
                 },
             );
             track.subscribers.push((id, mid));
@@ -692,12 +718,12 @@ impl Sfu {
     /// Handles an offer from the peer (it renegotiates: ICE restart, new
     /// tracks) and returns our answer. An offer of ours still waiting is
     /// dropped and its changes are asked for again afterwards.
-    pub fn accept_offer(&mut self, now: Instant, id: SessionId, offer: &str) -> Result<String, SfuError> {
+    pub fn accept_offer(&mut self, now: Instant, id: SessionId, sdp: &str) -> Result<String, SfuError> {
         self.advance(now);
         let session = self.sessions.get(&id).ok_or(SfuError::UnknownSession)?;
         // Publish-only: still nothing of ours on its own m-lines (new ones
         // included); the m-lines we send on stay as they are.
-        let offer = self.parse_offer(offer, session.own_lines, |mid| {
+        let offer = self.parse_offer(sdp, session.own_lines, |mid| {
             session
                 .rtc
                 .media(Mid::from(mid))
@@ -708,9 +734,34 @@ impl Sfu {
             session.requeue(&pending.added, &pending.redirected);
         }
         let answer = session.rtc.sdp_api().accept_offer(offer)?;
-        let answer = own_msid(&answer.to_sdp_string(), &session_stream(&session.participant));
+        let answer = own_msid(&answer.to_sdp_string(), &session_stream(&session.participant), |mid| {
+            session.forwards_on(mid)
+        });
+        // A browser's addTrack reuses a transceiver that never sent, such as
+        // one of ours it only receives on (matrix-js-sdk's screen share does
+        // this): the peer now sends on that m-line too, a track of its own.
+        let reused: Vec<(Mid, MediaKind, String)> = session
+            .subscriptions
+            .iter()
+            .filter(|(mid, sub)| sub.our_mline && !session.published.contains_key(*mid))
+            .filter_map(|(mid, _)| {
+                let media = session.rtc.media(*mid)?;
+                let stream = sdp::stream_of(sdp, mid)?;
+                media.direction().is_receiving().then(|| (*mid, media.kind(), stream))
+            })
+            .collect();
         let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
         self.drain(id);
+        for (mid, kind, publisher_stream_id) in reused {
+            let line = PublishedLine {
+                mid,
+                kind,
+                direction: Direction::SendRecv,
+                rids: vec![None],
+                publisher_stream_id,
+            };
+            self.publish(now, id, line);
+        }
         if renegotiate {
             self.events.push_back(SfuEvent::NegotiationNeeded(id));
         }
@@ -1078,6 +1129,29 @@ impl Sfu {
         }
         let Some(media) = session.rtc.media(mid) else { return };
         let publisher_stream_id = media.stream_id().to_string();
+        let line = PublishedLine {
+            mid,
+            kind,
+            direction,
+            rids,
+            publisher_stream_id,
+        };
+        self.publish(now, id, line);
+    }
+
+    /// A new track of session `id`: every other session in the room
+    /// subscribes to it.
+    fn publish(&mut self, now: Instant, id: SessionId, line: PublishedLine) {
+        let PublishedLine {
+            mid,
+            kind,
+            direction,
+            rids,
+            publisher_stream_id,
+        } = line;
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
         let codecs = session
             .rtc
             .codec_config()

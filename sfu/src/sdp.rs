@@ -61,11 +61,13 @@ pub(crate) fn publish_only(offer: &str, keep: impl Fn(&str) -> bool) -> String {
 /// `sdp` (ours) with `stream` as the msid of its two-way m-lines: str0m
 /// repeats the offerer's own msid there, and a browser would then receive a
 /// stream with the id of the one it sends (matrix-js-sdk drops it as a feed
-/// it already has). Tracks become `<stream>-<mid>`.
-pub(crate) fn own_msid(sdp: &str, stream: &str) -> String {
+/// it already has). Tracks become `<stream>-<mid>`. M-lines `forwarded`
+/// names keep their label: they carry someone else's stream (the peer made
+/// one of them two-way by reusing it for a track of its own).
+pub(crate) fn own_msid(sdp: &str, stream: &str, forwarded: impl Fn(&str) -> bool) -> String {
     edit_sections(sdp, |section, out| {
         let two_way = section.iter().any(|l| l.trim_end() == "a=sendrecv");
-        let Some(mid) = mid_of(section).filter(|_| two_way) else {
+        let Some(mid) = mid_of(section).filter(|mid| two_way && !forwarded(mid)) else {
             section.iter().for_each(|line| out.push_str(line));
             return;
         };
@@ -85,6 +87,27 @@ pub(crate) fn own_msid(sdp: &str, stream: &str) -> String {
             }
         }
     })
+}
+
+/// The msid stream id (RFC 8830) the m-section with `mid` names, from
+/// `a=msid:` or, in older SDP, `a=ssrc:… msid:`.
+pub(crate) fn stream_of(sdp: &str, mid: &str) -> Option<String> {
+    let mut found = None;
+    edit_sections(sdp, |section, _| {
+        if found.is_none() && mid_of(section) == Some(mid) {
+            found = section.iter().find_map(|line| {
+                let body = line.trim_end();
+                let msid = body.strip_prefix("a=msid:").or_else(|| {
+                    body.strip_prefix("a=ssrc:")
+                        .and_then(|r| r.split_once(" msid:"))
+                        .map(|(_, m)| m)
+                })?;
+                let stream = msid.split_whitespace().next()?;
+                (stream != "-").then(|| stream.to_string())
+            });
+        }
+    });
+    found
 }
 
 /// Our msid stream id for what a session gets on m-lines both sides send on
@@ -125,7 +148,7 @@ pub(crate) fn offer_prefers_h264(sdp: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{offer_prefers_h264, own_msid, publish_only};
+    use super::{offer_prefers_h264, own_msid, publish_only, stream_of};
 
     #[test]
     fn two_way_m_lines_of_an_answer_name_our_stream() {
@@ -133,10 +156,30 @@ mod tests {
             a=msid:cam t1\r\na=ssrc:5 cname:x\r\na=ssrc:5 msid:cam t1\r\n\
             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendonly\r\na=msid:pub t2\r\n";
         assert_eq!(
-            own_msid(answer, "sb-x"),
+            own_msid(answer, "sb-x", |_| false),
             "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\n\
             a=msid:sb-x sb-x-0\r\na=ssrc:5 cname:x\r\na=ssrc:5 msid:sb-x sb-x-0\r\n\
             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendonly\r\na=msid:pub t2\r\n"
+        );
+    }
+
+    #[test]
+    fn a_forwarded_m_line_keeps_its_stream_and_the_peers_is_found() {
+        // The peer reused m-line 1 (ours, forwarding someone's stream) for a
+        // track of its own: both sides send there now.
+        let offer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\na=msid:cam a\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\na=ssrc:7 msid:screen v\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=recvonly\r\na=msid:- t\r\n";
+        assert_eq!(stream_of(offer, "0").as_deref(), Some("cam"));
+        assert_eq!(stream_of(offer, "1").as_deref(), Some("screen"));
+        assert_eq!(stream_of(offer, "2"), None, "no stream");
+        assert_eq!(stream_of(offer, "3"), None, "no such m-line");
+        let answer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\na=msid:cam a\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\na=msid:sb3-bob v\r\n";
+        assert_eq!(
+            own_msid(answer, "sb-x", |mid| mid == "1"),
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\na=msid:sb-x sb-x-0\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\na=msid:sb3-bob v\r\n"
         );
     }
 

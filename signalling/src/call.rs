@@ -321,9 +321,17 @@ impl Signalling {
             {
                 self.end(&call_id, EndReason::AnsweredElsewhere, None);
             }
-            CallEvent::Negotiate { description, .. }
-                if from_peer && call.version == Version::V1 && call.peer_party.is_some() =>
-            {
+            CallEvent::Negotiate {
+                description, metadata, ..
+            } if from_peer && call.version == Version::V1 && call.peer_party.is_some() => {
+                // What its streams are (a screen share it adds comes with this
+                // renegotiation), known before the media change is acted on.
+                if let Some(metadata) = metadata {
+                    self.actions.push_back(Action::PeerMetadata {
+                        call_id: call_id.clone(),
+                        metadata,
+                    });
+                }
                 match description.kind {
                     // As callee we are polite: the peer's offer wins over ours.
                     // As caller we are impolite: while our offer is out, theirs

@@ -429,6 +429,33 @@ fn renegotiation_both_ways() {
     };
     assert_eq!(event.to_content()["description"]["type"], "answer");
 
+    // An offer that adds a stream (a screen share) says what it is: that
+    // comes before the offer goes to the media session.
+    let shared = json!({"cam": {"purpose": "m.usermedia"}, "screen": {"purpose": "m.screenshare"}});
+    s.handle_event(
+        now,
+        from_alice(
+            "m.call.negotiate",
+            "c",
+            json!({"description": {"type": "offer", "sdp": "v=0 share"}, "sdp_stream_metadata": shared}),
+        ),
+    );
+    let got = actions(&mut s);
+    let [
+        Action::PeerMetadata {
+            call_id,
+            metadata: told,
+        },
+        Action::MediaOffer { offer, .. },
+    ] = got.as_slice()
+    else {
+        panic!("metadata, then the offer: {got:?}")
+    };
+    assert_eq!((call_id.as_str(), offer.as_str()), ("c", "v=0 share"));
+    assert_eq!(told["screen"].purpose, "m.screenshare");
+    s.handle_media_renegotiated(now, "c", "v=0 our answer".into(), metadata());
+    actions(&mut s);
+
     // Glare: the caller's offer arrives while ours waits: we are polite, theirs wins.
     assert!(s.renegotiate(now, "c", "ours".into(), metadata()));
     actions(&mut s);

@@ -494,6 +494,35 @@ async function jsSdkConference(ctx) {
   }
 }
 
+/**
+ * Amy shares her screen in a multi-stream conference: Chrome's addTrack takes
+ * one of the SFU's receive-only m-lines for it (a transceiver that never
+ * sent). Ben gets a second feed from her, labelled m.screenshare, with bytes
+ * arriving; Amy keeps exactly Ben's camera feed (the m-line she reused still
+ * carries it, under its label).
+ */
+async function screenShare(amy, ben, status) {
+  const before = await status(amy);
+  const shared = await amy.page.evaluate(() => window.jsSdk.shareScreen());
+  log("amy shares her screen:", JSON.stringify(shared));
+  if (!shared.reused) throw new Error("Chrome did not reuse a transceiver for the screen share (the case under test)");
+  let seen;
+  await until("ben to get amy's screen share as a second feed", async () => {
+    const s = (seen = await status(ben));
+    const screen = s.remoteFeeds.find((f) => f.purpose === "m.screenshare");
+    return screen && screen.stream.endsWith(`-${shared.stream}`) && screen.video > 0 && s.remoteFeeds.length === 2;
+  }, 30000).catch((e) => {
+    throw new Error(`${e.message}; ben's call: ${JSON.stringify(seen)}`);
+  });
+  const start = (await status(ben)).bytesIn;
+  await until("ben's bytes to keep growing with the screen share", async () => (await status(ben)).bytesIn > start + 20000);
+  const after = await status(amy);
+  if (after.remoteFeeds.length !== 1 || after.remoteFeeds[0].stream !== before.remoteFeeds[0].stream) {
+    throw new Error(`amy's feeds changed with her screen share: ${JSON.stringify(before.remoteFeeds)} → ${JSON.stringify(after.remoteFeeds)}`);
+  }
+  log("ben sees amy's screen share; amy still sees ben's camera");
+}
+
 async function jsSdkCalls(ctx, browser, script) {
   const users = [];
   const pageErrors = [];
@@ -558,6 +587,7 @@ async function jsSdkCalls(ctx, browser, script) {
       if (!right) throw new Error(`${u.name}'s feed in ${mode} is stream ${stream} (the other sends ${other})`);
       await u.page.screenshot({ path: join(outDir, `js-sdk-conference-${mode}-${u.name}.png`) });
     }
+    if (mode === "multi_stream") await screenShare(amy, ben, status);
     if (pageErrors.length) throw new Error(`matrix-js-sdk threw: ${pageErrors.join("; ")}`);
     for (const u of users) await u.page.evaluate(() => window.jsSdk.hangup());
     await until("both calls to end", async () => (await Promise.all(users.map(status))).every((s) => s.state === "ended"));

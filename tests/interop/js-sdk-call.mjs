@@ -115,6 +115,30 @@ async function status() {
   };
 }
 
+/**
+ * Shares a "screen" as matrix-js-sdk's `setScreensharingEnabled` does once it
+ * has the stream (here a canvas, not getDisplayMedia): a new local feed with
+ * purpose m.screenshare, added with `addTrack`. Returns the stream id and
+ * whether the browser reused a transceiver it had (one of the SFU's).
+ */
+async function shareScreen() {
+  const canvas = document.createElement("canvas");
+  canvas.width = 320;
+  canvas.height = 180;
+  const paint = canvas.getContext("2d");
+  let frame = 0;
+  setInterval(() => {
+    paint.fillStyle = `hsl(${(frame += 7) % 360}, 80%, 50%)`;
+    paint.fillRect(0, 0, canvas.width, canvas.height);
+  }, 40);
+  const stream = canvas.captureStream(25);
+  const before = new Set(call.peerConn.getTransceivers().map((t) => t.mid).filter(Boolean));
+  call.pushNewLocalFeed(stream, "m.screenshare");
+  const track = stream.getVideoTracks()[0];
+  const transceiver = call.peerConn.getTransceivers().find((t) => t.sender.track === track);
+  return { stream: stream.id, reused: Boolean(transceiver?.mid && before.has(transceiver.mid)) };
+}
+
 async function hangup() {
   call?.hangup("user_hangup", false);
 }
@@ -130,5 +154,6 @@ window.jsSdk = {
   answerIncoming,
   placeCall,
   status,
+  shareScreen,
   hangup,
 };
