@@ -1052,6 +1052,9 @@ impl Sfu {
                 };
                 self.on_media_added(now, id, added.mid, added.kind, added.direction, rids)
             }
+            Event::MediaChanged(changed) if !changed.direction.is_receiving() => {
+                self.stop_publishing(now, id, changed.mid);
+            }
             Event::KeyframeRequest(request) => {
                 let Some(session) = self.sessions.get(&id) else { return };
                 if let Some(track) = session.subscriptions.get(&request.mid).map(|s| s.track) {
@@ -1623,40 +1626,61 @@ impl Sfu {
         }
     }
 
+    /// A track leaves its room: subscribers stop receiving it at once and
+    /// renegotiate to deactivate its m-lines.
+    fn unpublish(&mut self, track_id: TrackId) {
+        let Some(track) = self.tracks.remove(&track_id) else {
+            return;
+        };
+        if let Some(room) = self.rooms.get_mut(&track.room) {
+            room.tracks.retain(|t| *t != track_id);
+        }
+        for (sub_id, mid) in track.subscribers {
+            let Some(subscriber) = self.sessions.get_mut(&sub_id) else {
+                continue;
+            };
+            if subscriber.single_stream {
+                // Its own m-line stays; it gets another source.
+                if let Some(subscription) = subscriber.subscriptions.get_mut(&mid) {
+                    subscription.track = TrackId(0);
+                }
+                continue;
+            }
+            subscriber.subscriptions.remove(&mid);
+            subscriber.wanted.push(Change::Direction(mid, Direction::Inactive));
+            self.out.stats.subscriptions = self.out.stats.subscriptions.saturating_sub(1);
+            if subscriber.rtc.is_connected() && subscriber.pending.is_none() {
+                self.events.push_back(SfuEvent::NegotiationNeeded(sub_id));
+            }
+        }
+        for other in self.sessions.values_mut() {
+            other.wanted.retain(|c| *c != Change::Subscribe(track_id));
+        }
+    }
+
+    /// The publisher stopped sending on one of its m-lines (a screen share
+    /// ended, a track removed): that track leaves the room.
+    fn stop_publishing(&mut self, now: Instant, id: SessionId, mid: Mid) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let Some(track_id) = session.published.remove(&mid) else {
+            return;
+        };
+        session.ssrc_tracks.retain(|_, (track, _)| *track != track_id);
+        let room_id = session.room.clone();
+        self.unpublish(track_id);
+        self.mix_drop_input(&room_id, track_id);
+        self.retarget_single_stream(now, &room_id);
+    }
+
     fn remove_session(&mut self, now: Instant, id: SessionId) {
         let Some(mut session) = self.sessions.remove(&id) else {
             return;
         };
-        // Its tracks leave the room; subscribers stop receiving at once and
-        // renegotiate to deactivate the m-lines.
+        // Its tracks leave the room.
         for track_id in session.published.values() {
-            let Some(track) = self.tracks.remove(track_id) else {
-                continue;
-            };
-            if let Some(room) = self.rooms.get_mut(&track.room) {
-                room.tracks.retain(|t| t != track_id);
-            }
-            for (sub_id, mid) in track.subscribers {
-                let Some(subscriber) = self.sessions.get_mut(&sub_id) else {
-                    continue;
-                };
-                if subscriber.single_stream {
-                    // Its own m-line stays; it gets another source below.
-                    if let Some(subscription) = subscriber.subscriptions.get_mut(&mid) {
-                        subscription.track = TrackId(0);
-                    }
-                    continue;
-                }
-                subscriber.subscriptions.remove(&mid);
-                subscriber.wanted.push(Change::Direction(mid, Direction::Inactive));
-                self.out.stats.subscriptions = self.out.stats.subscriptions.saturating_sub(1);
-                if subscriber.rtc.is_connected() && subscriber.pending.is_none() {
-                    self.events.push_back(SfuEvent::NegotiationNeeded(sub_id));
-                }
-            }
-            for other in self.sessions.values_mut() {
-                other.wanted.retain(|c| *c != Change::Subscribe(*track_id));
-            }
+            self.unpublish(*track_id);
         }
         // Its subscriptions leave the fan-out lists.
         for (mid, subscription) in &session.subscriptions {

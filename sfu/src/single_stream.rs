@@ -200,6 +200,13 @@ impl Sfu {
     /// A session is leaving (its room's session list no longer has it): it
     /// stops listening, its tracks stop being mixed; an emptied room's
     /// recording ends.
+    /// A track that stopped is no longer mixed.
+    pub(crate) fn mix_drop_input(&mut self, room_id: &RoomId, track: TrackId) {
+        if let Some(mix) = self.rooms.get_mut(room_id).and_then(|r| r.mix.as_mut()) {
+            mix.mixer.remove_input(InputId(track.0));
+        }
+    }
+
     pub(crate) fn mix_leave(&mut self, id: SessionId, room_id: &RoomId, published: impl Iterator<Item = TrackId>) {
         let Some(room) = self.rooms.get_mut(room_id) else {
             return;

@@ -776,3 +776,42 @@ fn a_publish_only_callers_own_m_lines_are_answered_receive_only() {
         }
     }
 }
+
+/// A publisher that stops sending on one of its m-lines (a screen share
+/// ended, a camera removed) unpublishes that track: the others' m-lines for
+/// it turn inactive, its other track goes on.
+#[test]
+fn a_track_whose_publisher_stops_sending_leaves_the_room() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    world.run(Duration::from_secs(3));
+    assert_eq!(world.sfu.stats().tracks, 4);
+    let (audio, video) = world.clients[alice].own_mids;
+    world.reoffer(
+        alice,
+        [
+            (audio, str0m::media::Direction::SendOnly),
+            (video, str0m::media::Direction::Inactive),
+        ],
+    );
+    world.run(Duration::from_secs(1));
+    assert_eq!(world.sfu.stats().tracks, 3, "her video is gone, her audio stays");
+    let alices = |world: &World, kind| world.received_from(bob)[&(user("alice"), kind)].packets.len();
+    let (audio_before, video_before) = (alices(&world, MediaKind::Audio), alices(&world, MediaKind::Video));
+    world.run(Duration::from_secs(2));
+    assert!(
+        alices(&world, MediaKind::Audio) > audio_before + 50,
+        "bob still hears alice"
+    );
+    assert_eq!(alices(&world, MediaKind::Video), video_before, "no more of her video");
+    // Bob's m-line for it was renegotiated inactive.
+    let client = &world.clients[bob];
+    let inactive = client
+        .received
+        .iter()
+        .filter(|(_, r)| r.kind == Some(MediaKind::Video))
+        .filter(|(mid, _)| client.rtc.media(**mid).map(|m| m.direction()) == Some(str0m::media::Direction::Inactive))
+        .count();
+    assert_eq!(inactive, 1, "bob's m-line for alice's video");
+}

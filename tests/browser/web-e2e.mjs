@@ -521,6 +521,17 @@ async function screenShare(amy, ben, status) {
     throw new Error(`amy's feeds changed with her screen share: ${JSON.stringify(before.remoteFeeds)} → ${JSON.stringify(after.remoteFeeds)}`);
   }
   log("ben sees amy's screen share; amy still sees ben's camera");
+  // She stops: the SFU unpublishes it and ben's feed goes away.
+  await amy.page.evaluate(() => window.jsSdk.stopScreenShare());
+  await until("ben's screen-share feed from amy to end", async () => {
+    const s = (seen = await status(ben));
+    return s.remoteFeeds.length === 1 && s.remoteFeeds[0].purpose === "m.usermedia";
+  }, 30000).catch((e) => {
+    throw new Error(`${e.message}; ben's call: ${JSON.stringify(seen)}`);
+  });
+  const last = await status(amy);
+  if (last.state !== "connected" || last.remoteFeeds.length !== 1) throw new Error(`amy after her screen share: ${JSON.stringify(last)}`);
+  log("amy stopped sharing: ben's screen-share feed ended");
 }
 
 async function jsSdkCalls(ctx, browser, script) {

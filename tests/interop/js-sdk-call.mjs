@@ -139,6 +139,11 @@ async function shareScreen() {
   return { stream: stream.id, reused: Boolean(transceiver?.mid && before.has(transceiver.mid)) };
 }
 
+/** Ends the screen share as matrix-js-sdk does: its senders are removed. */
+async function stopScreenShare() {
+  await call.setScreensharingEnabled(false);
+}
+
 async function hangup() {
   call?.hangup("user_hangup", false);
 }
@@ -155,5 +160,6 @@ window.jsSdk = {
   placeCall,
   status,
   shareScreen,
+  stopScreenShare,
   hangup,
 };

@@ -302,11 +302,18 @@ impl World {
     /// does whose transceivers stay `sendrecv` whatever we answered; the SFU
     /// answers and the client takes the answer.
     pub fn reoffer_two_way(&mut self, index: usize) {
-        let session = self.clients[index].session.expect("session");
         let (audio, video) = self.clients[index].own_mids;
+        self.reoffer(index, [(audio, Direction::SendRecv), (video, Direction::SendRecv)]);
+    }
+
+    /// The client offers again with these m-lines in these directions (its
+    /// view); the SFU answers and the client takes the answer.
+    pub fn reoffer(&mut self, index: usize, directions: [(Mid, Direction); 2]) {
+        let session = self.clients[index].session.expect("session");
         let mut api = self.clients[index].rtc.sdp_api();
-        api.set_direction(audio, Direction::SendRecv);
-        api.set_direction(video, Direction::SendRecv);
+        for (mid, direction) in directions {
+            api.set_direction(mid, direction);
+        }
         let (offer, pending) = api.apply().expect("an offer");
         let answer = self
             .sfu
