@@ -38,8 +38,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Scenarios to run (comma-separated): fanout-audio, fanout-video, mesh-av, calls-audio.
-    #[arg(long, default_value = "fanout-audio,fanout-video,mesh-av,calls-audio")]
+    /// Scenarios to run (comma-separated): fanout-audio, fanout-video, mesh-audio, mesh-av, calls-audio.
+    #[arg(long, default_value = "fanout-audio,fanout-video,mesh-audio,mesh-av,calls-audio")]
     scenarios: String,
     /// Measurement window per run, seconds (after warm-up).
     #[arg(long, default_value_t = 8)]
@@ -96,6 +96,15 @@ fn scenarios(args: &Args) -> Result<Vec<Scenario>> {
                 subscribers: 20,
                 media: Media::Video,
                 video_pps: 300,
+            },
+            // N × N voice conferences: everyone publishes audio and receives everyone else.
+            "mesh-audio" => Scenario {
+                name: "mesh-audio",
+                rooms: scale(10),
+                publishers: 8,
+                subscribers: 0,
+                media: Media::Audio,
+                video_pps: 0,
             },
             // N × N rooms: everyone publishes audio and video and receives everyone else.
             "mesh-av" => Scenario {
