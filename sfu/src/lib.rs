@@ -1647,7 +1647,13 @@ impl Sfu {
                 continue;
             }
             subscriber.subscriptions.remove(&mid);
-            subscriber.wanted.push(Change::Direction(mid, Direction::Inactive));
+            // An m-line the subscriber reused to publish on stays open for that.
+            let direction = if subscriber.published.contains_key(&mid) {
+                Direction::RecvOnly
+            } else {
+                Direction::Inactive
+            };
+            subscriber.wanted.push(Change::Direction(mid, direction));
             self.out.stats.subscriptions = self.out.stats.subscriptions.saturating_sub(1);
             if subscriber.rtc.is_connected() && subscriber.pending.is_none() {
                 self.events.push_back(SfuEvent::NegotiationNeeded(sub_id));

@@ -815,3 +815,71 @@ fn a_track_whose_publisher_stops_sending_leaves_the_room() {
         .count();
     assert_eq!(inactive, 1, "bob's m-line for alice's video");
 }
+
+/// A client that reuses one of the SFU's receive-only m-lines to send a new
+/// track (a browser's `addTrack` takes a transceiver that never sent, as
+/// matrix-js-sdk's screen share does) publishes it; the m-line keeps
+/// bringing what it carried, and when that goes away it stays open for the
+/// client's track.
+#[test]
+fn a_receive_only_m_line_reused_to_publish_is_a_new_track() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    let carol = world.join("carol");
+    world.run(Duration::from_secs(3));
+    assert_eq!(world.sfu.stats().tracks, 6);
+    let bobs_video = |world: &World| {
+        let client = &world.clients[alice];
+        let stream = client
+            .streams
+            .iter()
+            .find(|s| s.publisher.user_id == user("bob") && s.video)
+            .map(|s| s.stream_id.clone())
+            .expect("alice receives bob's video");
+        client
+            .received
+            .iter()
+            .find(|(_, r)| r.kind == Some(MediaKind::Video) && r.stream_id == stream)
+            .map(|(mid, r)| (*mid, r.packets.len()))
+            .expect("bob's video m-line at alice")
+    };
+    let (reused, _) = bobs_video(&world);
+    world.reuse_for_video(alice, reused);
+    world.run(Duration::from_secs(2));
+    assert_eq!(world.sfu.stats().tracks, 7, "what alice sends there is a track");
+    let alices_new = |world: &World| {
+        let client = &world.clients[carol];
+        let streams: Vec<&str> = client
+            .streams
+            .iter()
+            .filter(|s| s.publisher.user_id == user("alice") && s.video)
+            .map(|s| s.stream_id.as_str())
+            .collect();
+        assert_eq!(streams.len(), 2, "carol receives alice's camera and her new track");
+        client
+            .received
+            .values()
+            .filter(|r| r.kind == Some(MediaKind::Video) && streams.contains(&r.stream_id.as_str()))
+            .map(|r| r.packets.len())
+            .max()
+            .unwrap_or(0)
+    };
+    let before = alices_new(&world);
+    assert!(before > 20, "carol gets alice's new track: {before}");
+    let (_, bobs_before) = bobs_video(&world);
+    world.run(Duration::from_secs(1));
+    let (mid, bobs_after) = bobs_video(&world);
+    assert_eq!(mid, reused);
+    assert!(bobs_after > bobs_before + 20, "alice still gets bob's video there");
+    // Bob leaves: the m-line stays open for alice's track (only we stop sending).
+    world.leave(bob);
+    world.run(Duration::from_secs(2));
+    let direction = world.clients[alice].rtc.media(reused).map(|m| m.direction());
+    assert_eq!(direction, Some(str0m::media::Direction::SendOnly));
+    let after = alices_new(&world);
+    assert!(
+        after > before + 40,
+        "carol still gets alice's track: {before} → {after}"
+    );
+}

@@ -328,6 +328,16 @@ impl World {
         self.pump_sfu();
     }
 
+    /// The client starts sending its video on `mid`, one of the SFU's
+    /// m-lines it only received on, as a browser's `addTrack` reuses a
+    /// transceiver that never sent: it offers that m-line both ways.
+    pub fn reuse_for_video(&mut self, index: usize, mid: Mid) {
+        let (audio, _) = self.clients[index].own_mids;
+        self.reoffer(index, [(audio, Direction::SendOnly), (mid, Direction::SendRecv)]);
+        self.clients[index].video = mid;
+        self.clients[index].keyframe_due = true;
+    }
+
     pub fn leave(&mut self, index: usize) {
         if let Some(session) = self.clients[index].session.take() {
             self.sfu.close_session(self.now, session);
