@@ -221,6 +221,9 @@ struct Session {
     stats: SessionStats,
     /// Forwarded audio sealed by us (see [`srtp`]).
     sealer: srtp::Sealer,
+    /// Every m-line it published on or we added (with its simulcast
+    /// layers): where it may publish again without a new m-line.
+    lines: FastMap<Mid, Vec<Option<Rid>>>,
 }
 
 impl Session {
@@ -564,6 +567,7 @@ impl Sfu {
             pending,
             stats: SessionStats::default(),
             sealer: srtp::Sealer::new(keys),
+            lines: FastMap::default(),
         };
         self.sessions.insert(id, Box::new(session));
         self.out
@@ -695,6 +699,7 @@ impl Sfu {
                 },
             );
             track.subscribers.push((id, mid));
+            session.lines.entry(mid).or_insert_with(|| vec![None]);
             // Forwarded media goes out at once: an SFU relays what arrives as it
             // arrives (the publisher already paced it); bandwidth is managed by
             // choosing simulcast layers, not by queueing.
@@ -740,26 +745,33 @@ impl Sfu {
         // A browser's addTrack reuses a transceiver that never sent, such as
         // one of ours it only receives on (matrix-js-sdk's screen share does
         // this): the peer now sends on that m-line too, a track of its own.
-        let reused: Vec<(Mid, MediaKind, String)> = session
-            .subscriptions
+        // So does an m-line of its own it stopped sending on and sends on
+        // again (a screen share restarted on the same transceiver). New
+        // m-lines come as str0m's MediaAdded.
+        let resumed: Vec<PublishedLine> = session
+            .lines
             .iter()
-            .filter(|(mid, sub)| sub.our_mline && !session.published.contains_key(*mid))
-            .filter_map(|(mid, _)| {
+            .filter(|(mid, _)| !session.published.contains_key(*mid))
+            .filter_map(|(mid, rids)| {
                 let media = session.rtc.media(*mid)?;
-                let stream = sdp::stream_of(sdp, mid)?;
-                media.direction().is_receiving().then(|| (*mid, media.kind(), stream))
+                if !media.direction().is_receiving() {
+                    return None;
+                }
+                let publisher_stream_id = sdp::stream_of(sdp, mid).unwrap_or_else(|| media.stream_id().to_string());
+                Some(PublishedLine {
+                    mid: *mid,
+                    kind: media.kind(),
+                    direction: media.direction(),
+                    rids: rids.clone(),
+                    publisher_stream_id,
+                })
             })
             .collect();
+        // What renegotiated may have new SSRCs or extension ids.
+        session.subscriptions.values_mut().for_each(|s| s.direct = None);
         let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
         self.drain(id);
-        for (mid, kind, publisher_stream_id) in reused {
-            let line = PublishedLine {
-                mid,
-                kind,
-                direction: Direction::SendRecv,
-                rids: vec![None],
-                publisher_stream_id,
-            };
+        for line in resumed {
             self.publish(now, id, line);
         }
         if renegotiate {
@@ -874,6 +886,7 @@ impl Sfu {
                 return self.out.stats.drop(DropReason::BadStun);
             }
             session.addrs.push(source);
+            session.sealer.forget_route();
             self.by_addr.insert(source, id);
         }
         session.stats.datagrams_in += 1;
@@ -950,8 +963,9 @@ impl Sfu {
         self.out.transmits.pop_front()
     }
 
-    /// Datagrams ready to send without a flush (those sealed by the SFU
-    /// itself): the driver may send them before its read slice is over.
+    /// Datagrams queued to send (those sealed by the SFU itself, and what
+    /// str0m emitted since the last flush): the driver may send them before
+    /// its read slice is over.
     pub fn transmits_ready(&self) -> usize {
         self.out.transmits.len()
     }
@@ -1071,6 +1085,11 @@ impl Sfu {
                 self.events.push_back(SfuEvent::Closed(id, CloseReason::Disconnected));
                 self.remove_session(now, id);
             }
+            Event::IceConnectionStateChange(_) => {
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session.sealer.forget_route();
+                }
+            }
             Event::Closed => {
                 self.events.push_back(SfuEvent::Closed(id, CloseReason::PeerClosed));
                 self.remove_session(now, id);
@@ -1155,6 +1174,7 @@ impl Sfu {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
+        session.lines.insert(mid, rids.clone());
         let codecs = session
             .rtc
             .codec_config()

@@ -197,9 +197,6 @@ impl Sfu {
             .min();
     }
 
-    /// A session is leaving (its room's session list no longer has it): it
-    /// stops listening, its tracks stop being mixed; an emptied room's
-    /// recording ends.
     /// A track that stopped is no longer mixed.
     pub(crate) fn mix_drop_input(&mut self, room_id: &RoomId, track: TrackId) {
         if let Some(mix) = self.rooms.get_mut(room_id).and_then(|r| r.mix.as_mut()) {
@@ -207,6 +204,9 @@ impl Sfu {
         }
     }
 
+    /// A session is leaving (its room's session list no longer has it): it
+    /// stops listening, its tracks stop being mixed; an emptied room's
+    /// recording ends.
     pub(crate) fn mix_leave(&mut self, id: SessionId, room_id: &RoomId, published: impl Iterator<Item = TrackId>) {
         let Some(room) = self.rooms.get_mut(room_id) else {
             return;

@@ -22,6 +22,7 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use str0m::config::{CryptoProvider, DtlsCert, DtlsVersion};
@@ -34,12 +35,22 @@ use str0m::{Rtc, RtcConfig};
 
 /// The SRTP keying material of one session's DTLS handshake, once it is done.
 #[derive(Clone, Default)]
-pub(crate) struct KeySlot(Arc<OnceLock<Keying>>);
+pub(crate) struct KeySlot(Arc<Slot>);
+
+#[derive(Default)]
+struct Slot {
+    keys: OnceLock<Keying>,
+    /// The handshake exported keys again: str0m took the new ones, so ours
+    /// are stale and the session's audio goes back to str0m.
+    rekeyed: AtomicBool,
+}
 
 impl std::fmt::Debug for KeySlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the keys themselves.
-        f.debug_struct("KeySlot").field("set", &self.0.get().is_some()).finish()
+        f.debug_struct("KeySlot")
+            .field("set", &self.0.keys.get().is_some())
+            .finish()
     }
 }
 
@@ -55,7 +66,7 @@ impl KeySlot {
     /// Our sending half of the session's SRTP keys, if the handshake is done
     /// and the profile is one we seal ourselves.
     pub(crate) fn sender(&self) -> Option<SrtpSender> {
-        let keying = self.0.get()?;
+        let keying = self.0.keys.get()?;
         let srtp = provider().srtp_provider;
         match keying.profile {
             SrtpProfile::AEAD_AES_128_GCM => {
@@ -206,6 +217,12 @@ impl Sealer {
         }
     }
 
+    /// The nominated pair may change (ICE state changed, a new peer address
+    /// checked in): audio goes through str0m until it sends media again.
+    pub(crate) fn forget_route(&mut self) {
+        self.route = None;
+    }
+
     /// The packet sealed for `stream`, or `None` when it goes through str0m:
     /// keys or route not known yet, a profile left to str0m, or the stream's
     /// once-a-second packet for str0m's sender reports.
@@ -242,8 +259,11 @@ enum AudioPath {
 impl AudioPath {
     /// Our sender, once the keys are there and the profile is ours.
     fn sender(&mut self, keys: &KeySlot) -> Option<&mut SrtpSender> {
+        if keys.0.rekeyed.load(Ordering::Relaxed) {
+            *self = AudioPath::Str0m;
+        }
         if let AudioPath::Pending = self
-            && keys.0.get().is_some()
+            && keys.0.keys.get().is_some()
         {
             *self = keys.sender().map_or(AudioPath::Str0m, AudioPath::Ours);
         }
@@ -394,8 +414,10 @@ impl DtlsInstance for TappedDtls {
                 profile: *profile,
                 client: self.inner.is_active(),
             };
-            // A second handshake's keys would be ignored, as str0m keeps its first.
-            let _ = slot.0.set(keying);
+            // str0m takes a second handshake's keys: ours would be stale.
+            if slot.0.keys.set(keying).is_err() {
+                slot.0.rekeyed.store(true, Ordering::Relaxed);
+            }
         }
         output
     }
@@ -517,7 +539,7 @@ mod tests {
             client: false,
         };
         let (master, master_salt) = keying.ours::<16>().expect("128-bit material");
-        assert!(keys.0.set(keying).is_ok());
+        assert!(keys.0.keys.set(keying).is_ok());
         assert!(
             sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
             "the first is str0m's"
@@ -579,7 +601,7 @@ mod tests {
             profile: SrtpProfile::AES128_CM_SHA1_80,
             client: true,
         };
-        assert!(keys.0.set(keying).is_ok());
+        assert!(keys.0.keys.set(keying).is_ok());
         for seq in 1..5 {
             let at = now + std::time::Duration::from_millis(20 * seq);
             assert!(sealer.seal(at, &mut stream, forwarded(seq, &[1, 2, 3])).is_none());

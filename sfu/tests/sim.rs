@@ -814,6 +814,35 @@ fn a_track_whose_publisher_stops_sending_leaves_the_room() {
         .filter(|(mid, _)| client.rtc.media(**mid).map(|m| m.direction()) == Some(str0m::media::Direction::Inactive))
         .count();
     assert_eq!(inactive, 1, "bob's m-line for alice's video");
+    // She sends video again on the same m-line (a screen share restarted on
+    // its transceiver): published again, bob gets it again.
+    world.reoffer(
+        alice,
+        [
+            (audio, str0m::media::Direction::SendOnly),
+            (video, str0m::media::Direction::SendOnly),
+        ],
+    );
+    world.run(Duration::from_secs(1));
+    assert_eq!(world.sfu.stats().tracks, 4, "her video is back");
+    let alices_video_total = |world: &World| {
+        let client = &world.clients[bob];
+        client
+            .received
+            .values()
+            .filter(|r| r.kind == Some(MediaKind::Video))
+            .filter(|r| {
+                client
+                    .streams
+                    .iter()
+                    .any(|s| s.stream_id == r.stream_id && s.publisher.user_id == user("alice"))
+            })
+            .map(|r| r.packets.len())
+            .sum::<usize>()
+    };
+    let resumed = alices_video_total(&world);
+    world.run(Duration::from_secs(1));
+    assert!(alices_video_total(&world) > resumed + 20, "bob gets her video again");
 }
 
 /// A client that reuses one of the SFU's receive-only m-lines to send a new
