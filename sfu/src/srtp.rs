@@ -610,6 +610,21 @@ mod tests {
     }
 
     #[test]
+    fn sealing_matches_rfc_7714_16_2() {
+        let srtp = provider().srtp_provider;
+        let key = hex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
+            .try_into()
+            .expect("32 bytes");
+        let salt = hex("517569642070726f2071756f").try_into().expect("12 bytes");
+        let mut sender = SrtpSender::aes_256_gcm(srtp, key, salt);
+        let mut packet = hex("8040f17b8041f8d35501a0b2");
+        let payload = hex("47616c6c696120657374206f6d6e69732064697669736120696e207061727465732074726573");
+        sender.seal(&mut packet, &payload, 0x5501a0b2, 0xf17b).expect("sealed");
+        let expected = "8040f17b8041f8d35501a0b232b1de78a822fe12ef9f78fa332e33aab18012389a58e2f3b50b2a0276ffae0f1ba63799b87b7aa3db36dfffd6b0f9bb7878d7a76c13";
+        assert_eq!(packet, hex(expected));
+    }
+
+    #[test]
     fn our_half_of_the_material_follows_the_dtls_role() {
         let material: Vec<u8> = (0..2 * 16 + 2 * 12).collect();
         let client = Keying {
