@@ -476,17 +476,39 @@ mod tests {
         assert_eq!(auth.to_vec(), hex("CEBE321F6FF7716B6FD4AB49AF256A156D38BAA4"));
     }
 
-    #[test]
-    fn sealing_matches_rfc_7714_16_1() {
-        let srtp = provider().srtp_provider;
-        let key = hex("000102030405060708090a0b0c0d0e0f").try_into().expect("16 bytes");
-        let salt = hex("517569642070726f2071756f").try_into().expect("12 bytes");
-        let mut sender = SrtpSender::aes_128_gcm(srtp, key, salt);
+    /// RFC 7714 §16's packet (header, then "Gallia est omnis divisa in
+    /// partes tres") sealed by `sender`, against the RFC's `expected`.
+    fn seals_the_rfc_7714_packet(mut sender: SrtpSender, expected: &str) {
         let mut packet = hex("8040f17b8041f8d35501a0b2");
         let payload = hex("47616c6c696120657374206f6d6e69732064697669736120696e207061727465732074726573");
         sender.seal(&mut packet, &payload, 0x5501a0b2, 0xf17b).expect("sealed");
-        let expected = "8040f17b8041f8d35501a0b2f24de3a3fb34de6cacba861c9d7e4bcabe633bd50d294e6f42a5f47a51c7d19b36de3adf8833899d7f27beb16a9152cf765ee4390cce";
         assert_eq!(packet, hex(expected));
+    }
+
+    const RFC_7714_SALT: &str = "517569642070726f2071756f";
+
+    #[test]
+    fn sealing_matches_rfc_7714_16_1() {
+        let key = hex("000102030405060708090a0b0c0d0e0f").try_into().expect("16 bytes");
+        let salt = hex(RFC_7714_SALT).try_into().expect("12 bytes");
+        let sender = SrtpSender::aes_128_gcm(provider().srtp_provider, key, salt);
+        seals_the_rfc_7714_packet(
+            sender,
+            "8040f17b8041f8d35501a0b2f24de3a3fb34de6cacba861c9d7e4bcabe633bd50d294e6f42a5f47a51c7d19b36de3adf8833899d7f27beb16a9152cf765ee4390cce",
+        );
+    }
+
+    #[test]
+    fn sealing_matches_rfc_7714_16_2() {
+        let key = hex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
+            .try_into()
+            .expect("32 bytes");
+        let salt = hex(RFC_7714_SALT).try_into().expect("12 bytes");
+        let sender = SrtpSender::aes_256_gcm(provider().srtp_provider, key, salt);
+        seals_the_rfc_7714_packet(
+            sender,
+            "8040f17b8041f8d35501a0b232b1de78a822fe12ef9f78fa332e33aab18012389a58e2f3b50b2a0276ffae0f1ba63799b87b7aa3db36dfffd6b0f9bb7878d7a76c13",
+        );
     }
 
     fn forwarded(seq: u64, payload: &[u8]) -> Forwarded<'_> {
@@ -607,21 +629,6 @@ mod tests {
             assert!(sealer.seal(at, &mut stream, forwarded(seq, &[1, 2, 3])).is_none());
         }
         assert!(matches!(sealer.path, AudioPath::Str0m));
-    }
-
-    #[test]
-    fn sealing_matches_rfc_7714_16_2() {
-        let srtp = provider().srtp_provider;
-        let key = hex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
-            .try_into()
-            .expect("32 bytes");
-        let salt = hex("517569642070726f2071756f").try_into().expect("12 bytes");
-        let mut sender = SrtpSender::aes_256_gcm(srtp, key, salt);
-        let mut packet = hex("8040f17b8041f8d35501a0b2");
-        let payload = hex("47616c6c696120657374206f6d6e69732064697669736120696e207061727465732074726573");
-        sender.seal(&mut packet, &payload, 0x5501a0b2, 0xf17b).expect("sealed");
-        let expected = "8040f17b8041f8d35501a0b232b1de78a822fe12ef9f78fa332e33aab18012389a58e2f3b50b2a0276ffae0f1ba63799b87b7aa3db36dfffd6b0f9bb7878d7a76c13";
-        assert_eq!(packet, hex(expected));
     }
 
     #[test]
