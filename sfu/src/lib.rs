@@ -40,7 +40,7 @@ pub use mixer::{MixerConfig, MixerStats};
 pub use stats::{DelayHistogram, DropReason, SessionStats, ShardStats};
 
 use forwarder::{Forwarder, InPacket, Skip};
-use sdp::{msid_token, offer_prefers_h264, own_msid, publish_only, session_stream};
+use sdp::{msid_token, offer_prefers_h264, own_msid, publish_only, relabel, session_stream};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
@@ -224,6 +224,24 @@ struct Session {
     /// Every m-line it published on or we added (with its simulcast
     /// layers): where it may publish again without a new m-line.
     lines: FastMap<Mid, Vec<Option<Rid>>>,
+    /// M-lines of ours whose forwarded track left: the next subscription of
+    /// the same kind takes one over instead of adding an m-line, so joins
+    /// and leaves do not grow the session's SDP.
+    idle: Vec<IdleLine>,
+    /// The msid of m-lines taken over (str0m keeps an m-line's first label).
+    labels: FastMap<Mid, (String, String)>,
+}
+
+/// An m-line of ours with nothing on it, kept for the next track of its kind.
+struct IdleLine {
+    mid: Mid,
+    kind: MediaKind,
+    /// The last subscription's numbering: the next track on this m-line
+    /// continues it (same SSRC, so the receiver and SRTP see one stream).
+    forwarder: Forwarder,
+    /// Its `inactive` was negotiated: the peer's receiver stopped, and a new
+    /// label with `sendonly` starts a new track there (a `track` event).
+    settled: bool,
 }
 
 impl Session {
@@ -251,6 +269,20 @@ impl Session {
         self.wanted.extend(added.iter().map(|(_, t)| Change::Subscribe(*t)));
         self.wanted.extend_from_slice(redirected);
     }
+
+    /// The idle m-line of `kind` to take over for a new subscription.
+    fn take_idle(&mut self, kind: MediaKind) -> Option<IdleLine> {
+        let position = self.idle.iter().position(|line| {
+            line.kind == kind
+                && line.settled
+                && !self.published.contains_key(&line.mid)
+                && self
+                    .rtc
+                    .media(line.mid)
+                    .is_some_and(|m| m.direction() == Direction::Inactive)
+        })?;
+        Some(self.idle.swap_remove(position))
+    }
 }
 
 struct Subscription {
@@ -271,6 +303,18 @@ struct Subscription {
 }
 
 impl Session {
+    /// SDP of ours as str0m wrote it, with the labels browsers need: our own
+    /// stream on two-way m-lines (see [`own_msid`]) and the labels of m-lines
+    /// taken over for another track.
+    fn our_sdp(&self, sdp: &str) -> String {
+        let sdp = own_msid(sdp, &session_stream(&self.participant), |mid| self.forwards_on(mid));
+        relabel(&sdp, |mid| {
+            self.labels
+                .get(&Mid::from(mid))
+                .map(|(stream, track)| (stream.as_str(), track.as_str()))
+        })
+    }
+
     /// Whether `mid` is an m-line of ours carrying someone else's stream (its
     /// label is that stream's, never the session's own).
     fn forwards_on(&self, mid: &str) -> bool {
@@ -311,6 +355,8 @@ struct PendingOffer {
     /// publishes on. str0m announces m-lines it was offered, not those it
     /// offered, so these are published when the answer comes.
     own: Vec<(Mid, MediaKind)>,
+    /// Idle m-lines of ours it takes over (see [`Session::idle`]).
+    reused: Vec<IdleLine>,
 }
 
 struct Track {
@@ -524,6 +570,7 @@ impl Sfu {
             added: Vec::new(),
             redirected: Vec::new(),
             own: own.to_vec(),
+            reused: Vec::new(),
         };
         let offer = own_msid(&offer.to_sdp_string(), &stream, |_| false);
         let id = self.insert_session(now, room, participant, (rtc, keys), Some(pending), OwnLines::BothWays);
@@ -568,6 +615,8 @@ impl Sfu {
             stats: SessionStats::default(),
             sealer: srtp::Sealer::new(keys),
             lines: FastMap::default(),
+            idle: Vec::new(),
+            labels: FastMap::default(),
         };
         self.sessions.insert(id, Box::new(session));
         self.out
@@ -588,34 +637,55 @@ impl Sfu {
         if session.pending.is_some() || session.wanted.is_empty() {
             return Ok(None);
         }
+        let (subscribes, others): (Vec<Change>, Vec<Change>) = std::mem::take(&mut session.wanted)
+            .into_iter()
+            .partition(|change| matches!(change, Change::Subscribe(_)));
+        // Each new track takes an idle m-line of its kind if there is one.
+        let mut subscribe: Vec<(TrackId, Option<IdleLine>)> = Vec::new();
+        for change in subscribes {
+            let Change::Subscribe(track_id) = change else { continue };
+            let Some(track) = self.tracks.get(&track_id) else {
+                continue;
+            };
+            let already = session.subscriptions.values().any(|s| s.track == track_id)
+                || subscribe.iter().any(|(t, _)| *t == track_id);
+            if !already && track.publisher != id {
+                subscribe.push((track_id, session.take_idle(track.kind)));
+            }
+        }
         let mut added = Vec::new();
-        let mut redirected = Vec::new();
+        let mut reused = Vec::new();
         let mut api = session.rtc.sdp_api();
-        for change in std::mem::take(&mut session.wanted) {
-            match change {
-                Change::Subscribe(track_id) => {
-                    let Some(track) = self.tracks.get(&track_id) else {
-                        continue;
-                    };
-                    let already = session.subscriptions.values().any(|s| s.track == track_id)
-                        || added.iter().any(|(_, t)| *t == track_id);
-                    if already || track.publisher == id {
-                        continue;
-                    }
-                    let track_label = format!("{}-{}", track.stream_id, track.kind);
-                    let mid = api.add_media(
-                        track.kind,
-                        Direction::SendOnly,
-                        Some(track.stream_id.clone()),
-                        Some(msid_token(&track_label)),
-                        None,
-                    );
-                    added.push((mid, track_id));
+        for (track_id, idle) in subscribe {
+            let Some(track) = self.tracks.get(&track_id) else {
+                session.idle.extend(idle);
+                continue;
+            };
+            let track_label = msid_token(&format!("{}-{}", track.stream_id, track.kind));
+            let mid = match idle {
+                Some(line) => {
+                    tracing::debug!(session = %id, mid = %line.mid, stream = %track.stream_id, "taking over an idle m-line");
+                    api.set_direction(line.mid, Direction::SendOnly);
+                    session.labels.insert(line.mid, (track.stream_id.clone(), track_label));
+                    let mid = line.mid;
+                    reused.push(line);
+                    mid
                 }
-                Change::Direction(mid, direction) | Change::OwnLine(mid, direction) => {
-                    api.set_direction(mid, direction);
-                    redirected.push(change);
-                }
+                None => api.add_media(
+                    track.kind,
+                    Direction::SendOnly,
+                    Some(track.stream_id.clone()),
+                    Some(track_label),
+                    None,
+                ),
+            };
+            added.push((mid, track_id));
+        }
+        let mut redirected = Vec::new();
+        for change in others {
+            if let Change::Direction(mid, direction) | Change::OwnLine(mid, direction) = change {
+                api.set_direction(mid, direction);
+                redirected.push(change);
             }
         }
         let Some((offer, pending)) = api.apply() else {
@@ -626,10 +696,9 @@ impl Sfu {
             added,
             redirected,
             own: Vec::new(),
+            reused,
         });
-        let sdp = own_msid(&offer.to_sdp_string(), &session_stream(&session.participant), |mid| {
-            session.forwards_on(mid)
-        });
+        let sdp = session.our_sdp(&offer.to_sdp_string());
         self.drain(id);
         self.process(now);
         Ok(Some(Offer {
@@ -652,11 +721,26 @@ impl Sfu {
             added,
             redirected,
             own,
+            mut reused,
         } = pending;
         if let Err(e) = session.rtc.sdp_api().accept_answer(pending, answer) {
             // Our changes did not take: ask for them again in the next offer.
+            // M-lines it took over go inactive first (the peer may have
+            // taken the offer), then idle again.
             session.requeue(&added, &redirected);
+            for mut line in reused {
+                line.settled = false;
+                session.wanted.push(Change::Direction(line.mid, Direction::Inactive));
+                session.idle.push(line);
+            }
             return Err(e.into());
+        }
+        for change in &redirected {
+            if let Change::Direction(mid, Direction::Inactive) = change
+                && let Some(line) = session.idle.iter_mut().find(|line| line.mid == *mid)
+            {
+                line.settled = true;
+            }
         }
         // A callee's m-lines of our first offer carry nothing of ours unless
         // it becomes single-stream (which drops these changes); its own later
@@ -683,7 +767,15 @@ impl Sfu {
                 continue;
             };
             let video = track.kind == MediaKind::Video;
-            let forwarder = Forwarder::new(if video { 90_000 } else { 48_000 }, video);
+            // On an m-line taken over, the numbering goes on from its last track.
+            let forwarder = match reused.iter().position(|line| line.mid == mid) {
+                Some(i) => {
+                    let mut forwarder = reused.swap_remove(i).forwarder;
+                    forwarder.switch_source();
+                    forwarder
+                }
+                None => Forwarder::new(if video { 90_000 } else { 48_000 }, video),
+            };
             let target = simulcast::select(&track.layers, now, None, simulcast::Quality::High);
             session.subscriptions.insert(
                 mid,
@@ -737,11 +829,15 @@ impl Sfu {
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if let Some(pending) = session.pending.take() {
             session.requeue(&pending.added, &pending.redirected);
+            // The peer never took that offer: m-lines it took over are still
+            // inactive there, and are so again here before we answer.
+            for line in pending.reused {
+                session.rtc.sdp_api().set_direction(line.mid, Direction::Inactive);
+                session.idle.push(line);
+            }
         }
         let answer = session.rtc.sdp_api().accept_offer(offer)?;
-        let answer = own_msid(&answer.to_sdp_string(), &session_stream(&session.participant), |mid| {
-            session.forwards_on(mid)
-        });
+        let answer = session.our_sdp(&answer.to_sdp_string());
         // A browser's addTrack reuses a transceiver that never sent, such as
         // one of ours it only receives on (matrix-js-sdk's screen share does
         // this): the peer now sends on that m-line too, a track of its own.
@@ -1185,6 +1281,7 @@ impl Sfu {
         let track_id = TrackId(self.next_id);
         self.next_id += 1;
         let stream_id = msid_token(&format!("sb{}-{}", id.0, publisher_stream_id));
+        tracing::debug!(session = %id, %mid, stream = %stream_id, "publishing a track");
         let room = session.room.clone();
         session.published.insert(mid, track_id);
         let own_line = session.single_stream && direction.is_sending();
@@ -1666,11 +1763,19 @@ impl Sfu {
                 }
                 continue;
             }
-            subscriber.subscriptions.remove(&mid);
+            let subscription = subscriber.subscriptions.remove(&mid);
             // An m-line the subscriber reused to publish on stays open for that.
             let direction = if subscriber.published.contains_key(&mid) {
                 Direction::RecvOnly
             } else {
+                if let Some(subscription) = subscription.filter(|s| s.our_mline) {
+                    subscriber.idle.push(IdleLine {
+                        mid,
+                        kind: track.kind,
+                        forwarder: subscription.forwarder,
+                        settled: false,
+                    });
+                }
                 Direction::Inactive
             };
             subscriber.wanted.push(Change::Direction(mid, direction));

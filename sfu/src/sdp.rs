@@ -67,26 +67,39 @@ pub(crate) fn publish_only(offer: &str, keep: impl Fn(&str) -> bool) -> String {
 pub(crate) fn own_msid(sdp: &str, stream: &str, forwarded: impl Fn(&str) -> bool) -> String {
     edit_sections(sdp, |section, out| {
         let two_way = section.iter().any(|l| l.trim_end() == "a=sendrecv");
-        let Some(mid) = mid_of(section).filter(|mid| two_way && !forwarded(mid)) else {
-            section.iter().for_each(|line| out.push_str(line));
-            return;
-        };
-        for line in section {
-            let body = line.trim_end();
-            let end = &line[body.len()..];
-            let ssrc = body
-                .strip_prefix("a=ssrc:")
-                .and_then(|rest| rest.split_once(" msid:"))
-                .map(|(ssrc, _)| ssrc);
-            if body.starts_with("a=msid:") {
-                out.push_str(&format!("a=msid:{stream} {stream}-{mid}{end}"));
-            } else if let Some(ssrc) = ssrc {
-                out.push_str(&format!("a=ssrc:{ssrc} msid:{stream} {stream}-{mid}{end}"));
-            } else {
-                out.push_str(line);
-            }
+        match mid_of(section).filter(|mid| two_way && !forwarded(mid)) {
+            Some(mid) => write_msid(section, out, stream, &format!("{stream}-{mid}")),
+            None => section.iter().for_each(|line| out.push_str(line)),
         }
     })
+}
+
+/// `sdp` (ours) with the msid `label` gives for an m-line's mid: an m-line of
+/// ours taken over for another track keeps str0m's first label otherwise.
+pub(crate) fn relabel<'a>(sdp: &str, label: impl Fn(&str) -> Option<(&'a str, &'a str)>) -> String {
+    edit_sections(sdp, |section, out| match mid_of(section).and_then(&label) {
+        Some((stream, track)) => write_msid(section, out, stream, track),
+        None => section.iter().for_each(|line| out.push_str(line)),
+    })
+}
+
+/// A section with its `a=msid:` and `a=ssrc:… msid:` lines saying `stream track`.
+fn write_msid(section: &[&str], out: &mut String, stream: &str, track: &str) {
+    for line in section {
+        let body = line.trim_end();
+        let end = &line[body.len()..];
+        let ssrc = body
+            .strip_prefix("a=ssrc:")
+            .and_then(|rest| rest.split_once(" msid:"))
+            .map(|(ssrc, _)| ssrc);
+        if body.starts_with("a=msid:") {
+            out.push_str(&format!("a=msid:{stream} {track}{end}"));
+        } else if let Some(ssrc) = ssrc {
+            out.push_str(&format!("a=ssrc:{ssrc} msid:{stream} {track}{end}"));
+        } else {
+            out.push_str(line);
+        }
+    }
 }
 
 /// The msid stream id (RFC 8830) the m-section with `mid` names, from
@@ -148,7 +161,7 @@ pub(crate) fn offer_prefers_h264(sdp: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{offer_prefers_h264, own_msid, publish_only, stream_of};
+    use super::{offer_prefers_h264, own_msid, publish_only, relabel, stream_of};
 
     #[test]
     fn two_way_m_lines_of_an_answer_name_our_stream() {
@@ -180,6 +193,20 @@ mod tests {
             own_msid(answer, "sb-x", |mid| mid == "1"),
             "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\na=msid:sb-x sb-x-0\r\n\
             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\na=msid:sb3-bob v\r\n"
+        );
+    }
+
+    #[test]
+    fn an_m_line_taken_over_gets_its_new_label() {
+        let offer = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:4\r\na=sendonly\r\n\
+            a=msid:sb1-old sb1-old-audio\r\na=ssrc:9 cname:c\r\na=ssrc:9 msid:sb1-old sb1-old-audio\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:5\r\na=sendonly\r\na=msid:sb2-cam v\r\n";
+        let label = |mid: &str| (mid == "4").then_some(("sb3-new", "sb3-new-audio"));
+        assert_eq!(
+            relabel(offer, label),
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:4\r\na=sendonly\r\n\
+            a=msid:sb3-new sb3-new-audio\r\na=ssrc:9 cname:c\r\na=ssrc:9 msid:sb3-new sb3-new-audio\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:5\r\na=sendonly\r\na=msid:sb2-cam v\r\n"
         );
     }
 

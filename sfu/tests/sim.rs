@@ -912,3 +912,153 @@ fn a_receive_only_m_line_reused_to_publish_is_a_new_track() {
         "carol still gets alice's track: {before} → {after}"
     );
 }
+
+/// The m-sections of `sdp` as (mid, direction, msid stream id).
+fn sections(sdp: &str) -> Vec<(String, String, Option<String>)> {
+    sdp.split("\nm=")
+        .skip(1)
+        .map(|section| {
+            let attr = |prefix: &str| {
+                section
+                    .lines()
+                    .find_map(|l| l.trim_end().strip_prefix(prefix).map(str::to_string))
+            };
+            let direction = ["sendrecv", "sendonly", "recvonly", "inactive"]
+                .into_iter()
+                .find(|d| section.lines().any(|l| l.trim_end() == format!("a={d}")))
+                .unwrap_or_default();
+            let stream = attr("a=msid:").and_then(|m| m.split_whitespace().next().map(str::to_string));
+            (attr("a=mid:").unwrap_or_default(), direction.to_string(), stream)
+        })
+        .collect()
+}
+
+#[test]
+fn joins_and_leaves_take_over_idle_m_lines_instead_of_adding_more() {
+    let mut world = World::new();
+    let amy = world.join("amy");
+    let bob = world.join("bob");
+    world.run(Duration::from_secs(2));
+    let mut guest_mids = std::collections::BTreeSet::new();
+    let mut first_offer = 0;
+    for round in 0..12 {
+        let name = format!("guest{round}");
+        let guest = world.join(&name);
+        let joined_at = world.now;
+        world.run(Duration::from_millis(1500));
+        let client = &world.clients[amy];
+        let stream = client
+            .streams
+            .iter()
+            .find(|s| s.publisher.user_id == user(&name))
+            .map(|s| s.stream_id.clone())
+            .expect("amy is told of the guest's stream");
+        // The guest's audio and video come on two m-lines labelled with its stream.
+        let labelled: Vec<String> = sections(&client.last_offer)
+            .into_iter()
+            .filter(|(_, direction, s)| direction == "sendonly" && s.as_deref() == Some(stream.as_str()))
+            .map(|(mid, _, _)| mid)
+            .collect();
+        assert_eq!(labelled.len(), 2, "round {round}: {}", client.last_offer);
+        for mid in &labelled {
+            let received = &client.received[&str0m::media::Mid::from(mid.as_str())];
+            let fresh = received.packets.iter().filter(|p| p.1 > joined_at).count();
+            assert!(
+                fresh > 20,
+                "round {round}: {fresh} packets of the guest on m-line {mid}"
+            );
+            // One stream on the m-line from its first track on: the numbering
+            // never goes back (the SRTP index would be a replay otherwise).
+            assert!(
+                received.packets.windows(2).all(|w| w[1].0 > w[0].0),
+                "round {round}: sequence numbers on m-line {mid} go back"
+            );
+            guest_mids.insert(mid.clone());
+        }
+        if round == 0 {
+            first_offer = client.last_offer.len();
+        }
+        world.leave(guest);
+        world.run(Duration::from_millis(500));
+    }
+    // Twelve guests came and went on the same two m-lines: amy's SDP has
+    // her own two, bob's two and those, and is no longer than at the start.
+    assert_eq!(guest_mids.len(), 2, "{guest_mids:?}");
+    let last = &world.clients[amy].last_offer;
+    assert_eq!(sections(last).len(), 6, "{last}");
+    assert!(
+        last.len() <= first_offer + 64,
+        "{} bytes, was {first_offer}",
+        last.len()
+    );
+    // Bob's media was never disturbed.
+    let from_bob = world.received_from(amy);
+    let bob_audio = &from_bob[&(user("bob"), MediaKind::Audio)];
+    assert!(
+        bob_audio.packets.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "bob's audio has gaps"
+    );
+    let _ = bob;
+}
+
+#[test]
+fn an_offer_crossing_ours_leaves_the_m_line_it_took_over_idle_for_the_next() {
+    let mut world = World::new();
+    let amy = world.join("amy");
+    world.run(Duration::from_secs(1));
+    let first = world.join("guest0");
+    world.run(Duration::from_secs(1));
+    world.leave(first);
+    world.run(Duration::from_millis(500));
+    let idle: Vec<String> = sections(&world.clients[amy].last_offer)
+        .into_iter()
+        .filter(|(_, direction, _)| direction == "inactive")
+        .map(|(mid, _, _)| mid)
+        .collect();
+    assert_eq!(idle.len(), 2, "{}", world.clients[amy].last_offer);
+    // A second guest joins; our offer to amy takes over the idle m-lines, but
+    // amy's own offer crosses it (glare): ours is dropped, hers answered.
+    world.hold_offers = true;
+    world.join("guest1");
+    world.run(Duration::from_millis(300));
+    let session = world.clients[amy].session.expect("amy's session");
+    let ours = world
+        .sfu
+        .create_offer(world.now, session)
+        .expect("offer")
+        .expect("an offer");
+    let taken: Vec<String> = sections(&ours.sdp)
+        .into_iter()
+        .filter(|(_, direction, _)| direction == "sendonly")
+        .map(|(mid, _, _)| mid)
+        .filter(|mid| idle.contains(mid))
+        .collect();
+    assert_eq!(taken.len(), 2, "our offer takes over both: {}", ours.sdp);
+    world.hold_offers = false;
+    world.reoffer_two_way(amy);
+    world.run(Duration::from_secs(1));
+    // Our next offer takes them over again: the guest arrives there, and amy
+    // has no more m-lines than before.
+    let client = &world.clients[amy];
+    let guest_stream = client
+        .streams
+        .iter()
+        .find(|s| s.publisher.user_id == user("guest1"))
+        .map(|s| s.stream_id.clone())
+        .expect("amy is told of guest1");
+    let labelled: Vec<String> = sections(&client.last_offer)
+        .into_iter()
+        .filter(|(_, direction, s)| direction == "sendonly" && s.as_deref() == Some(guest_stream.as_str()))
+        .map(|(mid, _, _)| mid)
+        .collect();
+    assert_eq!(labelled, idle, "{}", client.last_offer);
+    assert_eq!(sections(&client.last_offer).len(), 4);
+    for mid in &labelled {
+        let received = &client.received[&str0m::media::Mid::from(mid.as_str())];
+        assert!(
+            received.packets.len() > 20,
+            "{} packets on {mid}",
+            received.packets.len()
+        );
+    }
+}

@@ -443,6 +443,8 @@ async function conference(ctx) {
   log(`audio reaches each from each; the SFU sealed ${sealed} audio packets itself`);
   await frank.assertLoopbackPair();
   await Promise.all(all.map((u) => u.shot("conference-four")));
+  const transceivers = (u) => u.page.evaluate(() => window.switchboard.call.pc.getTransceivers().length);
+  const withFrank = await transceivers(carol);
   await frank.page.click("#hangup");
   await Promise.all(first.map((u) => u.seesTiles(ids(first.filter((o) => o !== u)))));
   log("frank left: each sees two again");
@@ -458,7 +460,10 @@ async function conference(ctx) {
     return tiles.length === 1 && /Conference mix/.test(tiles[0].name) && tiles[0].bytes > 20000;
   }, 45000);
   await Promise.all(first.map((u) => u.seesTiles(ids(all.filter((o) => o !== u)))));
-  log("frank on one mixed stream: one tile for him, the others see him");
+  // His new tracks came on the m-lines his old ones left (relabelled), not on new ones.
+  const rejoined = await transceivers(carol);
+  if (rejoined !== withFrank) throw new Error(`carol has ${rejoined} transceivers after frank came back, ${withFrank} before he left`);
+  log(`frank on one mixed stream: one tile for him, the others see him (carol still has ${rejoined} transceivers)`);
   await frank.shot("conference-single-stream");
   await frank.page.click("#hangup");
   await frank.page.uncheck("#single-stream");
@@ -532,6 +537,25 @@ async function screenShare(amy, ben, status) {
   const last = await status(amy);
   if (last.state !== "connected" || last.remoteFeeds.length !== 1) throw new Error(`amy after her screen share: ${JSON.stringify(last)}`);
   log("amy stopped sharing: ben's screen-share feed ended");
+  // She shares again (matrix-js-sdk puts the new track on her screen-share
+  // transceiver, which keeps its first msid): the SFU sends it to ben on the
+  // m-line her first share left, and matrix-js-sdk makes it a new feed.
+  const bensTransceivers = (await status(ben)).transceivers;
+  await amy.page.evaluate(() => window.jsSdk.shareScreen());
+  await until("ben to get amy's second screen share", async () => {
+    const s = (seen = await status(ben));
+    const screen = s.remoteFeeds.find((f) => f.purpose === "m.screenshare");
+    return screen && screen.video > 0 && s.remoteFeeds.length === 2;
+  }, 30000).catch((e) => {
+    throw new Error(`${e.message}; ben's call: ${JSON.stringify(seen)}`);
+  });
+  const bytes = (await status(ben)).bytesIn;
+  await until("ben's bytes to grow with the second screen share", async () => (await status(ben)).bytesIn > bytes + 20000);
+  const now = (await status(ben)).transceivers;
+  if (now !== bensTransceivers) throw new Error(`ben has ${now} transceivers with amy's second share, ${bensTransceivers} before it`);
+  await amy.page.evaluate(() => window.jsSdk.stopScreenShare());
+  await until("ben's second screen-share feed to end", async () => (await status(ben)).remoteFeeds.length === 1);
+  log(`amy shared again: ben got it on the m-line the first share left (${now} transceivers)`);
 }
 
 async function jsSdkCalls(ctx, browser, script) {

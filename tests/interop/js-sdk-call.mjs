@@ -112,6 +112,7 @@ async function status() {
       video: feed.stream.getVideoTracks().length,
     })),
     bytesIn,
+    transceivers: call.peerConn ? call.peerConn.getTransceivers().length : 0,
   };
 }
 

@@ -68,6 +68,8 @@ pub struct Client {
     pub keyframe_requests: u64,
     /// Streams the SFU said this client receives (from its last offer).
     pub streams: Vec<StreamInfo>,
+    /// The SFU's last renegotiation offer to it.
+    pub last_offer: String,
     pub joined_at: Instant,
     /// Sends video as two simulcast layers: "h" (1000-byte packets) and "l" (200-byte packets).
     pub simulcast: bool,
@@ -134,6 +136,9 @@ pub struct World {
     pub own_lines: OwnLines,
     /// Wall-clock time spent inside the SFU's calls (for benchmarks).
     pub sfu_busy: Duration,
+    /// The SFU's wishes to renegotiate are not acted on (a test makes and
+    /// delivers offers itself).
+    pub hold_offers: bool,
 }
 
 fn client_config() -> RtcConfig {
@@ -160,6 +165,7 @@ impl World {
             room: RoomId("!room:test".into()),
             own_lines: OwnLines::PublishOnly,
             sfu_busy: Duration::ZERO,
+            hold_offers: false,
         }
     }
 
@@ -291,6 +297,7 @@ impl World {
             listen_all: false,
             ears: BTreeMap::new(),
             send_video: true,
+            last_offer: String::new(),
         });
         self.drain_client(index);
         self.pump_sfu();
@@ -425,7 +432,9 @@ impl World {
         }
         for event in events {
             self.events.push((self.now, event.clone()));
-            if let SfuEvent::NegotiationNeeded(session) = event {
+            if let SfuEvent::NegotiationNeeded(session) = event
+                && !self.hold_offers
+            {
                 self.renegotiate(session);
             }
         }
@@ -441,6 +450,7 @@ impl World {
         };
         let client = &mut self.clients[index];
         client.streams = offer.streams.clone();
+        client.last_offer = offer.sdp.clone();
         let answer = client
             .rtc
             .sdp_api()
