@@ -558,6 +558,39 @@ async function screenShare(amy, ben, status) {
   log(`amy shared again: ben got it on the m-line the first share left (${now} transceivers)`);
 }
 
+/**
+ * Amy hangs up and calls the bot again: ben's m-lines that carried her
+ * camera go inactive, and her new call's stream comes on them, relabelled
+ * (a new msid there is a new track and stream to Chrome, a new feed to
+ * matrix-js-sdk), so ben's peer connection gains no transceiver.
+ */
+async function callAgain(amy, ben, status, room, connectedWithMedia) {
+  const before = await status(ben);
+  await amy.page.evaluate(() => window.jsSdk.hangup());
+  let seen;
+  await until("ben's feed from amy to end", async () => (seen = await status(ben)).remoteFeeds.length === 0, 30000).catch((e) => {
+    throw new Error(`${e.message}; ben's call: ${JSON.stringify(seen)}`);
+  });
+  await amy.page.evaluate(([r, bot]) => window.jsSdk.placeCall(r, bot), [room, BOT]);
+  await connectedWithMedia(amy, "called again");
+  const { localStreams } = await status(amy);
+  await until("ben to get amy's new call as one feed with audio and video", async () => {
+    const s = (seen = await status(ben));
+    const feed = s.remoteFeeds[0];
+    return s.remoteFeeds.length === 1 && localStreams.some((id) => feed.stream.endsWith(`-${id}`)) && feed.audio > 0 && feed.video > 0;
+  }, 30000).catch((e) => {
+    throw new Error(`${e.message}; ben's call: ${JSON.stringify(seen)}`);
+  });
+  const bytes = (await status(ben)).bytesIn;
+  await until("ben's bytes to grow with amy's new call", async () => (await status(ben)).bytesIn > bytes + 20000);
+  const after = await status(ben);
+  if (after.remoteFeeds[0].stream === before.remoteFeeds[0]?.stream) throw new Error(`ben's feed kept its stream id ${after.remoteFeeds[0].stream}`);
+  if (after.transceivers !== before.transceivers) {
+    throw new Error(`ben has ${after.transceivers} transceivers after amy called again, ${before.transceivers} before`);
+  }
+  log(`amy called again: ben's feed is her new stream, on the m-lines her first call left (${after.transceivers} transceivers)`);
+}
+
 async function jsSdkCalls(ctx, browser, script) {
   const users = [];
   const pageErrors = [];
@@ -622,7 +655,10 @@ async function jsSdkCalls(ctx, browser, script) {
       if (!right) throw new Error(`${u.name}'s feed in ${mode} is stream ${stream} (the other sends ${other})`);
       await u.page.screenshot({ path: join(outDir, `js-sdk-conference-${mode}-${u.name}.png`) });
     }
-    if (mode === "multi_stream") await screenShare(amy, ben, status);
+    if (mode === "multi_stream") {
+      await screenShare(amy, ben, status);
+      await callAgain(amy, ben, status, room, connectedWithMedia);
+    }
     if (pageErrors.length) throw new Error(`matrix-js-sdk threw: ${pageErrors.join("; ")}`);
     for (const u of users) await u.page.evaluate(() => window.jsSdk.hangup());
     await until("both calls to end", async () => (await Promise.all(users.map(status))).every((s) => s.state === "ended"));
