@@ -270,6 +270,20 @@ impl Session {
         self.wanted.extend_from_slice(redirected);
     }
 
+    /// After an offer/answer exchange: idle m-lines now negotiated inactive
+    /// may be taken over (before, the peer might still be receiving there).
+    fn settle_idle(&mut self) {
+        for line in &mut self.idle {
+            if self
+                .rtc
+                .media(line.mid)
+                .is_some_and(|m| m.direction() == Direction::Inactive)
+            {
+                line.settled = true;
+            }
+        }
+    }
+
     /// The idle m-line of `kind` to take over for a new subscription.
     fn take_idle(&mut self, kind: MediaKind) -> Option<IdleLine> {
         let position = self.idle.iter().position(|line| {
@@ -309,8 +323,17 @@ impl Session {
     fn our_sdp(&self, sdp: &str) -> String {
         let sdp = own_msid(sdp, &session_stream(&self.participant), |mid| self.forwards_on(mid));
         relabel(&sdp, |mid| {
+            let mid = Mid::from(mid);
+            // Only while it carries (or our offer gives it) the track the label names.
+            let taken = self
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.reused.iter().any(|l| l.mid == mid));
+            if !taken && !self.subscriptions.get(&mid).is_some_and(|s| s.our_mline) {
+                return None;
+            }
             self.labels
-                .get(&Mid::from(mid))
+                .get(&mid)
                 .map(|(stream, track)| (stream.as_str(), track.as_str()))
         })
     }
@@ -735,13 +758,7 @@ impl Sfu {
             }
             return Err(e.into());
         }
-        for change in &redirected {
-            if let Change::Direction(mid, Direction::Inactive) = change
-                && let Some(line) = session.idle.iter_mut().find(|line| line.mid == *mid)
-            {
-                line.settled = true;
-            }
-        }
+        session.settle_idle();
         // A callee's m-lines of our first offer carry nothing of ours unless
         // it becomes single-stream (which drops these changes); its own later
         // offers are then read as publish-only too.
@@ -763,7 +780,22 @@ impl Sfu {
             .collect();
         for (mid, track_id) in added {
             let Some(track) = self.tracks.get_mut(&track_id) else {
+                // Its track left before the answer: the m-line goes inactive
+                // and is idle for the next one (with its numbering, if taken over).
                 session.wanted.push(Change::Direction(mid, Direction::Inactive));
+                if let Some(kind) = session.rtc.media(mid).map(|m| m.kind()) {
+                    let video = kind == MediaKind::Video;
+                    let forwarder = match reused.iter().position(|line| line.mid == mid) {
+                        Some(i) => reused.swap_remove(i).forwarder,
+                        None => Forwarder::new(if video { 90_000 } else { 48_000 }, video),
+                    };
+                    session.idle.push(IdleLine {
+                        mid,
+                        kind,
+                        forwarder,
+                        settled: false,
+                    });
+                }
                 continue;
             };
             let video = track.kind == MediaKind::Video;
@@ -819,12 +851,15 @@ impl Sfu {
         self.advance(now);
         let session = self.sessions.get(&id).ok_or(SfuError::UnknownSession)?;
         // Publish-only: still nothing of ours on its own m-lines (new ones
-        // included); the m-lines we send on stay as they are.
+        // included); the m-lines we send on stay as they are (not those a
+        // pending offer of ours took over: that offer is about to be dropped).
         let offer = self.parse_offer(sdp, session.own_lines, |mid| {
-            session
-                .rtc
-                .media(Mid::from(mid))
-                .is_some_and(|m| m.direction().is_sending())
+            let mid = Mid::from(mid);
+            let taken = session
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.reused.iter().any(|l| l.mid == mid));
+            !taken && session.rtc.media(mid).is_some_and(|m| m.direction().is_sending())
         })?;
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if let Some(pending) = session.pending.take() {
@@ -837,6 +872,7 @@ impl Sfu {
             }
         }
         let answer = session.rtc.sdp_api().accept_offer(offer)?;
+        session.settle_idle();
         let answer = session.our_sdp(&answer.to_sdp_string());
         // A browser's addTrack reuses a transceiver that never sent, such as
         // one of ours it only receives on (matrix-js-sdk's screen share does

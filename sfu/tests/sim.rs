@@ -1036,6 +1036,7 @@ fn an_offer_crossing_ours_leaves_the_m_line_it_took_over_idle_for_the_next() {
     assert_eq!(taken.len(), 2, "our offer takes over both: {}", ours.sdp);
     world.hold_offers = false;
     world.reoffer_two_way(amy);
+    let taken_again = world.now;
     world.run(Duration::from_secs(1));
     // Our next offer takes them over again: the guest arrives there, and amy
     // has no more m-lines than before.
@@ -1055,10 +1056,136 @@ fn an_offer_crossing_ours_leaves_the_m_line_it_took_over_idle_for_the_next() {
     assert_eq!(sections(&client.last_offer).len(), 4);
     for mid in &labelled {
         let received = &client.received[&str0m::media::Mid::from(mid.as_str())];
-        assert!(
-            received.packets.len() > 20,
-            "{} packets on {mid}",
-            received.packets.len()
-        );
+        let fresh = received.packets.iter().filter(|p| p.1 > taken_again).count();
+        assert!(fresh > 20, "{fresh} packets of guest1 on {mid}");
     }
+}
+fn inactive_mids(sdp: &str) -> Vec<String> {
+    sections(sdp)
+        .into_iter()
+        .filter(|(_, direction, _)| direction == "inactive")
+        .map(|(mid, _, _)| mid)
+        .collect()
+}
+
+/// A guest came and went: amy's two m-lines for it are idle.
+fn amy_with_two_idle_m_lines() -> (World, usize, Vec<String>) {
+    let mut world = World::new();
+    let amy = world.join("amy");
+    world.run(Duration::from_secs(1));
+    let guest = world.join("guest0");
+    world.run(Duration::from_secs(1));
+    world.leave(guest);
+    world.run(Duration::from_millis(500));
+    let idle = inactive_mids(&world.clients[amy].last_offer);
+    assert_eq!(idle.len(), 2, "{}", world.clients[amy].last_offer);
+    (world, amy, idle)
+}
+
+#[test]
+fn an_m_line_taken_for_a_track_that_left_before_the_answer_is_idle_again() {
+    let (mut world, amy, idle) = amy_with_two_idle_m_lines();
+    world.hold_offers = true;
+    let guest = world.join("guest1");
+    world.run(Duration::from_millis(300));
+    let session = world.clients[amy].session.expect("amy's session");
+    let ours = world
+        .sfu
+        .create_offer(world.now, session)
+        .expect("offer")
+        .expect("an offer");
+    // guest1 leaves while our offer taking over the idle m-lines is out.
+    world.leave(guest);
+    let answer = world.clients[amy]
+        .rtc
+        .sdp_api()
+        .accept_offer(str0m::change::SdpOffer::from_sdp_string(&ours.sdp).expect("offer parses"))
+        .expect("amy accepts");
+    world
+        .sfu
+        .accept_answer(world.now, session, &answer.to_sdp_string())
+        .expect("the SFU accepts");
+    world.hold_offers = false;
+    world.renegotiate(session);
+    world.run(Duration::from_secs(1));
+    world.join("guest2");
+    world.run(Duration::from_secs(1));
+    let last = sections(&world.clients[amy].last_offer);
+    assert_eq!(last.len(), 4, "guest2 takes over the same two m-lines: {last:?}");
+    let sending: Vec<String> = last
+        .into_iter()
+        .filter(|(_, direction, _)| direction == "sendonly")
+        .map(|(mid, _, _)| mid)
+        .collect();
+    assert_eq!(sending, idle);
+}
+
+#[test]
+fn m_lines_made_inactive_in_an_answer_to_a_crossing_offer_can_be_taken_over() {
+    let mut world = World::new();
+    let amy = world.join("amy");
+    world.run(Duration::from_secs(1));
+    let guest = world.join("guest0");
+    world.run(Duration::from_secs(1));
+    // Our offer turning guest0's m-lines inactive crosses amy's own offer.
+    world.hold_offers = true;
+    world.leave(guest);
+    world.run(Duration::from_millis(300));
+    let session = world.clients[amy].session.expect("amy's session");
+    let ours = world
+        .sfu
+        .create_offer(world.now, session)
+        .expect("offer")
+        .expect("an offer");
+    assert_eq!(inactive_mids(&ours.sdp).len(), 2);
+    world.hold_offers = false;
+    world.reoffer_two_way(amy);
+    world.run(Duration::from_secs(1));
+    world.join("guest1");
+    world.run(Duration::from_secs(1));
+    let last = sections(&world.clients[amy].last_offer);
+    assert_eq!(last.len(), 4, "guest1 takes over the m-lines guest0 left: {last:?}");
+}
+
+#[test]
+fn a_crossing_offer_sending_on_a_taken_m_line_is_answered_receive_only() {
+    let (mut world, amy, idle) = amy_with_two_idle_m_lines();
+    world.hold_offers = true;
+    world.join("guest1");
+    world.run(Duration::from_millis(300));
+    let session = world.clients[amy].session.expect("amy's session");
+    let ours = world
+        .sfu
+        .create_offer(world.now, session)
+        .expect("offer")
+        .expect("an offer");
+    let guest_stream = ours
+        .streams
+        .iter()
+        .find(|s| s.publisher.user_id == user("guest1"))
+        .map(|s| s.stream_id.clone())
+        .expect("guest1's stream");
+    world.hold_offers = false;
+    // Amy's offer crosses ours: she sends on the idle video m-line (addTrack
+    // takes a transceiver that never sent), which our offer had taken over.
+    let video = str0m::media::Mid::from(idle[1].as_str());
+    let (audio, _) = world.clients[amy].own_mids;
+    let mut api = world.clients[amy].rtc.sdp_api();
+    api.set_direction(audio, str0m::media::Direction::SendOnly);
+    api.set_direction(video, str0m::media::Direction::SendRecv);
+    let (offer, _pending) = api.apply().expect("an offer");
+    let answer = world
+        .sfu
+        .accept_offer(world.now, session, &offer.to_sdp_string())
+        .expect("answered");
+    let line = sections(&answer)
+        .into_iter()
+        .find(|(mid, _, _)| *mid == idle[1])
+        .expect("the m-line");
+    assert_eq!(line.1, "recvonly", "we send nothing there: {line:?}");
+    assert_ne!(
+        line.2.as_deref(),
+        Some(guest_stream.as_str()),
+        "not labelled with guest1's stream"
+    );
 }

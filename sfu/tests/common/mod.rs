@@ -441,7 +441,7 @@ impl World {
     }
 
     /// Signalling in zero time: the SFU's offer to the client, the client's answer back.
-    fn renegotiate(&mut self, session: SessionId) {
+    pub fn renegotiate(&mut self, session: SessionId) {
         let Some(offer) = self.sfu.create_offer(self.now, session).expect("create offer") else {
             return;
         };
