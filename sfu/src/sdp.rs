@@ -33,8 +33,9 @@ fn mid_of<'a>(section: &[&'a str]) -> Option<&'a str> {
 
 /// `offer` with its two-way m-lines made send-only (`a=sendrecv` →
 /// `a=sendonly`; one without a direction attribute, two-way by default, gets
-/// `a=sendonly`), except those whose mid `keep` names: our answer then says
-/// `recvonly` there.
+/// `a=sendonly`) and its receive-only ones inactive (we send nothing there:
+/// str0m would answer `sendonly`, a track without packets), except those
+/// whose mid `keep` names: our answer then says `recvonly` and `inactive`.
 pub(crate) fn publish_only(offer: &str, keep: impl Fn(&str) -> bool) -> String {
     const DIRECTIONS: [&str; 4] = ["a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive"];
     edit_sections(offer, |section, out| {
@@ -42,9 +43,12 @@ pub(crate) fn publish_only(offer: &str, keep: impl Fn(&str) -> bool) -> String {
         let rewrite = media && !mid_of(section).is_some_and(&keep);
         let directed = section.iter().any(|l| DIRECTIONS.contains(&l.trim_end()));
         for (i, line) in section.iter().enumerate() {
-            match line.strip_prefix("a=sendrecv") {
-                Some(end) if rewrite => {
-                    out.push_str("a=sendonly");
+            let swapped = [("a=sendrecv", "a=sendonly"), ("a=recvonly", "a=inactive")]
+                .into_iter()
+                .find_map(|(from, to)| line.strip_prefix(from).map(|end| (to, end)));
+            match swapped {
+                Some((to, end)) if rewrite && end.trim().is_empty() => {
+                    out.push_str(to);
                     out.push_str(end);
                 }
                 _ => out.push_str(line),
@@ -222,7 +226,13 @@ mod tests {
             "v=0\r\na=group:BUNDLE 0 1 2\r\na=sendrecv\r\n\
             m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\na=mid:0\r\n\
             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=sendrecv\r\n\
-            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=recvonly\r\n"
+            m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=inactive\r\n"
+        );
+        // A receive-only m-line we send on stays so.
+        assert_eq!(
+            publish_only(offer, |mid| mid == "2"),
+            out.replace("a=mid:2\r\na=inactive", "a=mid:2\r\na=recvonly")
+                .replace("a=mid:1\r\na=sendrecv", "a=mid:1\r\na=sendonly")
         );
         assert_eq!(publish_only("", |_| false), "");
         // No direction attribute: two-way by default, so made send-only too.

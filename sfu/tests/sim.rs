@@ -1189,3 +1189,51 @@ fn a_crossing_offer_sending_on_a_taken_m_line_is_answered_receive_only() {
         "not labelled with guest1's stream"
     );
 }
+
+#[test]
+fn an_idle_m_line_the_peer_sent_on_and_stopped_goes_inactive_and_is_taken_over_later() {
+    let (mut world, amy, idle) = amy_with_two_idle_m_lines();
+    // Amy sends her video on the idle video m-line (addTrack took it)...
+    let video = str0m::media::Mid::from(idle[1].as_str());
+    world.reuse_for_video(amy, video);
+    world.run(Duration::from_secs(1));
+    // ...and stops: her transceiver is receive-only again. We send nothing
+    // there, so our answer says inactive (str0m alone would say sendonly: a
+    // track without packets).
+    world.clients[amy].send_video = false;
+    let session = world.clients[amy].session.expect("amy's session");
+    let (audio, _) = world.clients[amy].own_mids;
+    let mut api = world.clients[amy].rtc.sdp_api();
+    api.set_direction(audio, str0m::media::Direction::SendOnly);
+    api.set_direction(video, str0m::media::Direction::RecvOnly);
+    let (offer, pending) = api.apply().expect("an offer");
+    let answer = world
+        .sfu
+        .accept_offer(world.now, session, &offer.to_sdp_string())
+        .expect("answered");
+    let line = sections(&answer)
+        .into_iter()
+        .find(|(mid, _, _)| *mid == idle[1])
+        .expect("the m-line");
+    assert_eq!(line.1, "inactive", "{line:?}");
+    world.clients[amy]
+        .rtc
+        .sdp_api()
+        .accept_answer(
+            pending,
+            str0m::change::SdpAnswer::from_sdp_string(&answer).expect("answer"),
+        )
+        .expect("amy accepts");
+    world.run(Duration::from_secs(1));
+    // The next guest's video comes there.
+    world.join("guest1");
+    world.run(Duration::from_secs(1));
+    let last = sections(&world.clients[amy].last_offer);
+    assert_eq!(last.len(), 4, "{last:?}");
+    let sending: Vec<String> = last
+        .into_iter()
+        .filter(|(_, direction, _)| direction == "sendonly")
+        .map(|(mid, _, _)| mid)
+        .collect();
+    assert_eq!(sending, idle);
+}
