@@ -1237,3 +1237,66 @@ fn an_idle_m_line_the_peer_sent_on_and_stopped_goes_inactive_and_is_taken_over_l
         .collect();
     assert_eq!(sending, idle);
 }
+
+#[test]
+fn a_long_conference_of_comings_and_goings_keeps_every_sdp_bounded() {
+    let mut world = World::new();
+    let host = world.join("host");
+    world.run(Duration::from_secs(1));
+    // A fixed pseudo-random order of joins and leaves (xorshift), up to five guests at once.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut random = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut present: Vec<(usize, String)> = Vec::new();
+    let mut most = 0;
+    for step in 0..60 {
+        let r = random();
+        if present.len() < 2 || (present.len() < 5 && r % 2 == 0) {
+            let name = format!("guest{step}");
+            present.push((world.join(&name), name));
+        } else {
+            let (guest, _) = present.swap_remove((r / 2) as usize % present.len());
+            world.leave(guest);
+        }
+        most = most.max(present.len());
+        world.run(Duration::from_millis(400));
+    }
+    let last_change = world.now;
+    world.run(Duration::from_secs(1));
+    // The host's m-lines: her own two and two per guest at the busiest moment.
+    let client = &world.clients[host];
+    let lines = sections(&client.last_offer);
+    assert!(
+        lines.len() <= 2 + 2 * most,
+        "{} m-lines, at most {most} guests at once",
+        lines.len()
+    );
+    // Everyone there now reaches her: on two m-lines labelled with their stream, packets arriving.
+    for (_, name) in &present {
+        let stream = client
+            .streams
+            .iter()
+            .find(|s| s.publisher.user_id == user(name))
+            .map(|s| s.stream_id.clone())
+            .unwrap_or_else(|| panic!("the host is told of {name}"));
+        let mids: Vec<&String> = lines
+            .iter()
+            .filter(|(_, direction, s)| direction == "sendonly" && s.as_deref() == Some(stream.as_str()))
+            .map(|(mid, _, _)| mid)
+            .collect();
+        assert_eq!(mids.len(), 2, "{name}: {lines:?}");
+        for mid in mids {
+            let received = &client.received[&str0m::media::Mid::from(mid.as_str())];
+            let fresh = received.packets.iter().filter(|p| p.1 > last_change).count();
+            assert!(fresh > 20, "{name} on {mid}: {fresh} packets in the last second");
+            assert!(
+                received.packets.windows(2).all(|w| w[1].0 > w[0].0),
+                "{name} on {mid}: numbering went back"
+            );
+        }
+    }
+}
