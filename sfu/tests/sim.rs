@@ -969,9 +969,15 @@ fn joins_and_leaves_take_over_idle_m_lines_instead_of_adding_more() {
             );
             // One stream on the m-line from its first track on: the numbering
             // never goes back (the SRTP index would be a replay otherwise).
+            let back: Vec<(u64, u64)> = received
+                .packets
+                .windows(2)
+                .filter(|w| w[1].0 <= w[0].0)
+                .map(|w| (w[0].0, w[1].0))
+                .collect();
             assert!(
-                received.packets.windows(2).all(|w| w[1].0 > w[0].0),
-                "round {round}: sequence numbers on m-line {mid} go back"
+                back.is_empty(),
+                "round {round}: sequence numbers on m-line {mid} go back: {back:?}"
             );
             guest_mids.insert(mid.clone());
         }
