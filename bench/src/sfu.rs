@@ -307,7 +307,13 @@ async fn start_webrtc_client(
             Some(api.add_media(MediaKind::Video, Direction::SendOnly, stream, None, None)),
         ),
         None => {
+            // As a browser that joins to listen (and, in a room with video, to
+            // watch) offers: so a video subscriber's session estimates its
+            // bandwidth, as a browser's does.
             api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+            if video_pps > 0 {
+                api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+            }
             (None, None)
         }
     };
