@@ -415,6 +415,9 @@ struct Room {
     next_speaker_check: Option<Instant>,
     /// The mixer of its single-stream listeners and recording.
     mix: Option<single_stream::RoomMix>,
+    /// Someone published simulcast here: sessions opened from then on
+    /// estimate their bandwidth (to choose layers).
+    simulcast: bool,
 }
 
 /// The SFU core of one shard.
@@ -452,10 +455,13 @@ impl fmt::Debug for Sfu {
     }
 }
 
-/// A session's WebRTC configuration. Bandwidth estimation (TWCC) runs only for
-/// sessions whose offer has video: it drives simulcast layer choice, and costs
-/// per-packet work that audio-only sessions do not need.
-fn rtc_config(prefer_h264: bool, estimate_bandwidth: bool) -> RtcConfig {
+/// A session's WebRTC configuration. Sessions with `video` keep transport-wide
+/// sequence numbers, so a publisher's browser estimates its uplink from our
+/// feedback. We estimate our own sending bandwidth (`estimate`) only where it
+/// has a use, choosing simulcast layers: with it str0m paces through a leaky
+/// bucket that lets one packet out per `Rtc` timeout, so every forwarded video
+/// packet costs a whole str0m timeout (half the CPU of a video room).
+fn rtc_config(prefer_h264: bool, video: bool, estimate: bool) -> RtcConfig {
     // Our codec order is our preference in answers: VP8 unless the offer puts H.264 first.
     let config = RtcConfig::new()
         .set_ice_lite(true)
@@ -467,8 +473,10 @@ fn rtc_config(prefer_h264: bool, estimate_bandwidth: bool) -> RtcConfig {
     } else {
         config.enable_vp8(true).enable_h264(true)
     };
-    let config = if estimate_bandwidth {
+    let config = if estimate {
         config.enable_bwe(Some(Bitrate::kbps(600)))
+    } else if video {
+        config
     } else {
         // Without an estimator, transport-wide sequence numbers only make the
         // peer send feedback nobody reads: leave the extension out.
@@ -551,13 +559,20 @@ impl Sfu {
         let (sdp, offer) = (offer, self.parse_offer(offer, own_lines, |_| false)?);
         let prefer_h264 = offer_prefers_h264(sdp);
         let has_video = sdp.lines().any(|l| l.starts_with("m=video"));
-        let (mut rtc, keys) = srtp::build_rtc(rtc_config(prefer_h264, has_video), now);
+        // Layers to choose: its own (it sends simulcast: the room has layers
+        // from now on, though its tracks appear only once it connects) or its room's.
+        let sends_layers = sdp.lines().any(|l| l.starts_with("a=simulcast"));
+        let estimate = has_video && (sends_layers || self.room_simulcasts(&room));
+        let (mut rtc, keys) = srtp::build_rtc(rtc_config(prefer_h264, has_video, estimate), now);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
         let answer = rtc.sdp_api().accept_offer(offer)?;
         let answer = own_msid(&answer.to_sdp_string(), &session_stream(&participant), |_| false);
-        let id = self.insert_session(now, room, participant, (rtc, keys), None, own_lines);
+        let id = self.insert_session(now, room.clone(), participant, (rtc, keys), None, own_lines);
+        if sends_layers && let Some(room) = self.rooms.get_mut(&room) {
+            room.simulcast = true;
+        }
         Ok((id, answer))
     }
 
@@ -573,7 +588,8 @@ impl Sfu {
         participant: Participant,
     ) -> Result<(SessionId, String), SfuError> {
         self.advance(now);
-        let (mut rtc, keys) = srtp::build_rtc(rtc_config(false, true), now);
+        let estimate = self.room_simulcasts(&room);
+        let (mut rtc, keys) = srtp::build_rtc(rtc_config(false, true, estimate), now);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
@@ -919,6 +935,11 @@ impl Sfu {
         self.advance(now);
         self.remove_session(now, id);
         self.process(now);
+    }
+
+    /// Whether simulcast was published in `room` (see [`Room::simulcast`]).
+    fn room_simulcasts(&self, room: &RoomId) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.simulcast)
     }
 
     /// The streams a session receives (including those of a pending offer).
@@ -1342,6 +1363,7 @@ impl Sfu {
             self.bind_single_stream(now, id, mid, kind);
         }
         let Some(room) = self.rooms.get_mut(&room) else { return };
+        room.simulcast |= self.tracks.get(&track_id).is_some_and(|t| t.layers.len() > 1);
         room.tracks.push(track_id);
         for other in room.sessions.clone() {
             if other == id {

@@ -1306,3 +1306,33 @@ fn a_long_conference_of_comings_and_goings_keeps_every_sdp_bounded() {
         }
     }
 }
+
+#[test]
+fn bandwidth_is_estimated_where_simulcast_layers_are_chosen() {
+    // A room without simulcast: video sessions keep transport-wide sequence
+    // numbers (the publishers' browsers estimate their uplink from our
+    // feedback) but we run no estimator of our own.
+    let mut world = World::new();
+    let plain = [world.join("alice"), world.join("bob")];
+    world.run(Duration::from_secs(3));
+    for &i in &plain {
+        let client = &world.clients[i];
+        let session = client.session.expect("session");
+        let stats = world.sfu.session_stats(session).expect("stats");
+        assert_eq!(stats.egress_estimate_bps, None, "{}", client.name);
+        let extensions = client.rtc.media(client.own_mids.1).expect("video m-line").remote_extmap();
+        assert!(
+            extensions.id_of(str0m::rtp::Extension::TransportSequenceNumber).is_some(),
+            "{}: transport-wide sequence numbers negotiated",
+            client.name
+        );
+    }
+    // A room where someone publishes simulcast: who opens there estimates.
+    world.room = switchboard_sfu::RoomId("!layers:test".into());
+    world.join_with("carol", true);
+    let dave = world.join("dave");
+    world.run(Duration::from_secs(3));
+    let session = world.clients[dave].session.expect("session");
+    let estimate = world.sfu.session_stats(session).expect("stats").egress_estimate_bps;
+    assert!(estimate.is_some_and(|bps| bps > 0), "dave's estimate: {estimate:?}");
+}
