@@ -1320,9 +1320,15 @@ fn bandwidth_is_estimated_where_simulcast_layers_are_chosen() {
         let session = client.session.expect("session");
         let stats = world.sfu.session_stats(session).expect("stats");
         assert_eq!(stats.egress_estimate_bps, None, "{}", client.name);
-        let extensions = client.rtc.media(client.own_mids.1).expect("video m-line").remote_extmap();
+        let extensions = client
+            .rtc
+            .media(client.own_mids.1)
+            .expect("video m-line")
+            .remote_extmap();
         assert!(
-            extensions.id_of(str0m::rtp::Extension::TransportSequenceNumber).is_some(),
+            extensions
+                .id_of(str0m::rtp::Extension::TransportSequenceNumber)
+                .is_some(),
             "{}: transport-wide sequence numbers negotiated",
             client.name
         );
