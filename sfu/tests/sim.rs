@@ -933,6 +933,15 @@ fn sections(sdp: &str) -> Vec<(String, String, Option<String>)> {
         .collect()
 }
 
+/// The mids of `sdp`'s m-sections in `direction`, labelled `stream` if one is given.
+fn mids(sdp: &str, direction: &str, stream: Option<&str>) -> Vec<String> {
+    sections(sdp)
+        .into_iter()
+        .filter(|(_, d, s)| d == direction && stream.is_none_or(|stream| s.as_deref() == Some(stream)))
+        .map(|(mid, _, _)| mid)
+        .collect()
+}
+
 #[test]
 fn joins_and_leaves_take_over_idle_m_lines_instead_of_adding_more() {
     let mut world = World::new();
@@ -954,11 +963,7 @@ fn joins_and_leaves_take_over_idle_m_lines_instead_of_adding_more() {
             .map(|s| s.stream_id.clone())
             .expect("amy is told of the guest's stream");
         // The guest's audio and video come on two m-lines labelled with its stream.
-        let labelled: Vec<String> = sections(&client.last_offer)
-            .into_iter()
-            .filter(|(_, direction, s)| direction == "sendonly" && s.as_deref() == Some(stream.as_str()))
-            .map(|(mid, _, _)| mid)
-            .collect();
+        let labelled = mids(&client.last_offer, "sendonly", Some(&stream));
         assert_eq!(labelled.len(), 2, "round {round}: {}", client.last_offer);
         for mid in &labelled {
             let received = &client.received[&str0m::media::Mid::from(mid.as_str())];
@@ -1016,11 +1021,7 @@ fn an_offer_crossing_ours_leaves_the_m_line_it_took_over_idle_for_the_next() {
     world.run(Duration::from_secs(1));
     world.leave(first);
     world.run(Duration::from_millis(500));
-    let idle: Vec<String> = sections(&world.clients[amy].last_offer)
-        .into_iter()
-        .filter(|(_, direction, _)| direction == "inactive")
-        .map(|(mid, _, _)| mid)
-        .collect();
+    let idle = mids(&world.clients[amy].last_offer, "inactive", None);
     assert_eq!(idle.len(), 2, "{}", world.clients[amy].last_offer);
     // A second guest joins; our offer to amy takes over the idle m-lines, but
     // amy's own offer crosses it (glare): ours is dropped, hers answered.
@@ -1033,10 +1034,8 @@ fn an_offer_crossing_ours_leaves_the_m_line_it_took_over_idle_for_the_next() {
         .create_offer(world.now, session)
         .expect("offer")
         .expect("an offer");
-    let taken: Vec<String> = sections(&ours.sdp)
+    let taken: Vec<String> = mids(&ours.sdp, "sendonly", None)
         .into_iter()
-        .filter(|(_, direction, _)| direction == "sendonly")
-        .map(|(mid, _, _)| mid)
         .filter(|mid| idle.contains(mid))
         .collect();
     assert_eq!(taken.len(), 2, "our offer takes over both: {}", ours.sdp);
@@ -1053,11 +1052,7 @@ fn an_offer_crossing_ours_leaves_the_m_line_it_took_over_idle_for_the_next() {
         .find(|s| s.publisher.user_id == user("guest1"))
         .map(|s| s.stream_id.clone())
         .expect("amy is told of guest1");
-    let labelled: Vec<String> = sections(&client.last_offer)
-        .into_iter()
-        .filter(|(_, direction, s)| direction == "sendonly" && s.as_deref() == Some(guest_stream.as_str()))
-        .map(|(mid, _, _)| mid)
-        .collect();
+    let labelled = mids(&client.last_offer, "sendonly", Some(&guest_stream));
     assert_eq!(labelled, idle, "{}", client.last_offer);
     assert_eq!(sections(&client.last_offer).len(), 4);
     for mid in &labelled {
@@ -1066,14 +1061,6 @@ fn an_offer_crossing_ours_leaves_the_m_line_it_took_over_idle_for_the_next() {
         assert!(fresh > 20, "{fresh} packets of guest1 on {mid}");
     }
 }
-fn inactive_mids(sdp: &str) -> Vec<String> {
-    sections(sdp)
-        .into_iter()
-        .filter(|(_, direction, _)| direction == "inactive")
-        .map(|(mid, _, _)| mid)
-        .collect()
-}
-
 /// A guest came and went: amy's two m-lines for it are idle.
 fn amy_with_two_idle_m_lines() -> (World, usize, Vec<String>) {
     let mut world = World::new();
@@ -1083,7 +1070,7 @@ fn amy_with_two_idle_m_lines() -> (World, usize, Vec<String>) {
     world.run(Duration::from_secs(1));
     world.leave(guest);
     world.run(Duration::from_millis(500));
-    let idle = inactive_mids(&world.clients[amy].last_offer);
+    let idle = mids(&world.clients[amy].last_offer, "inactive", None);
     assert_eq!(idle.len(), 2, "{}", world.clients[amy].last_offer);
     (world, amy, idle)
 }
@@ -1118,12 +1105,7 @@ fn an_m_line_taken_for_a_track_that_left_before_the_answer_is_idle_again() {
     world.run(Duration::from_secs(1));
     let last = sections(&world.clients[amy].last_offer);
     assert_eq!(last.len(), 4, "guest2 takes over the same two m-lines: {last:?}");
-    let sending: Vec<String> = last
-        .into_iter()
-        .filter(|(_, direction, _)| direction == "sendonly")
-        .map(|(mid, _, _)| mid)
-        .collect();
-    assert_eq!(sending, idle);
+    assert_eq!(mids(&world.clients[amy].last_offer, "sendonly", None), idle);
 }
 
 #[test]
@@ -1143,7 +1125,7 @@ fn m_lines_made_inactive_in_an_answer_to_a_crossing_offer_can_be_taken_over() {
         .create_offer(world.now, session)
         .expect("offer")
         .expect("an offer");
-    assert_eq!(inactive_mids(&ours.sdp).len(), 2);
+    assert_eq!(mids(&ours.sdp, "inactive", None).len(), 2);
     world.hold_offers = false;
     world.reoffer_two_way(amy);
     world.run(Duration::from_secs(1));
@@ -1236,12 +1218,7 @@ fn an_idle_m_line_the_peer_sent_on_and_stopped_goes_inactive_and_is_taken_over_l
     world.run(Duration::from_secs(1));
     let last = sections(&world.clients[amy].last_offer);
     assert_eq!(last.len(), 4, "{last:?}");
-    let sending: Vec<String> = last
-        .into_iter()
-        .filter(|(_, direction, _)| direction == "sendonly")
-        .map(|(mid, _, _)| mid)
-        .collect();
-    assert_eq!(sending, idle);
+    assert_eq!(mids(&world.clients[amy].last_offer, "sendonly", None), idle);
 }
 
 #[test]
@@ -1289,13 +1266,9 @@ fn a_long_conference_of_comings_and_goings_keeps_every_sdp_bounded() {
             .find(|s| s.publisher.user_id == user(name))
             .map(|s| s.stream_id.clone())
             .unwrap_or_else(|| panic!("the host is told of {name}"));
-        let mids: Vec<&String> = lines
-            .iter()
-            .filter(|(_, direction, s)| direction == "sendonly" && s.as_deref() == Some(stream.as_str()))
-            .map(|(mid, _, _)| mid)
-            .collect();
-        assert_eq!(mids.len(), 2, "{name}: {lines:?}");
-        for mid in mids {
+        let labelled = mids(&client.last_offer, "sendonly", Some(&stream));
+        assert_eq!(labelled.len(), 2, "{name}: {lines:?}");
+        for mid in &labelled {
             let received = &client.received[&str0m::media::Mid::from(mid.as_str())];
             let fresh = received.packets.iter().filter(|p| p.1 > last_change).count();
             assert!(fresh > 20, "{name} on {mid}: {fresh} packets in the last second");
