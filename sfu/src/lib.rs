@@ -248,13 +248,12 @@ impl Session {
     /// Single-stream mode: what we send on one of the caller's own m-lines
     /// comes from a subscription we re-point at whoever speaks.
     fn bind_own_mline(&mut self, mid: Mid, kind: MediaKind) {
-        let video = kind == MediaKind::Video;
         self.subscriptions.entry(mid).or_insert_with(|| Subscription {
             track: TrackId(0),
             layer: None,
             target: 0,
             max_quality: simulcast::Quality::High,
-            forwarder: Forwarder::new(if video { 90_000 } else { 48_000 }, video),
+            forwarder: forwarder_for(kind),
             pt_map: Vec::new(),
             direct: None,
             our_mline: false,
@@ -325,17 +324,20 @@ impl Session {
         relabel(&sdp, |mid| {
             let mid = Mid::from(mid);
             // Only while it carries (or our offer gives it) the track the label names.
-            let taken = self
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.reused.iter().any(|l| l.mid == mid));
-            if !taken && !self.subscriptions.get(&mid).is_some_and(|s| s.our_mline) {
+            if !self.offer_takes_over(mid) && !self.subscriptions.get(&mid).is_some_and(|s| s.our_mline) {
                 return None;
             }
             self.labels
                 .get(&mid)
                 .map(|(stream, track)| (stream.as_str(), track.as_str()))
         })
+    }
+
+    /// Whether our pending offer takes `mid` over for another track (see [`Session::idle`]).
+    fn offer_takes_over(&self, mid: Mid) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| p.reused.iter().any(|l| l.mid == mid))
     }
 
     /// Whether `mid` is an m-line of ours carrying someone else's stream (its
@@ -795,34 +797,31 @@ impl Sfu {
             .filter_map(|(mid, kind)| session.rtc.media(mid).map(|m| (mid, kind, m.direction())))
             .collect();
         for (mid, track_id) in added {
+            // On an m-line taken over, the numbering goes on from its last track.
+            let carried = reused
+                .iter()
+                .position(|line| line.mid == mid)
+                .map(|i| reused.swap_remove(i).forwarder);
             let Some(track) = self.tracks.get_mut(&track_id) else {
                 // Its track left before the answer: the m-line goes inactive
-                // and is idle for the next one (with its numbering, if taken over).
+                // and is idle for the next one.
                 session.wanted.push(Change::Direction(mid, Direction::Inactive));
                 if let Some(kind) = session.rtc.media(mid).map(|m| m.kind()) {
-                    let video = kind == MediaKind::Video;
-                    let forwarder = match reused.iter().position(|line| line.mid == mid) {
-                        Some(i) => reused.swap_remove(i).forwarder,
-                        None => Forwarder::new(if video { 90_000 } else { 48_000 }, video),
-                    };
                     session.idle.push(IdleLine {
                         mid,
                         kind,
-                        forwarder,
+                        forwarder: carried.unwrap_or_else(|| forwarder_for(kind)),
                         settled: false,
                     });
                 }
                 continue;
             };
-            let video = track.kind == MediaKind::Video;
-            // On an m-line taken over, the numbering goes on from its last track.
-            let forwarder = match reused.iter().position(|line| line.mid == mid) {
-                Some(i) => {
-                    let mut forwarder = reused.swap_remove(i).forwarder;
+            let forwarder = match carried {
+                Some(mut forwarder) => {
                     forwarder.switch_source();
                     forwarder
                 }
-                None => Forwarder::new(if video { 90_000 } else { 48_000 }, video),
+                None => forwarder_for(track.kind),
             };
             let target = simulcast::select(&track.layers, now, None, simulcast::Quality::High);
             session.subscriptions.insert(
@@ -871,11 +870,7 @@ impl Sfu {
         // pending offer of ours took over: that offer is about to be dropped).
         let offer = self.parse_offer(sdp, session.own_lines, |mid| {
             let mid = Mid::from(mid);
-            let taken = session
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.reused.iter().any(|l| l.mid == mid));
-            !taken && session.rtc.media(mid).is_some_and(|m| m.direction().is_sending())
+            !session.offer_takes_over(mid) && session.rtc.media(mid).is_some_and(|m| m.direction().is_sending())
         })?;
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         if let Some(pending) = session.pending.take() {
@@ -1937,6 +1932,12 @@ fn direct_stream<'a>(
         *direct = Some(srtp::DirectStream::new(ssrc, mid, extensions, now));
     }
     direct.as_mut()
+}
+
+/// A new subscription's forwarder: 48 kHz audio, or 90 kHz video that starts on a keyframe.
+fn forwarder_for(kind: MediaKind) -> Forwarder {
+    let video = kind == MediaKind::Video;
+    Forwarder::new(if video { 90_000 } else { 48_000 }, video)
 }
 
 fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
