@@ -222,7 +222,7 @@ fn render_sfu(out: &mut String, shards: &[ShardStats]) {
     if shards.is_empty() {
         return;
     }
-    let series: [ShardSeries; 14] = [
+    let series: [ShardSeries; 15] = [
         ("switchboard_sfu_sessions", Kind::Gauge, "WebRTC sessions.", |s| {
             s.sessions
         }),
@@ -260,8 +260,14 @@ fn render_sfu(out: &mut String, shards: &[ShardStats]) {
         (
             "switchboard_sfu_packets_sealed_total",
             Kind::Counter,
-            "Forwarded audio packets the SFU encrypted itself (the rest go through str0m).",
+            "Forwarded packets the SFU encrypted itself (the rest go through str0m).",
             |s| s.packets_sealed,
+        ),
+        (
+            "switchboard_sfu_packets_resent_total",
+            Kind::Counter,
+            "Video packets the SFU encrypted again for a subscriber's NACK.",
+            |s| s.packets_resent,
         ),
         (
             "switchboard_sfu_keyframe_requests_total",

@@ -29,6 +29,7 @@
 
 mod codec;
 pub mod forwarder;
+mod nack;
 mod sdp;
 pub mod simulcast;
 mod single_stream;
@@ -219,7 +220,7 @@ struct Session {
     wanted: Vec<Change>,
     pending: Option<PendingOffer>,
     stats: SessionStats,
-    /// Forwarded audio sealed by us (see [`srtp`]).
+    /// Forwarded media sealed by us (see [`srtp`]).
     sealer: srtp::Sealer,
     /// Every m-line it published on or we added (with its simulcast
     /// layers): where it may publish again without a new m-line.
@@ -309,7 +310,7 @@ struct Subscription {
     forwarder: Forwarder,
     /// Publisher payload type → ours for this subscriber (cached from `match_params`).
     pt_map: Vec<(Pt, Pt)>,
-    /// Audio we seal ourselves (see [`srtp`]), once the keys are there.
+    /// Media we seal ourselves (see [`srtp`]), once the keys are there.
     direct: Option<srtp::DirectStream>,
     /// Its m-line was added by our offer (not one of the caller's own).
     our_mline: bool,
@@ -566,12 +567,13 @@ impl Sfu {
         let sends_layers = sdp.lines().any(|l| l.starts_with("a=simulcast"));
         let estimate = has_video && (sends_layers || self.room_simulcasts(&room));
         let (mut rtc, keys) = srtp::build_rtc(rtc_config(prefer_h264, has_video, estimate), now);
+        let sealer = srtp::Sealer::new(keys, !estimate);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
         let answer = rtc.sdp_api().accept_offer(offer)?;
         let answer = own_msid(&answer.to_sdp_string(), &session_stream(&participant), |_| false);
-        let id = self.insert_session(now, room.clone(), participant, (rtc, keys), None, own_lines);
+        let id = self.insert_session(now, room.clone(), participant, (rtc, sealer), None, own_lines);
         if sends_layers && let Some(room) = self.rooms.get_mut(&room) {
             room.simulcast = true;
         }
@@ -592,6 +594,7 @@ impl Sfu {
         self.advance(now);
         let estimate = self.room_simulcasts(&room);
         let (mut rtc, keys) = srtp::build_rtc(rtc_config(false, true, estimate), now);
+        let sealer = srtp::Sealer::new(keys, !estimate);
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
@@ -614,7 +617,7 @@ impl Sfu {
             reused: Vec::new(),
         };
         let offer = own_msid(&offer.to_sdp_string(), &stream, |_| false);
-        let id = self.insert_session(now, room, participant, (rtc, keys), Some(pending), OwnLines::BothWays);
+        let id = self.insert_session(now, room, participant, (rtc, sealer), Some(pending), OwnLines::BothWays);
         Ok((id, offer))
     }
 
@@ -625,7 +628,7 @@ impl Sfu {
         now: Instant,
         room: RoomId,
         participant: Participant,
-        (mut rtc, keys): (Rtc, srtp::KeySlot),
+        (mut rtc, sealer): (Rtc, srtp::Sealer),
         pending: Option<PendingOffer>,
         own_lines: OwnLines,
     ) -> SessionId {
@@ -654,7 +657,7 @@ impl Sfu {
             wanted,
             pending,
             stats: SessionStats::default(),
-            sealer: srtp::Sealer::new(keys),
+            sealer,
             lines: FastMap::default(),
             idle: Vec::new(),
             labels: FastMap::default(),
@@ -1039,6 +1042,9 @@ impl Sfu {
         }
         session.stats.datagrams_in += 1;
         session.stats.bytes_in += data.len() as u64;
+        if session.sealer.seals_video() && nack::is_rtcp(data) {
+            answer_nacks(now, session, data, &mut self.out);
+        }
         if session.rtc.handle_input(input).is_err() {
             self.out.stats.drop(DropReason::Rejected);
         }
@@ -1553,13 +1559,16 @@ impl Sfu {
                     }
                 },
             };
-            if !video && let Some(stream) = direct_stream(now, &mut subscriber.rtc, &mut subscription.direct, mid) {
+            if (!video || subscriber.sealer.seals_video())
+                && let Some(stream) = direct_stream(now, &mut subscriber.rtc, &mut subscription.direct, mid, video)
+            {
                 let forwarded = srtp::Forwarded {
                     pt: *pt,
                     marker: packet.header.marker,
                     seq: out.seq,
                     timestamp: out.timestamp,
                     level: ext.audio_level.zip(ext.voice_activity),
+                    orientation: ext.video_orientation.map(|o| o as u8),
                     payload: &packet.payload,
                 };
                 if let Some(transmit) = subscriber.sealer.seal(now, stream, forwarded) {
@@ -1918,18 +1927,44 @@ struct Outputs {
     broken: Vec<SessionId>,
 }
 
-/// The subscription's directly sealed audio stream, made on first use (its
-/// SSRC and header extensions are known once its m-line is negotiated).
+/// A subscriber's NACKs (in an SRTCP datagram str0m reads as well) for video
+/// we sealed: those packets again, sealed by us (str0m resends its own).
+fn answer_nacks(now: Instant, session: &mut Session, datagram: &[u8], out: &mut Outputs) {
+    let Some(rtcp) = session.sealer.open_rtcp(datagram) else {
+        return;
+    };
+    let wanted: Vec<(u32, u16)> = nack::nacks(rtcp).collect();
+    for (ssrc, seq) in wanted {
+        let stream = session
+            .subscriptions
+            .values_mut()
+            .find_map(|s| s.direct.as_mut().filter(|d| d.ssrc() == ssrc));
+        let Some(stream) = stream else {
+            continue;
+        };
+        if let Some(transmit) = session.sealer.resend(now, stream, seq) {
+            session.stats.datagrams_out += 1;
+            session.stats.bytes_out += transmit.contents.len() as u64;
+            out.stats.datagrams_out += 1;
+            out.stats.packets_resent += 1;
+            out.transmits.push_back(transmit);
+        }
+    }
+}
+
+/// The subscription's directly sealed stream, made on first use (its SSRC
+/// and header extensions are known once its m-line is negotiated).
 fn direct_stream<'a>(
     now: Instant,
     rtc: &mut Rtc,
     direct: &'a mut Option<srtp::DirectStream>,
     mid: Mid,
+    video: bool,
 ) -> Option<&'a mut srtp::DirectStream> {
     if direct.is_none() {
         let ssrc = *rtc.direct_api().stream_tx_by_mid(mid, None)?.ssrc();
         let extensions = rtc.media(mid)?.remote_extmap();
-        *direct = Some(srtp::DirectStream::new(ssrc, mid, extensions, now));
+        *direct = Some(srtp::DirectStream::new(ssrc, mid, extensions, now, video));
     }
     direct.as_mut()
 }

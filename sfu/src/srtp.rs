@@ -1,16 +1,22 @@
-//! Our own SRTP sender for forwarded audio: the hot path's short cut past str0m.
+//! Our own SRTP sender for forwarded media: the hot path's short cut past str0m.
 //!
 //! str0m sends a written RTP packet on the session's next timeout, which runs
 //! its ICE, DTLS, RTCP and pacer bookkeeping before it packetizes and
-//! encrypts: most of the SFU's CPU in an audio fan-out. A forwarded audio
-//! packet needs none of that (the forwarder has rewritten its numbers, audio
-//! is neither paced nor retransmitted), so the SFU builds the header, seals it
+//! encrypts: most of the SFU's CPU in a fan-out. A forwarded packet needs
+//! none of that (the forwarder has rewritten its numbers; nothing is paced
+//! where no bandwidth is estimated), so the SFU builds the header, seals it
 //! with the session's SRTP key and hands the datagram to the driver itself.
+//! Audio is sealed so in every session, video in sessions without a
+//! bandwidth estimate (str0m's estimator must see every packet it sends).
 //!
 //! - **Keys.** [`build_rtc`] gives str0m a DTLS provider that wraps its own and
 //!   copies the keying material the handshake exports (RFC 5764 §4.2) into the
 //!   session's [`KeySlot`]; [`SrtpSender`] derives the session key and salt
 //!   from it (RFC 3711 §4.3, AES-CM PRF).
+//! - **Retransmission.** Video we seal is remembered ([`crate::nack`]); the
+//!   subscriber's SRTCP is opened with its key ([`SrtcpOpener`], RFC 7714 §9)
+//!   to read its NACKs, and the packets are sealed again. str0m still gets
+//!   and checks every datagram.
 //! - **Sealing.** AEAD_AES_128_GCM and AEAD_AES_256_GCM (RFC 7714 §8: the IV is
 //!   the salt XOR SSRC, ROC and sequence number; the header is the associated
 //!   data). A session that negotiated AES_CM_128_HMAC_SHA1_80 keeps str0m's path.
@@ -20,6 +26,7 @@
 //!   (`Sfu::forward`). Both paths number packets from the same forwarder, so
 //!   an SRTP index is never used twice.
 
+use crate::nack::{History, Sent};
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,23 +70,33 @@ struct Keying {
 }
 
 impl KeySlot {
-    /// Our sending half of the session's SRTP keys, if the handshake is done
-    /// and the profile is one we seal ourselves.
-    pub(crate) fn sender(&self) -> Option<SrtpSender> {
+    /// Our sending half of the session's SRTP keys and the peer's SRTCP
+    /// half, if the handshake is done and the profile is one we seal ourselves.
+    fn ciphers(&self) -> Option<(SrtpSender, SrtcpOpener)> {
         let keying = self.0.keys.get()?;
         let srtp = provider().srtp_provider;
         match keying.profile {
             SrtpProfile::AEAD_AES_128_GCM => {
-                let (master, salt) = keying.ours::<16>()?;
+                let (master, salt) = keying.half::<16>(keying.client)?;
                 let key: [u8; 16] = derive(srtp, &master, &salt, LABEL_RTP_KEY);
                 let salt = derive(srtp, &master, &salt, LABEL_RTP_SALT);
-                Some(SrtpSender::aes_128_gcm(srtp, key, salt))
+                let sender = SrtpSender::aes_128_gcm(srtp, key, salt);
+                let (master, salt) = keying.half::<16>(!keying.client)?;
+                let key: [u8; 16] = derive(srtp, &master, &salt, LABEL_RTCP_KEY);
+                let salt = derive(srtp, &master, &salt, LABEL_RTCP_SALT);
+                let cipher = Aead::Aes128(srtp.aead_aes_128_gcm().create_cipher(key, false));
+                Some((sender, SrtcpOpener { cipher, salt }))
             }
             SrtpProfile::AEAD_AES_256_GCM => {
-                let (master, salt) = keying.ours::<32>()?;
+                let (master, salt) = keying.half::<32>(keying.client)?;
                 let key: [u8; 32] = derive(srtp, &master, &salt, LABEL_RTP_KEY);
                 let salt = derive(srtp, &master, &salt, LABEL_RTP_SALT);
-                Some(SrtpSender::aes_256_gcm(srtp, key, salt))
+                let sender = SrtpSender::aes_256_gcm(srtp, key, salt);
+                let (master, salt) = keying.half::<32>(!keying.client)?;
+                let key: [u8; 32] = derive(srtp, &master, &salt, LABEL_RTCP_KEY);
+                let salt = derive(srtp, &master, &salt, LABEL_RTCP_SALT);
+                let cipher = Aead::Aes256(srtp.aead_aes_256_gcm().create_cipher(key, false));
+                Some((sender, SrtcpOpener { cipher, salt }))
             }
             _ => None,
         }
@@ -87,13 +104,14 @@ impl KeySlot {
 }
 
 impl Keying {
-    /// Our master key and salt (the AEAD profiles' salts are 12 bytes).
-    fn ours<const KEY: usize>(&self) -> Option<([u8; KEY], [u8; 12])> {
+    /// The DTLS client's (`client`) or server's master key and salt (the
+    /// AEAD profiles' salts are 12 bytes). Each side sends with its own.
+    fn half<const KEY: usize>(&self, client: bool) -> Option<([u8; KEY], [u8; 12])> {
         let m = &self.material;
         if m.len() != 2 * KEY + 2 * 12 {
             return None;
         }
-        let (key_at, salt_at) = if self.client { (0, 2 * KEY) } else { (KEY, 2 * KEY + 12) };
+        let (key_at, salt_at) = if client { (0, 2 * KEY) } else { (KEY, 2 * KEY + 12) };
         Some((
             m[key_at..key_at + KEY].try_into().ok()?,
             m[salt_at..salt_at + 12].try_into().ok()?,
@@ -103,6 +121,8 @@ impl Keying {
 
 const LABEL_RTP_KEY: u8 = 0;
 const LABEL_RTP_SALT: u8 = 2;
+const LABEL_RTCP_KEY: u8 = 3;
+const LABEL_RTCP_SALT: u8 = 5;
 
 /// RFC 3711 §4.3.1 with the AES-CM PRF (§4.3.3), key derivation rate 0: the
 /// key stream of AES in counter mode under the master key (AES-128 or
@@ -178,14 +198,66 @@ impl SrtpSender {
     }
 }
 
-/// A session's sealing of forwarded audio: its keys, our sender once they
+/// Opens SRTCP from the peer (AEAD, RFC 7714 §9) to read its feedback.
+pub(crate) struct SrtcpOpener {
+    cipher: Aead,
+    salt: [u8; 12],
+}
+
+/// SRTCP's trailer: the E flag and the 31-bit SRTCP index.
+const SRTCP_INDEX_LEN: usize = 4;
+
+impl SrtcpOpener {
+    /// The plain compound RTCP of an SRTCP packet into `out`, or `false` if
+    /// it is not one of the peer's, authentic and encrypted.
+    pub(crate) fn open(&mut self, packet: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(body_len) = packet.len().checked_sub(8 + TAG_LEN + SRTCP_INDEX_LEN) else {
+            return false;
+        };
+        let (head, rest) = packet.split_at(8);
+        let (sealed, trailer) = rest.split_at(body_len + TAG_LEN);
+        if trailer[0] & 0x80 == 0 {
+            return false; // not encrypted: nothing a browser sends
+        }
+        // IV: 00 00 | SSRC | 00 00 | index, XOR the salt; AAD: the first
+        // 8 bytes and the E flag with the index.
+        let mut iv = [0u8; 12];
+        iv[2..6].copy_from_slice(&head[4..8]);
+        iv[8..12].copy_from_slice(trailer);
+        iv[8] &= 0x7f;
+        for (byte, salt) in iv.iter_mut().zip(self.salt) {
+            *byte ^= salt;
+        }
+        out.clear();
+        out.extend_from_slice(head);
+        out.resize(8 + sealed.len(), 0);
+        let aad: [&[u8]; 2] = [head, trailer];
+        let opened = match &mut self.cipher {
+            Aead::Aes128(cipher) => cipher.decrypt(&iv, &aad, sealed, &mut out[8..]),
+            Aead::Aes256(cipher) => cipher.decrypt(&iv, &aad, sealed, &mut out[8..]),
+        };
+        match opened {
+            Ok(n) if n <= body_len => {
+                out.truncate(8 + n);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A session's sealing of forwarded media: its keys, our ciphers once they
 /// are known, and where its media goes.
 pub(crate) struct Sealer {
     keys: KeySlot,
-    path: AudioPath,
+    path: Path,
     /// Where str0m last sent media or DTLS: (our address, the peer's), the
     /// nominated ICE pair.
     route: Option<(SocketAddr, SocketAddr)>,
+    /// Video is ours to seal too (the session estimates no bandwidth).
+    video: bool,
+    /// The last SRTCP packet opened.
+    opened: Vec<u8>,
 }
 
 /// One forwarded packet, as rewritten for a subscriber.
@@ -197,16 +269,27 @@ pub(crate) struct Forwarded<'a> {
     pub(crate) timestamp: u32,
     /// RFC 6464 level (negative dBov) and voice activity.
     pub(crate) level: Option<(i8, bool)>,
-    pub(crate) payload: &'a [u8],
+    /// The video orientation extension's byte (3GPP TS 26.114 §7.4.5).
+    pub(crate) orientation: Option<u8>,
+    /// The publisher's payload, shared by all its subscribers (and their histories).
+    pub(crate) payload: &'a Arc<[u8]>,
 }
 
 impl Sealer {
-    pub(crate) fn new(keys: KeySlot) -> Self {
+    /// `video`: video is sealed here too (see the module docs).
+    pub(crate) fn new(keys: KeySlot, video: bool) -> Self {
         Self {
             keys,
-            path: AudioPath::Pending,
+            path: Path::Pending,
             route: None,
+            video,
+            opened: Vec::new(),
         }
+    }
+
+    /// Whether forwarded video may be sealed here (or only audio).
+    pub(crate) fn seals_video(&self) -> bool {
+        self.video
     }
 
     /// str0m sent a datagram: media and DTLS (first byte above 3) go to the
@@ -225,17 +308,35 @@ impl Sealer {
 
     /// The packet sealed for `stream`, or `None` when it goes through str0m:
     /// keys or route not known yet, a profile left to str0m, or the stream's
-    /// once-a-second packet for str0m's sender reports.
+    /// once-a-second packet for str0m's sender reports (str0m resends what
+    /// it sent; a video stream remembers the rest for NACKs).
     pub(crate) fn seal(&mut self, now: Instant, stream: &mut DirectStream, packet: Forwarded<'_>) -> Option<Transmit> {
-        let (source, destination) = self.route?;
-        let sender = self.path.sender(&self.keys)?;
+        self.route?;
+        self.path.ciphers(&self.keys)?;
         if now >= stream.str0m_due {
             stream.str0m_due = now + STR0M_EVERY;
             return None;
         }
-        let mut datagram = stream.header(&packet);
+        let transmit = self.seal_now(stream, &packet)?;
+        if let Some(history) = &mut stream.history {
+            history.remember(Sent::new(
+                packet.seq,
+                packet.timestamp,
+                packet.pt,
+                packet.marker,
+                packet.orientation,
+                packet.payload.clone(),
+            ));
+        }
+        Some(transmit)
+    }
+
+    fn seal_now(&mut self, stream: &DirectStream, packet: &Forwarded<'_>) -> Option<Transmit> {
+        let (source, destination) = self.route?;
+        let (sender, _) = self.path.ciphers(&self.keys)?;
+        let mut datagram = stream.header(packet);
         sender
-            .seal(&mut datagram, packet.payload, stream.ssrc, packet.seq)
+            .seal(&mut datagram, &packet.payload[..], stream.ssrc, packet.seq)
             .ok()?;
         Some(Transmit {
             proto: Protocol::Udp,
@@ -244,67 +345,99 @@ impl Sealer {
             contents: datagram.into(),
         })
     }
+
+    /// The plain compound RTCP in an SRTCP datagram from the peer, if it is
+    /// authentic and we hold the keys (str0m is given the datagram as well).
+    pub(crate) fn open_rtcp(&mut self, datagram: &[u8]) -> Option<&[u8]> {
+        let (_, opener) = self.path.ciphers(&self.keys)?;
+        opener
+            .open(datagram, &mut self.opened)
+            .then_some(self.opened.as_slice())
+    }
+
+    /// The packets of `stream` a NACK asks for (see [`nack`]), sealed again
+    /// under their sequence numbers: what is remembered and not just resent.
+    pub(crate) fn resend(&mut self, now: Instant, stream: &mut DirectStream, seq: u16) -> Option<Transmit> {
+        let sent = stream.history.as_mut()?.resend(now, seq)?.clone();
+        let packet = Forwarded {
+            pt: sent.pt,
+            marker: sent.marker,
+            seq: sent.seq,
+            timestamp: sent.timestamp,
+            level: None,
+            orientation: sent.orientation,
+            payload: &sent.payload,
+        };
+        self.seal_now(stream, &packet)
+    }
 }
 
-/// How a session's forwarded audio leaves when the SFU seals it itself.
-enum AudioPath {
+/// How a session's forwarded media leaves when the SFU seals it itself.
+enum Path {
     /// The DTLS handshake has not exported keys yet.
     Pending,
-    /// We seal with this sender.
-    Ours(SrtpSender),
+    /// We seal with this sender and open the peer's SRTCP with this opener.
+    Ours(Box<(SrtpSender, SrtcpOpener)>),
     /// The profile is one we leave to str0m.
     Str0m,
 }
 
-impl AudioPath {
-    /// Our sender, once the keys are there and the profile is ours.
-    fn sender(&mut self, keys: &KeySlot) -> Option<&mut SrtpSender> {
+impl Path {
+    /// Our ciphers, once the keys are there and the profile is ours.
+    fn ciphers(&mut self, keys: &KeySlot) -> Option<&mut (SrtpSender, SrtcpOpener)> {
         if keys.0.rekeyed.load(Ordering::Relaxed) {
-            *self = AudioPath::Str0m;
+            *self = Path::Str0m;
         }
-        if let AudioPath::Pending = self
+        if let Path::Pending = self
             && keys.0.keys.get().is_some()
         {
-            *self = keys.sender().map_or(AudioPath::Str0m, AudioPath::Ours);
+            *self = keys.ciphers().map_or(Path::Str0m, |c| Path::Ours(Box::new(c)));
         }
         match self {
-            AudioPath::Ours(sender) => Some(sender),
+            Path::Ours(ciphers) => Some(ciphers.as_mut()),
             _ => None,
         }
     }
 }
 
-/// One outgoing audio stream (a subscription's m-line) sealed by us: its SSRC
-/// and the header extensions its m-line negotiated (one-byte form, RFC 8285).
+/// One outgoing stream (a subscription's m-line) sealed by us: its SSRC,
+/// the header extensions its m-line negotiated (one-byte form, RFC 8285)
+/// and, for video, what went out (for NACKs).
 pub(crate) struct DirectStream {
     ssrc: u32,
     /// `urn:ietf:params:rtp-hdrext:sdes:mid` (RFC 8843 §15): id and value.
     mid: Option<(u8, Mid)>,
     /// `urn:ietf:params:rtp-hdrext:ssrc-audio-level` (RFC 6464): id.
     audio_level: Option<u8>,
+    /// `urn:3gpp:video-orientation`: id.
+    orientation: Option<u8>,
     /// When the next packet goes through str0m instead, so that its sender
     /// reports map RTP time to wall-clock time.
     str0m_due: Instant,
+    /// Video: the packets we sealed, for NACKs.
+    history: Option<History>,
 }
 
 /// How often a directly sealed stream's packet goes through str0m.
 const STR0M_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl DirectStream {
-    pub(crate) fn new(ssrc: u32, mid: Mid, extensions: &ExtensionMap, now: Instant) -> Self {
-        let mid = extensions
-            .id_of(Extension::RtpMid)
-            .filter(|id| (1..=14).contains(id) && !mid.is_empty())
-            .map(|id| (id, mid));
-        let audio_level = extensions
-            .id_of(Extension::AudioLevel)
-            .filter(|id| (1..=14).contains(id));
+    pub(crate) fn new(ssrc: u32, mid: Mid, extensions: &ExtensionMap, now: Instant, video: bool) -> Self {
+        let one_byte = |extension| extensions.id_of(extension).filter(|id| (1..=14).contains(id));
         Self {
             ssrc,
-            mid,
-            audio_level,
+            mid: one_byte(Extension::RtpMid)
+                .filter(|_| !mid.is_empty())
+                .map(|id| (id, mid)),
+            audio_level: one_byte(Extension::AudioLevel),
+            orientation: one_byte(Extension::VideoOrientation),
             str0m_due: now,
+            history: video.then(History::new),
         }
+    }
+
+    pub(crate) fn ssrc(&self) -> u32 {
+        self.ssrc
     }
 
     /// The RTP header (RFC 3550 §5.1) of a packet, in a buffer with room for
@@ -312,7 +445,8 @@ impl DirectStream {
     fn header(&self, forwarded: &Forwarded<'_>) -> Vec<u8> {
         let mut packet = Vec::with_capacity(12 + 4 + 20 + forwarded.payload.len() + TAG_LEN);
         let level = self.audio_level.zip(forwarded.level);
-        let extended = self.mid.is_some() || level.is_some();
+        let orientation = self.orientation.zip(forwarded.orientation);
+        let extended = self.mid.is_some() || level.is_some() || orientation.is_some();
         packet.push(0x80 | if extended { 0x10 } else { 0 });
         packet.push((forwarded.pt & 0x7f) | if forwarded.marker { 0x80 } else { 0 });
         packet.extend_from_slice(&(forwarded.seq as u16).to_be_bytes());
@@ -329,6 +463,10 @@ impl DirectStream {
             if let Some((id, (level, voice))) = level {
                 packet.push(id << 4);
                 packet.push(if voice { 0x80 } else { 0 } | (level.unsigned_abs() & 0x7f));
+            }
+            if let Some((id, orientation)) = orientation {
+                packet.push(id << 4);
+                packet.push(orientation);
             }
             while !(packet.len() - start).is_multiple_of(4) {
                 packet.push(0);
@@ -511,13 +649,14 @@ mod tests {
         );
     }
 
-    fn forwarded(seq: u64, payload: &[u8]) -> Forwarded<'_> {
+    fn forwarded(seq: u64, payload: &Arc<[u8]>) -> Forwarded<'_> {
         Forwarded {
             pt: 111,
             marker: false,
             seq,
             timestamp: 960 * seq as u32,
             level: Some((-30, true)),
+            orientation: None,
             payload,
         }
     }
@@ -535,9 +674,9 @@ mod tests {
     fn the_sealer_waits_for_route_and_keys_and_leaves_str0m_a_packet_a_second() {
         let now = Instant::now();
         let keys = KeySlot::default();
-        let mut sealer = Sealer::new(keys.clone());
-        let mut stream = DirectStream::new(0x1234_5678, Mid::from("1"), &ExtensionMap::standard(), now);
-        let payload = [0xfc, 1, 2, 3, 4];
+        let mut sealer = Sealer::new(keys.clone(), false);
+        let mut stream = DirectStream::new(0x1234_5678, Mid::from("1"), &ExtensionMap::standard(), now, false);
+        let payload = Arc::from(vec![0xfc, 1, 2, 3, 4]);
         let peer: SocketAddr = "127.0.0.1:50000".parse().expect("address");
         assert!(
             sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
@@ -560,7 +699,7 @@ mod tests {
             profile: SrtpProfile::AEAD_AES_128_GCM,
             client: false,
         };
-        let (master, master_salt) = keying.ours::<16>().expect("128-bit material");
+        let (master, master_salt) = keying.half::<16>(false).expect("128-bit material");
         assert!(keys.0.keys.set(keying).is_ok());
         assert!(
             sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
@@ -601,7 +740,7 @@ mod tests {
             .create_cipher(key, false)
             .decrypt(&iv, &[&bytes[..20]], &bytes[20..], &mut plain)
             .expect("authentic");
-        assert_eq!(&plain[..n], &payload);
+        assert_eq!(&plain[..n], &payload[..]);
         assert!(sealer.seal(at, &mut stream, forwarded(3, &payload)).is_some());
         let second = now + STR0M_EVERY;
         assert!(
@@ -615,8 +754,8 @@ mod tests {
     fn a_profile_without_aead_stays_with_str0m() {
         let now = Instant::now();
         let keys = KeySlot::default();
-        let mut sealer = Sealer::new(keys.clone());
-        let mut stream = DirectStream::new(1, Mid::from("0"), &ExtensionMap::standard(), now);
+        let mut sealer = Sealer::new(keys.clone(), false);
+        let mut stream = DirectStream::new(1, Mid::from("0"), &ExtensionMap::standard(), now, false);
         sealer.saw_transmit(&transmit(128, "127.0.0.1:50000".parse().expect("address")));
         let keying = Keying {
             material: vec![1; 2 * 16 + 2 * 14],
@@ -626,9 +765,13 @@ mod tests {
         assert!(keys.0.keys.set(keying).is_ok());
         for seq in 1..5 {
             let at = now + std::time::Duration::from_millis(20 * seq);
-            assert!(sealer.seal(at, &mut stream, forwarded(seq, &[1, 2, 3])).is_none());
+            assert!(
+                sealer
+                    .seal(at, &mut stream, forwarded(seq, &Arc::from(vec![1, 2, 3])))
+                    .is_none()
+            );
         }
-        assert!(matches!(sealer.path, AudioPath::Str0m));
+        assert!(matches!(sealer.path, Path::Str0m));
     }
 
     #[test]
@@ -639,14 +782,14 @@ mod tests {
             profile: SrtpProfile::AEAD_AES_128_GCM,
             client: true,
         };
-        let (key, salt) = client.ours::<16>().expect("128-bit material");
+        let (key, salt) = client.half::<16>(client.client).expect("128-bit material");
         assert_eq!((key[0], salt[0]), (0, 32));
         let server = Keying {
             client: false,
             ..client
         };
-        let (key, salt) = server.ours::<16>().expect("128-bit material");
+        let (key, salt) = server.half::<16>(server.client).expect("128-bit material");
         assert_eq!((key[0], salt[0]), (16, 44));
-        assert!(server.ours::<32>().is_none(), "wrong length is refused");
+        assert!(server.half::<32>(false).is_none(), "wrong length is refused");
     }
 }

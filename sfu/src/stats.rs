@@ -67,8 +67,10 @@ pub struct ShardStats {
     pub datagrams_in: u64,
     pub datagrams_out: u64,
     pub packets_forwarded: u64,
-    /// Of those, audio packets the SFU sealed itself instead of str0m.
+    /// Of those, packets the SFU sealed itself instead of str0m.
     pub packets_sealed: u64,
+    /// Packets sealed again for a subscriber's NACK (str0m's own resends aside).
+    pub packets_resent: u64,
     pub keyframe_requests: u64,
     /// Session timers that fired (each runs one session's WebRTC clock).
     pub session_timeouts: u64,

@@ -74,6 +74,30 @@ fn three_participants_exchange_audio_and_video() {
             );
         }
     }
+    // Video is sealed by the SFU too (no bandwidth estimate in this room), with
+    // its orientation, which every packet carries whichever way it went.
+    let video_packets: usize = (0..3)
+        .flat_map(|i| world.received_from(i).into_iter())
+        .filter(|((_, kind), _)| *kind == MediaKind::Video)
+        .map(|(_, r)| r.packets.len())
+        .sum();
+    assert!(
+        stats.packets_sealed as usize >= audio + video_packets - 12 * 5,
+        "{} of {audio} audio and {video_packets} video packets sealed by the SFU",
+        stats.packets_sealed
+    );
+    for received in world.clients[0].received.values() {
+        if received.kind == Some(MediaKind::Video) {
+            assert!(
+                received
+                    .orientations
+                    .iter()
+                    .all(|o| *o == Some(str0m::rtp::VideoOrientation::Deg90)),
+                "orientation arrives with every packet: {:?}",
+                &received.orientations[..10.min(received.orientations.len())]
+            );
+        }
+    }
     // Video is forwarded as it arrives, not queued behind a pacer: two hops of
     // 10 ms each, whatever the bandwidth estimate says.
     let video = &world.received_from(0)[&(user("bob"), MediaKind::Video)];
@@ -210,7 +234,8 @@ fn five_percent_loss_is_recovered_by_nack() {
     let alice = world.join("alice");
     let bob = world.join("bob");
     let (sfu, bob_addr) = (world.sfu_addr, world.clients[bob].addr);
-    // Drop every 20th VP8 packet (PT 96) from the SFU to bob; retransmissions (RTX, PT 97) pass.
+    // Drop every 20th VP8 packet (PT 96) from the SFU to bob, retransmissions
+    // included (the SFU seals video itself here and resends on the same SSRC).
     let mut count = 0u64;
     world.loss = Some(Box::new(move |src, dst, data| {
         if src == sfu && dst == bob_addr && is_rtp_with_pt(data, 96) {
@@ -232,6 +257,13 @@ fn five_percent_loss_is_recovered_by_nack() {
     seqs.dedup();
     let span = seqs[seqs.len() - 1] - seqs[0] + 1;
     assert_eq!(span, seqs.len() as u64, "every lost packet was recovered");
+    let stats = world.sfu.stats();
+    assert!(
+        stats.packets_resent as usize >= (seqs.len() / 20) * 9 / 10,
+        "resent from the SFU's own history: {} of ~{} lost",
+        stats.packets_resent,
+        seqs.len() / 20
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpWrite};
+use str0m::rtp::{ExtensionValues, RtpWrite, VideoOrientation};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 use switchboard_sfu::{OwnLines, Participant, RoomId, SessionId, Sfu, SfuConfig, SfuEvent, StreamInfo};
 
@@ -41,6 +41,8 @@ pub struct Received {
     pub rtp: Vec<(u32, u32)>,
     /// The audio level extension (RFC 6464) of each RTP packet, in the same order.
     pub levels: Vec<Option<i8>>,
+    /// The video orientation extension of each RTP packet, in the same order.
+    pub orientations: Vec<Option<VideoOrientation>>,
 }
 
 pub struct Client {
@@ -387,6 +389,7 @@ impl World {
                         entry.packets.push((*packet.seq_no, now, head, packet.payload.len()));
                         entry.rtp.push((*packet.header.ssrc, packet.header.timestamp));
                         entry.levels.push(packet.header.ext_vals.audio_level);
+                        entry.orientations.push(packet.header.ext_vals.video_orientation);
                         if client.listen_all && entry.kind == Some(MediaKind::Audio) {
                             client.ears.entry(mid).or_default().hear(now, &packet.payload);
                         }
@@ -562,10 +565,16 @@ impl World {
                     let last = part + 1 == client.video_packets_per_frame;
                     let seq = client.video_packet_seq;
                     client.video_packet_seq += 1;
+                    // A phone held sideways: the receiver rotates what it shows.
+                    let ext = ExtensionValues {
+                        video_orientation: Some(VideoOrientation::Deg90),
+                        ..Default::default()
+                    };
                     tx.write_rtp(
                         RtpWrite::new(pt, seq.into(), ts, now, payload)
                             .marker(last)
-                            .nackable(true),
+                            .nackable(true)
+                            .ext_vals(ext),
                     );
                 }
                 client.video_seq += 1;
