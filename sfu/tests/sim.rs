@@ -267,6 +267,39 @@ fn five_percent_loss_is_recovered_by_nack() {
 }
 
 #[test]
+fn in_a_simulcast_room_str0m_resends_the_video_it_sent() {
+    // Sessions there estimate bandwidth, so str0m sends their video (its
+    // estimator sees every packet) and answers NACKs with RTX (PT 97).
+    let mut world = World::new();
+    world.join_with("carol", true);
+    let dave = world.join("dave");
+    let (sfu, dave_addr) = (world.sfu_addr, world.clients[dave].addr);
+    let mut count = 0u64;
+    world.loss = Some(Box::new(move |src, dst, data| {
+        if src == sfu && dst == dave_addr && is_rtp_with_pt(data, 96) {
+            count += 1;
+            return count.is_multiple_of(20);
+        }
+        false
+    }));
+    world.run(Duration::from_secs(6));
+    world.loss = None;
+    world.run(Duration::from_secs(1));
+    let video = &world.received_from(dave)[&(user("carol"), MediaKind::Video)];
+    let mut seqs: Vec<u64> = video.packets.iter().map(|p| p.0).collect();
+    assert!(seqs.len() > 100, "dave got {} video packets", seqs.len());
+    seqs.sort_unstable();
+    seqs.dedup();
+    let span = seqs[seqs.len() - 1] - seqs[0] + 1;
+    assert!(
+        span - seqs.len() as u64 <= 2,
+        "lost {} of {span}",
+        span - seqs.len() as u64
+    );
+    assert_eq!(world.sfu.stats().packets_resent, 0, "str0m resent them, not the SFU");
+}
+
+#[test]
 fn garbage_and_strangers_are_counted_drops() {
     let mut world = World::new();
     world.join("alice");

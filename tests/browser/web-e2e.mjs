@@ -236,6 +236,24 @@ class User {
     }, 20000);
   }
 
+  /** Frames decoded per received video stream (inbound-rtp, by SSRC). */
+  videoFrames() {
+    return this.page.evaluate(async () => {
+      const stats = await window.switchboard.call.pc.getStats();
+      const video = [...stats.values()].filter((s) => s.type === "inbound-rtp" && s.kind === "video");
+      return Object.fromEntries(video.map((s) => [s.ssrc, s.framesDecoded || 0]));
+    });
+  }
+
+  /** At least `streams` received video streams each decode 30 more frames. */
+  async decodesVideo(streams) {
+    const before = await this.videoFrames();
+    await until(`${this.name} to decode ${streams} video streams`, async () => {
+      const now = Object.entries(await this.videoFrames());
+      return now.filter(([ssrc, frames]) => frames > (before[ssrc] || 0) + 30).length >= streams;
+    }, 30000);
+  }
+
   async bannerText() {
     const banner = this.page.locator("#banner");
     return (await banner.isVisible()) ? (await banner.textContent()).trim() : "";
@@ -431,7 +449,7 @@ async function conference(ctx) {
   await frank.waitConnected();
   await Promise.all(all.map((u) => u.seesTiles(ids(all.filter((o) => o !== u)))));
   log("four in the conference: each sees three");
-  // The SFU seals forwarded audio itself (sfu/src/srtp.rs): Chrome decrypts
+  // The SFU seals forwarded media itself (sfu/src/srtp.rs): Chrome decrypts
   // it (packets that fail SRTP authentication never reach packetsReceived),
   // and the server says it sealed them.
   await Promise.all(all.map((u) => u.hearsEachTile()));
@@ -440,7 +458,9 @@ async function conference(ctx) {
     const m = text.match(/^switchboard_sfu_packets_sealed_total(?:\{[^}]*\})? (\d+)/m);
     return m && Number(m[1]) > 500 && Number(m[1]);
   });
-  log(`audio reaches each from each; the SFU sealed ${sealed} audio packets itself`);
+  // Video too is sealed by the SFU (no simulcast in this room): Chrome decodes it.
+  await Promise.all(all.map((u) => u.decodesVideo(all.length - 1)));
+  log(`audio and video reach each from each; the SFU sealed ${sealed} packets itself`);
   await frank.assertLoopbackPair();
   await Promise.all(all.map((u) => u.shot("conference-four")));
   const transceivers = (u) => u.page.evaluate(() => window.switchboard.call.pc.getTransceivers().length);
