@@ -1042,7 +1042,12 @@ impl Sfu {
         }
         session.stats.datagrams_in += 1;
         session.stats.bytes_in += data.len() as u64;
-        if session.sealer.seals_video() && nack::is_rtcp(data) {
+        if nack::is_rtcp(data)
+            && session
+                .subscriptions
+                .values()
+                .any(|s| s.direct.as_ref().is_some_and(|d| d.remembers()))
+        {
             answer_nacks(now, session, data, &mut self.out);
         }
         if session.rtc.handle_input(input).is_err() {

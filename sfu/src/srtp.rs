@@ -440,6 +440,11 @@ impl DirectStream {
         self.ssrc
     }
 
+    /// Whether it keeps what it sends for NACKs (video).
+    pub(crate) fn remembers(&self) -> bool {
+        self.history.is_some()
+    }
+
     /// The RTP header (RFC 3550 §5.1) of a packet, in a buffer with room for
     /// the payload and tag.
     fn header(&self, forwarded: &Forwarded<'_>) -> Vec<u8> {
