@@ -662,7 +662,10 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
             }
         });
     }
-    let rss_before = proc_stat::rss_kib(server.pid).unwrap_or(0);
+    // Memory per subscribed track is the growth from the first room's being
+    // up to all rooms': what the first sessions page in once (the binary's
+    // DTLS, SRTP and ICE code, the allocator's first arenas) is not per track.
+    let mut baseline_rss = (proc_stat::rss_kib(server.pid).unwrap_or(0), 0);
     let shared = Arc::new(Shared::new());
     let mut clients = Vec::new();
     for room in 0..s.rooms {
@@ -676,6 +679,12 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
         for n in 0..s.subscribers {
             let user = format!("@s{n}r{room}:load");
             clients.push(start_webrtc_client(&control, &routes, &shared, &room_id, &user, None, s.video_pps).await?);
+        }
+        if room == 0 && s.rooms > 1 {
+            warm_up(&shared, expected_streams(s) / s.rooms).await?;
+            let stats = control.call(json!({"op": "stats"})).await?;
+            let subscriptions = stats["subscriptions"].as_u64().unwrap_or(0);
+            baseline_rss = (proc_stat::rss_kib(server.pid).unwrap_or(0), subscriptions);
         }
     }
     warm_up(&shared, expected_streams(s)).await?;
@@ -723,8 +732,9 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
     let (loss, p50_us, p99_us, received) = summarize(&samples, from, to);
     let sent = sent_after.saturating_sub(sent_before);
     server.child.kill().await.ok();
-    let rss_per_track_kib =
-        (subscriptions > 0).then(|| rss_after.saturating_sub(rss_before) as f64 / subscriptions as f64);
+    let (rss_before, subscriptions_before) = baseline_rss;
+    let tracks = subscriptions.saturating_sub(subscriptions_before);
+    let rss_per_track_kib = (tracks > 0).then(|| rss_after.saturating_sub(rss_before) as f64 / tracks as f64);
     Ok(Measured {
         egress,
         cpu,
