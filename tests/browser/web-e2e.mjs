@@ -13,6 +13,7 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
+import dgram from "node:dgram";
 
 const [binary, outDir, ...only] = process.argv.slice(2);
 const ALL = [
@@ -23,6 +24,7 @@ const ALL = [
   "unreachable",
   "camera-denied",
   "conference",
+  "lossy-conference",
   "js-sdk-conference",
 ];
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
@@ -489,6 +491,111 @@ async function conference(ctx) {
   await frank.page.uncheck("#single-stream");
 }
 
+/** A free UDP port on 127.0.0.1. */
+async function freeUdpPort() {
+  const socket = dgram.createSocket("udp4");
+  await new Promise((resolve) => socket.bind(0, "127.0.0.1", resolve));
+  const { port } = socket.address();
+  await new Promise((resolve) => socket.close(resolve));
+  return port;
+}
+
+/**
+ * A lossy NAT in front of the SFU: it listens on `front` (the address the SFU
+ * advertises), gives each browser address a socket of its own towards the
+ * SFU at `back`, and drops every `every`-th RTP packet (RFC 5761: not RTCP)
+ * that is not opus (PT 111) on its way from the SFU to a browser: 1/every of
+ * the forwarded video, never STUN, DTLS or RTCP.
+ */
+async function lossyNat(front, back, every) {
+  const outside = dgram.createSocket("udp4");
+  const inside = new Map();
+  const counts = { video: 0, dropped: 0 };
+  outside.on("message", (datagram, from) => {
+    const key = `${from.address}:${from.port}`;
+    let socket = inside.get(key);
+    if (!socket) {
+      socket = dgram.createSocket("udp4");
+      socket.on("message", (reply) => {
+        const rtp = reply.length > 12 && reply[0] >> 6 === 2 && !(reply[1] >= 192 && reply[1] <= 223);
+        if (rtp && (reply[1] & 0x7f) !== 111 && ++counts.video % every === 0) {
+          counts.dropped += 1;
+          return;
+        }
+        outside.send(reply, from.port, from.address);
+      });
+      socket.bind(0, "127.0.0.1");
+      inside.set(key, socket);
+    }
+    socket.send(datagram, back.port, back.address);
+  });
+  await new Promise((resolve) => outside.bind(front.port, front.address, resolve));
+  return {
+    counts,
+    close() {
+      outside.close();
+      for (const socket of inside.values()) socket.close();
+    },
+  };
+}
+
+/**
+ * A conference through a lossy network: the SFU advertises 127.0.0.2, where a
+ * NAT of ours drops 5 % of the video it forwards to the browsers. Chrome asks
+ * for the lost packets (RTCP NACK, in SRTCP) and the SFU, which seals this
+ * video itself, resends them from its own history (sfu/src/nack.rs): what
+ * stays lost is a small part of what was dropped.
+ */
+async function lossyConference(ctx) {
+  const port = await freeUdpPort();
+  const nat = await lossyNat({ address: "127.0.0.2", port }, { address: "127.0.0.1", port }, 20);
+  const server = await startServer([
+    ...turnArgs(false),
+    "--set", `media.bind=127.0.0.1:${port}`,
+    "--set", "media.advertised_ip=127.0.0.2",
+  ]);
+  const users = [];
+  try {
+    for (const name of ["gina", "hank"]) {
+      const user = await User.open(ctx.browser, server.url, name);
+      users.push(user);
+      await user.register();
+    }
+    const [gina, hank] = users;
+    await gina.createRoom("Lossy", [hank.id], true);
+    await hank.acceptInvite("Lossy");
+    for (const u of users) await u.page.click("#join-conference");
+    await Promise.all(users.map((u) => u.waitConnected()));
+    await gina.seesTiles([hank.id]);
+    await hank.seesTiles([gina.id]);
+    const video = (u) =>
+      u.page.evaluate(async () => {
+        const stats = await window.switchboard.call.pc.getStats();
+        const rtp = [...stats.values()].filter((s) => s.type === "inbound-rtp" && s.kind === "video");
+        const sum = (key) => rtp.reduce((n, s) => n + (s[key] || 0), 0);
+        return { received: sum("packetsReceived"), lost: sum("packetsLost"), nacks: sum("nackCount") };
+      });
+    await until("the NAT to drop 30 video packets", async () => nat.counts.dropped >= 30, 60000);
+    // Give the last drops a few round trips to be asked for and resent.
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const seen = await Promise.all(users.map(video));
+    const metrics = await (await fetch(`${new URL(server.url).origin}/metrics`)).text();
+    const resent = Number(metrics.match(/^switchboard_sfu_packets_resent_total(?:\{[^}]*\})? (\d+)/m)?.[1] || 0);
+    const { dropped } = nat.counts;
+    const lost = seen.reduce((n, v) => n + v.lost, 0);
+    log(`the NAT dropped ${dropped} of ${nat.counts.video} video packets; browsers: ${JSON.stringify(seen)}; the SFU resent ${resent}`);
+    if (seen.some((v) => v.nacks === 0)) throw new Error(`a browser sent no NACKs: ${JSON.stringify(seen)}`);
+    if (resent < dropped / 2) throw new Error(`the SFU resent ${resent} of ${dropped} dropped packets`);
+    if (lost > dropped / 4) throw new Error(`the browsers lost ${lost} of ${dropped} dropped video packets`);
+    for (const u of users) await u.page.click("#hangup");
+  } finally {
+    for (const u of users) await u.page.context().close().catch(() => {});
+    server.stop();
+    nat.close();
+    rmSync(server.dataDir, { recursive: true, force: true });
+  }
+}
+
 /**
  * matrix-js-sdk's own call implementation (`MatrixCall`, Element Web's legacy
  * calls) in two pages, bundled from tests/interop/js-sdk-call.mjs: both call
@@ -736,6 +843,7 @@ const SCENARIOS = {
   unreachable,
   "camera-denied": cameraDenied,
   conference,
+  "lossy-conference": lossyConference,
   "js-sdk-conference": jsSdkConference,
 };
 
