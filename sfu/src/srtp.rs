@@ -85,7 +85,7 @@ impl KeySlot {
                 let key: [u8; 16] = derive(srtp, &master, &salt, LABEL_RTCP_KEY);
                 let salt = derive(srtp, &master, &salt, LABEL_RTCP_SALT);
                 let cipher = Aead::Aes128(srtp.aead_aes_128_gcm().create_cipher(key, false));
-                Some((sender, SrtcpOpener { cipher, salt }))
+                Some((sender, SrtcpOpener::new(cipher, salt)))
             }
             SrtpProfile::AEAD_AES_256_GCM => {
                 let (master, salt) = keying.half::<32>(keying.client)?;
@@ -96,7 +96,7 @@ impl KeySlot {
                 let key: [u8; 32] = derive(srtp, &master, &salt, LABEL_RTCP_KEY);
                 let salt = derive(srtp, &master, &salt, LABEL_RTCP_SALT);
                 let cipher = Aead::Aes256(srtp.aead_aes_256_gcm().create_cipher(key, false));
-                Some((sender, SrtcpOpener { cipher, salt }))
+                Some((sender, SrtcpOpener::new(cipher, salt)))
             }
             _ => None,
         }
@@ -198,18 +198,76 @@ impl SrtpSender {
     }
 }
 
-/// Opens SRTCP from the peer (AEAD, RFC 7714 §9) to read its feedback.
+/// Opens SRTCP from the peer (AEAD, RFC 7714 §9) to read its feedback,
+/// with replay protection (RFC 3711 §3.3.2): we act on it (resends) before
+/// str0m has checked it, and a replayed NACK must not make us send again.
 pub(crate) struct SrtcpOpener {
     cipher: Aead,
     salt: [u8; 12],
+    /// Replay windows by sender SSRC (each SSRC numbers its own SRTCP).
+    windows: Vec<ReplayWindow>,
+}
+
+/// The highest SRTCP index accepted from one SSRC, and which of the 64 below it were.
+struct ReplayWindow {
+    ssrc: u32,
+    highest: u32,
+    seen: u64,
+}
+
+/// SSRCs whose SRTCP replay windows a session keeps (a browser sends RTCP
+/// from a few: one per sending and per receiving stream).
+const REPLAY_WINDOWS: usize = 32;
+
+impl ReplayWindow {
+    /// Records an index: `false` if it was seen before or is too old to
+    /// tell (more than 64 behind the highest).
+    fn fresh(&mut self, index: u32) -> bool {
+        if index > self.highest {
+            let ahead = index - self.highest;
+            self.seen = if ahead >= 64 { 1 } else { (self.seen << ahead) | 1 };
+            self.highest = index;
+            return true;
+        }
+        let behind = self.highest - index;
+        if behind >= 64 || self.seen & (1 << behind) != 0 {
+            return false;
+        }
+        self.seen |= 1 << behind;
+        true
+    }
 }
 
 /// SRTCP's trailer: the E flag and the 31-bit SRTCP index.
 const SRTCP_INDEX_LEN: usize = 4;
 
 impl SrtcpOpener {
+    fn new(cipher: Aead, salt: [u8; 12]) -> Self {
+        Self {
+            cipher,
+            salt,
+            windows: Vec::new(),
+        }
+    }
+
+    /// Records an authentic packet's SSRC and index: `false` for a replay.
+    fn fresh(&mut self, ssrc: u32, index: u32) -> bool {
+        if let Some(window) = self.windows.iter_mut().find(|w| w.ssrc == ssrc) {
+            return window.fresh(index);
+        }
+        if self.windows.len() == REPLAY_WINDOWS {
+            self.windows.remove(0);
+        }
+        self.windows.push(ReplayWindow {
+            ssrc,
+            highest: index,
+            seen: 1,
+        });
+        true
+    }
+
     /// The plain compound RTCP of an SRTCP packet into `out`, or `false` if
-    /// it is not one of the peer's, authentic and encrypted.
+    /// it is not one of the peer's, authentic, encrypted and new.
     pub(crate) fn open(&mut self, packet: &[u8], out: &mut Vec<u8>) -> bool {
         let Some(body_len) = packet.len().checked_sub(8 + TAG_LEN + SRTCP_INDEX_LEN) else {
             return false;
@@ -236,8 +294,10 @@ impl SrtcpOpener {
             Aead::Aes128(cipher) => cipher.decrypt(&iv, &aad, sealed, &mut out[8..]),
             Aead::Aes256(cipher) => cipher.decrypt(&iv, &aad, sealed, &mut out[8..]),
         };
+        let ssrc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        let index = u32::from_be_bytes([trailer[0] & 0x7f, trailer[1], trailer[2], trailer[3]]);
         match opened {
-            Ok(n) if n <= body_len => {
+            Ok(n) if n <= body_len && self.fresh(ssrc, index) => {
                 out.truncate(8 + n);
                 true
             }
@@ -753,6 +813,62 @@ mod tests {
             "str0m's again"
         );
         assert!(sealer.seal(second, &mut stream, forwarded(53, &payload)).is_some());
+    }
+
+    /// An SRTCP packet (RFC 7714 §9) of `compound` under `key`/`salt`, index `index`.
+    fn srtcp(key: [u8; 16], salt: [u8; 12], compound: &[u8], index: u32) -> Vec<u8> {
+        let trailer = (index | 0x8000_0000).to_be_bytes();
+        let mut iv = [0u8; 12];
+        iv[2..6].copy_from_slice(&compound[4..8]);
+        iv[8..12].copy_from_slice(&index.to_be_bytes());
+        for (byte, salt) in iv.iter_mut().zip(salt) {
+            *byte ^= salt;
+        }
+        let aad = [&compound[..8], &trailer[..]].concat();
+        let mut sealed = vec![0u8; compound.len() - 8 + TAG_LEN];
+        provider()
+            .srtp_provider
+            .aead_aes_128_gcm()
+            .create_cipher(key, true)
+            .encrypt(&iv, &aad, &compound[8..], &mut sealed)
+            .expect("sealed");
+        [&compound[..8], &sealed[..], &trailer[..]].concat()
+    }
+
+    #[test]
+    fn srtcp_opens_once_per_index_and_only_if_authentic() {
+        let (key, salt) = ([7u8; 16], [9u8; 12]);
+        let cipher = || Aead::Aes128(provider().srtp_provider.aead_aes_128_gcm().create_cipher(key, false));
+        let mut opener = SrtcpOpener::new(cipher(), salt);
+        // A receiver report, then a NACK.
+        let compound = [
+            0x80, 201, 0, 1, 0, 0, 0, 9, 0x81, 205, 0, 3, 0, 0, 0, 9, 0, 0, 0, 7, 0, 5, 0, 0,
+        ];
+        let mut out = Vec::new();
+        let first = srtcp(key, salt, &compound, 5);
+        assert!(opener.open(&first, &mut out));
+        assert_eq!(out, compound);
+        assert!(!opener.open(&first, &mut out), "a replay");
+        assert!(opener.open(&srtcp(key, salt, &compound, 100), &mut out));
+        assert!(opener.open(&srtcp(key, salt, &compound, 99), &mut out), "late but new");
+        assert!(!opener.open(&srtcp(key, salt, &compound, 99), &mut out), "a replay");
+        assert!(!opener.open(&srtcp(key, salt, &compound, 5), &mut out), "too old");
+        let mut forged = srtcp(key, salt, &compound, 101);
+        forged[10] ^= 1;
+        assert!(!opener.open(&forged, &mut out), "not authentic");
+        assert!(
+            opener.open(&srtcp(key, salt, &compound, 101), &mut out),
+            "a forgery does not burn the index"
+        );
+        assert!(!opener.open(&[0x80, 201, 0, 1], &mut out), "too short");
+        // Another SSRC numbers its own SRTCP.
+        let mut other = compound;
+        other[7] = 10;
+        assert!(
+            opener.open(&srtcp(key, salt, &other, 1), &mut out),
+            "its own first index"
+        );
+        assert!(!opener.open(&srtcp(key, salt, &other, 1), &mut out), "a replay");
     }
 
     #[test]
