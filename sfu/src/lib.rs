@@ -19,8 +19,8 @@
 //!   then [`Sfu::create_offer`] and [`Sfu::accept_answer`]).
 //! - An RTP packet from a publisher is rewritten per subscriber by a
 //!   [`forwarder::Forwarder`] (SSRC by str0m, sequence number and timestamp by
-//!   us) and written to each subscriber's `Rtc`; the payload is shared (`Arc`),
-//!   never copied per subscriber.
+//!   us) and sealed by us for the subscriber (see [`srtp`]) or written to its
+//!   `Rtc`; the payload is shared (`Arc`), never copied per subscriber.
 //! - Incoming datagrams are matched to a session by source address (fast path)
 //!   or, for STUN from a new address, by the ICE username fragment; anything
 //!   else is a counted drop ([`DropReason`]).
@@ -913,7 +913,9 @@ impl Sfu {
                 })
             })
             .collect();
-        // What renegotiated may have new SSRCs or extension ids.
+        // What renegotiated may have new SSRCs or extension ids (a resend
+        // must be byte for byte the packet first sealed under its index: a
+        // stream's header layout never changes, so it starts afresh).
         session.subscriptions.values_mut().for_each(|s| s.direct = None);
         let renegotiate = !session.wanted.is_empty() && session.rtc.is_connected();
         self.drain(id);
@@ -1267,9 +1269,9 @@ impl Sfu {
             }
             Event::PeerStats(peer) => {
                 if let Some(session) = self.sessions.get_mut(&id) {
-                    session
-                        .stats
-                        .update_rates(peer.timestamp, peer.peer_bytes_rx, peer.peer_bytes_tx);
+                    // Our counters: str0m's see none of what we seal ourselves.
+                    let (bytes_in, bytes_out) = (session.stats.bytes_in, session.stats.bytes_out);
+                    session.stats.update_rates(peer.timestamp, bytes_in, bytes_out);
                     session.stats.rtt = peer.rtt.or(session.stats.rtt);
                 }
             }
@@ -1572,8 +1574,8 @@ impl Sfu {
                     marker: packet.header.marker,
                     seq: out.seq,
                     timestamp: out.timestamp,
-                    level: ext.audio_level.zip(ext.voice_activity),
-                    orientation: ext.video_orientation.map(|o| o as u8),
+                    level: ext.audio_level.zip(ext.voice_activity).filter(|_| !video),
+                    orientation: ext.video_orientation.map(|o| o as u8).filter(|_| video),
                     payload: &packet.payload,
                 };
                 if let Some(transmit) = subscriber.sealer.seal(now, stream, forwarded) {
@@ -1933,18 +1935,22 @@ struct Outputs {
 }
 
 /// A subscriber's NACKs (in an SRTCP datagram str0m reads as well) for video
-/// we sealed: those packets again, sealed by us (str0m resends its own).
+/// we sealed: those packets again, sealed by us (str0m resends what it sent,
+/// where RTX is negotiated).
 fn answer_nacks(now: Instant, session: &mut Session, datagram: &[u8], out: &mut Outputs) {
     let Some(rtcp) = session.sealer.open_rtcp(datagram) else {
         return;
     };
-    let wanted: Vec<(u32, u16)> = nack::nacks(rtcp).collect();
+    let wanted: Vec<(u32, u16)> = nack::nacks(rtcp).take(nack::MAX_ASKED).collect();
+    let mut stream: Option<&mut srtp::DirectStream> = None;
     for (ssrc, seq) in wanted {
-        let stream = session
-            .subscriptions
-            .values_mut()
-            .find_map(|s| s.direct.as_mut().filter(|d| d.ssrc() == ssrc));
-        let Some(stream) = stream else {
+        if stream.as_ref().is_none_or(|s| s.ssrc() != ssrc) {
+            stream = session
+                .subscriptions
+                .values_mut()
+                .find_map(|s| s.direct.as_mut().filter(|d| d.ssrc() == ssrc));
+        }
+        let Some(stream) = stream.as_deref_mut() else {
             continue;
         };
         if let Some(transmit) = session.sealer.resend(now, stream, seq) {

@@ -22,6 +22,14 @@ pub(crate) const HISTORY: usize = 256;
 /// asks for the copy already on its way).
 const RESEND_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Sequence numbers read from one RTCP datagram at most.
+pub(crate) const MAX_ASKED: usize = 256;
+
+/// Resends are paid for by what was sent: each packet sent earns half a
+/// resend, up to a burst of [`MAX_CREDIT`] halves. So a subscriber's NACKs can
+/// make us send at most half again as much, whatever it asks for.
+const MAX_CREDIT: u32 = 128;
+
 /// One packet as it went out to the subscriber.
 #[derive(Clone)]
 pub(crate) struct Sent {
@@ -30,6 +38,8 @@ pub(crate) struct Sent {
     pub(crate) timestamp: u32,
     pub(crate) pt: u8,
     pub(crate) marker: bool,
+    /// RFC 6464 level and voice activity, as sealed (none for video).
+    pub(crate) level: Option<(i8, bool)>,
     /// 3GPP coordination of video orientation (the extension's byte).
     pub(crate) orientation: Option<u8>,
     pub(crate) payload: Arc<[u8]>,
@@ -42,6 +52,7 @@ impl Sent {
         timestamp: u32,
         pt: u8,
         marker: bool,
+        level: Option<(i8, bool)>,
         orientation: Option<u8>,
         payload: Arc<[u8]>,
     ) -> Self {
@@ -50,6 +61,7 @@ impl Sent {
             timestamp,
             pt,
             marker,
+            level,
             orientation,
             payload,
             resent_at: None,
@@ -62,6 +74,8 @@ pub(crate) struct History {
     ring: Box<[Option<Sent>]>,
     /// The highest sequence number remembered.
     latest: Option<u64>,
+    /// Resends earned, in halves (see [`MAX_CREDIT`]).
+    credit: u32,
 }
 
 impl History {
@@ -69,24 +83,31 @@ impl History {
         Self {
             ring: vec![None; HISTORY].into_boxed_slice(),
             latest: None,
+            credit: 0,
         }
     }
 
     pub(crate) fn remember(&mut self, sent: Sent) {
+        if self.latest.is_some_and(|latest| latest >= sent.seq + HISTORY as u64) {
+            return; // older than the ring: it would evict a newer packet
+        }
+        self.credit = (self.credit + 1).min(MAX_CREDIT);
         self.latest = Some(self.latest.map_or(sent.seq, |l| l.max(sent.seq)));
         let slot = (sent.seq % HISTORY as u64) as usize;
         self.ring[slot] = Some(sent);
     }
 
     /// The packet a NACK names by its 16-bit sequence number, if it is
-    /// still remembered and was not resent in the last [`RESEND_INTERVAL`].
+    /// still remembered, was not resent in the last [`RESEND_INTERVAL`] and
+    /// the stream has credit left.
     pub(crate) fn resend(&mut self, now: Instant, seq16: u16) -> Option<&Sent> {
         let seq = extend(self.latest?, seq16)?;
         let slot = (seq % HISTORY as u64) as usize;
         let sent = self.ring[slot].as_mut().filter(|s| s.seq == seq)?;
-        if sent.resent_at.is_some_and(|at| now < at + RESEND_INTERVAL) {
+        if sent.resent_at.is_some_and(|at| now < at + RESEND_INTERVAL) || self.credit < 2 {
             return None;
         }
+        self.credit -= 2;
         sent.resent_at = Some(now);
         Some(sent)
     }
@@ -120,8 +141,13 @@ pub(crate) fn nacks(compound: &[u8]) -> impl Iterator<Item = (u32, u16)> + '_ {
             if len > rest.len() {
                 return None;
             }
-            let (packet, next) = rest.split_at(len);
+            let (mut packet, next) = rest.split_at(len);
             rest = next;
+            if packet[0] & 0x20 != 0 {
+                // Padding: its last byte counts the bytes to drop.
+                let padding = usize::from(packet[len - 1]);
+                packet = &packet[..len.saturating_sub(padding).max(4)];
+            }
             // RTPFB (205), FMT 1: sender SSRC, media SSRC, then (PID, BLP) pairs.
             if packet[1] == 205 && packet[0] & 0x1f == 1 && packet.len() >= 12 {
                 let media = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
@@ -144,7 +170,15 @@ mod tests {
     use super::*;
 
     fn sent(seq: u64) -> Sent {
-        Sent::new(seq, seq as u32 * 3000, 96, false, None, Arc::from(vec![seq as u8]))
+        Sent::new(
+            seq,
+            seq as u32 * 3000,
+            96,
+            false,
+            None,
+            None,
+            Arc::from(vec![seq as u8]),
+        )
     }
 
     #[test]
@@ -170,6 +204,47 @@ mod tests {
         let forgotten = ((66_000 - HISTORY as u64 - 1) & 0xffff) as u16;
         assert!(history.resend(now, forgotten).is_none(), "overwritten");
         assert!(History::new().resend(now, 1).is_none());
+    }
+
+    #[test]
+    fn resends_are_paid_for_by_what_was_sent() {
+        let now = Instant::now();
+        let mut history = History::new();
+        for seq in 0..10 {
+            history.remember(sent(seq));
+        }
+        // Ten sent: five resends, however often and for whatever it asks.
+        let resent = (0..10).filter(|seq| history.resend(now, *seq).is_some()).count();
+        assert_eq!(resent, 5);
+        history.remember(sent(10));
+        history.remember(sent(11));
+        assert!(history.resend(now, 9).is_some(), "two more sent, one more resend");
+        // A burst is capped however long the stream ran quietly.
+        for seq in 12..1000 {
+            history.remember(sent(seq));
+        }
+        let later = now + RESEND_INTERVAL;
+        let resent = (744..1000).filter(|seq| history.resend(later, *seq).is_some()).count();
+        assert_eq!(resent, MAX_CREDIT as usize / 2);
+    }
+
+    #[test]
+    fn a_packet_older_than_the_ring_does_not_evict_a_newer_one() {
+        let now = Instant::now();
+        let mut history = History::new();
+        for seq in 300..400 {
+            history.remember(sent(seq));
+        }
+        // 100 shares its slot with 356, and is a whole ring behind the latest (399).
+        history.remember(sent(356 - HISTORY as u64));
+        assert_eq!(history.resend(now, 356).map(|s| s.seq), Some(356), "356 is still there");
+    }
+
+    #[test]
+    fn padding_is_not_read_as_nacks() {
+        // P bit set: one FCI (PID 5) then four bytes of padding that would read as PID 0x0102.
+        let packet = [0xa1, 205, 0, 4, 0, 0, 0, 9, 0, 0, 0, 7, 0, 5, 0, 0, 1, 2, 0, 4];
+        assert_eq!(nacks(&packet).collect::<Vec<_>>(), vec![(7, 5)]);
     }
 
     #[test]

@@ -24,7 +24,10 @@
 //!   and it only learns the stream's RTP time from packets written through it,
 //!   so the SFU writes one packet a second of each such stream through str0m
 //!   (`Sfu::forward`). Both paths number packets from the same forwarder, so
-//!   an SRTP index is never used twice.
+//!   str0m and we never seal under the same index; a resend of ours is the
+//!   very packet first sealed under its index, byte for byte (same stream,
+//!   same remembered fields), so AES-GCM never sees one nonce with two
+//!   different messages.
 
 use crate::nack::{History, Sent};
 use std::cell::RefCell;
@@ -48,7 +51,7 @@ pub(crate) struct KeySlot(Arc<Slot>);
 struct Slot {
     keys: OnceLock<Keying>,
     /// The handshake exported keys again: str0m took the new ones, so ours
-    /// are stale and the session's audio goes back to str0m.
+    /// are stale and the session's media goes back to str0m.
     rekeyed: AtomicBool,
 }
 
@@ -217,7 +220,7 @@ struct ReplayWindow {
 
 /// SSRCs whose SRTCP replay windows a session keeps (a browser sends RTCP
 /// from a few: one per sending and per receiving stream).
-const REPLAY_WINDOWS: usize = 32;
+const REPLAY_WINDOWS: usize = 64;
 
 impl ReplayWindow {
     /// Records an index: `false` if it was seen before or is too old to
@@ -251,9 +254,13 @@ impl SrtcpOpener {
     }
 
     /// Records an authentic packet's SSRC and index: `false` for a replay.
+    /// Windows are kept most recently used last; the least is dropped for a new SSRC.
     fn fresh(&mut self, ssrc: u32, index: u32) -> bool {
-        if let Some(window) = self.windows.iter_mut().find(|w| w.ssrc == ssrc) {
-            return window.fresh(index);
+        if let Some(at) = self.windows.iter().position(|w| w.ssrc == ssrc) {
+            let mut window = self.windows.remove(at);
+            let fresh = window.fresh(index);
+            self.windows.push(window);
+            return fresh;
         }
         if self.windows.len() == REPLAY_WINDOWS {
             self.windows.remove(0);
@@ -289,10 +296,12 @@ impl SrtcpOpener {
         out.clear();
         out.extend_from_slice(head);
         out.resize(8 + sealed.len(), 0);
-        let aad: [&[u8]; 2] = [head, trailer];
+        let mut aad = [0u8; 12];
+        aad[..8].copy_from_slice(head);
+        aad[8..].copy_from_slice(trailer);
         let opened = match &mut self.cipher {
-            Aead::Aes128(cipher) => cipher.decrypt(&iv, &aad, sealed, &mut out[8..]),
-            Aead::Aes256(cipher) => cipher.decrypt(&iv, &aad, sealed, &mut out[8..]),
+            Aead::Aes128(cipher) => cipher.decrypt(&iv, &[&aad], sealed, &mut out[8..]),
+            Aead::Aes256(cipher) => cipher.decrypt(&iv, &[&aad], sealed, &mut out[8..]),
         };
         let ssrc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
         let index = u32::from_be_bytes([trailer[0] & 0x7f, trailer[1], trailer[2], trailer[3]]);
@@ -361,15 +370,16 @@ impl Sealer {
     }
 
     /// The nominated pair may change (ICE state changed, a new peer address
-    /// checked in): audio goes through str0m until it sends media again.
+    /// checked in): media goes through str0m until it sends media again.
     pub(crate) fn forget_route(&mut self) {
         self.route = None;
     }
 
     /// The packet sealed for `stream`, or `None` when it goes through str0m:
     /// keys or route not known yet, a profile left to str0m, or the stream's
-    /// once-a-second packet for str0m's sender reports (str0m resends what
-    /// it sent; a video stream remembers the rest for NACKs).
+    /// once-a-second packet for str0m's sender reports (not remembered here:
+    /// str0m's header differs from ours; str0m resends it where RTX is
+    /// negotiated). A video stream remembers the rest for NACKs.
     pub(crate) fn seal(&mut self, now: Instant, stream: &mut DirectStream, packet: Forwarded<'_>) -> Option<Transmit> {
         self.route?;
         self.path.ciphers(&self.keys)?;
@@ -384,6 +394,7 @@ impl Sealer {
                 packet.timestamp,
                 packet.pt,
                 packet.marker,
+                packet.level,
                 packet.orientation,
                 packet.payload.clone(),
             ));
@@ -424,7 +435,7 @@ impl Sealer {
             marker: sent.marker,
             seq: sent.seq,
             timestamp: sent.timestamp,
-            level: None,
+            level: sent.level,
             orientation: sent.orientation,
             payload: &sent.payload,
         };

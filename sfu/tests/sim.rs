@@ -98,6 +98,21 @@ fn three_participants_exchange_audio_and_video() {
             );
         }
     }
+    // Each sends one participant's media and receives two: the bitrates count
+    // what the SFU seals itself (str0m's own counters see almost none of it).
+    for client in &world.clients {
+        let stats = world
+            .sfu
+            .session_stats(client.session.expect("session"))
+            .expect("stats");
+        assert!(
+            stats.bitrate_out_bps > stats.bitrate_in_bps * 3 / 2 && stats.bitrate_in_bps > 100_000,
+            "{}: in {} bps, out {} bps",
+            client.name,
+            stats.bitrate_in_bps,
+            stats.bitrate_out_bps
+        );
+    }
     // Video is forwarded as it arrives, not queued behind a pacer: two hops of
     // 10 ms each, whatever the bandwidth estimate says.
     let video = &world.received_from(0)[&(user("bob"), MediaKind::Video)];
