@@ -330,6 +330,21 @@ fn garbage_and_strangers_are_counted_drops() {
         world.inject(stranger, &garbage);
         world.inject(alice_addr, &garbage);
     }
+    // RTCP-shaped garbage from a subscriber of video we seal: it is opened as
+    // SRTCP (and fails authentication) before str0m rejects it; short, long,
+    // with and without the encrypted flag. No resend comes of it.
+    let resent = world.sfu.stats().packets_resent;
+    for i in 0..300u32 {
+        let len = 4 + (i as usize * 7) % 1400;
+        let mut rtcp: Vec<u8> = (0..len).map(|b| (b as u32 * 17 + i) as u8).collect();
+        rtcp[0] = 0x80 | (i % 32) as u8;
+        rtcp[1] = 192 + (i % 32) as u8;
+        if i % 2 == 0 {
+            rtcp[len - 4] |= 0x80;
+        }
+        world.inject(alice_addr, &rtcp);
+    }
+    assert_eq!(world.sfu.stats().packets_resent, resent);
     // Truncated and replayed copies of real traffic from a stranger's address.
     world.inject(stranger, &[0x00, 0x01, 0x00, 0x00]);
     world.inject(stranger, &[0x80, 0x60, 0x00, 0x01, 0, 0, 0, 0]);
