@@ -1170,6 +1170,32 @@ fn amy_with_two_idle_m_lines() -> (World, usize, Vec<String>) {
     (world, amy, idle)
 }
 
+/// Amy offers to send audio and `video` on the m-line `mid` (of ours, taken by
+/// her addTrack or given back): the SFU's answer, her pending offer, and that
+/// m-line's section of the answer.
+fn amy_offers_video_on(
+    world: &mut World,
+    amy: usize,
+    mid: &str,
+    video: str0m::media::Direction,
+) -> (String, str0m::change::SdpPendingOffer, (String, String, Option<String>)) {
+    let session = world.clients[amy].session.expect("amy's session");
+    let (audio, _) = world.clients[amy].own_mids;
+    let mut api = world.clients[amy].rtc.sdp_api();
+    api.set_direction(audio, str0m::media::Direction::SendOnly);
+    api.set_direction(str0m::media::Mid::from(mid), video);
+    let (offer, pending) = api.apply().expect("an offer");
+    let answer = world
+        .sfu
+        .accept_offer(world.now, session, &offer.to_sdp_string())
+        .expect("answered");
+    let line = sections(&answer)
+        .into_iter()
+        .find(|(m, _, _)| m == mid)
+        .expect("the m-line");
+    (answer, pending, line)
+}
+
 #[test]
 fn an_m_line_taken_for_a_track_that_left_before_the_answer_is_idle_again() {
     let (mut world, amy, idle) = amy_with_two_idle_m_lines();
@@ -1251,20 +1277,7 @@ fn a_crossing_offer_sending_on_a_taken_m_line_is_answered_receive_only() {
     world.hold_offers = false;
     // Amy's offer crosses ours: she sends on the idle video m-line (addTrack
     // takes a transceiver that never sent), which our offer had taken over.
-    let video = str0m::media::Mid::from(idle[1].as_str());
-    let (audio, _) = world.clients[amy].own_mids;
-    let mut api = world.clients[amy].rtc.sdp_api();
-    api.set_direction(audio, str0m::media::Direction::SendOnly);
-    api.set_direction(video, str0m::media::Direction::SendRecv);
-    let (offer, _pending) = api.apply().expect("an offer");
-    let answer = world
-        .sfu
-        .accept_offer(world.now, session, &offer.to_sdp_string())
-        .expect("answered");
-    let line = sections(&answer)
-        .into_iter()
-        .find(|(mid, _, _)| *mid == idle[1])
-        .expect("the m-line");
+    let (_, _, line) = amy_offers_video_on(&mut world, amy, &idle[1], str0m::media::Direction::SendRecv);
     assert_eq!(line.1, "recvonly", "we send nothing there: {line:?}");
     assert_ne!(
         line.2.as_deref(),
@@ -1284,20 +1297,7 @@ fn an_idle_m_line_the_peer_sent_on_and_stopped_goes_inactive_and_is_taken_over_l
     // there, so our answer says inactive (str0m alone would say sendonly: a
     // track without packets).
     world.clients[amy].send_video = false;
-    let session = world.clients[amy].session.expect("amy's session");
-    let (audio, _) = world.clients[amy].own_mids;
-    let mut api = world.clients[amy].rtc.sdp_api();
-    api.set_direction(audio, str0m::media::Direction::SendOnly);
-    api.set_direction(video, str0m::media::Direction::RecvOnly);
-    let (offer, pending) = api.apply().expect("an offer");
-    let answer = world
-        .sfu
-        .accept_offer(world.now, session, &offer.to_sdp_string())
-        .expect("answered");
-    let line = sections(&answer)
-        .into_iter()
-        .find(|(mid, _, _)| *mid == idle[1])
-        .expect("the m-line");
+    let (answer, pending, line) = amy_offers_video_on(&mut world, amy, &idle[1], str0m::media::Direction::RecvOnly);
     assert_eq!(line.1, "inactive", "{line:?}");
     world.clients[amy]
         .rtc
