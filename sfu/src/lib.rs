@@ -1570,12 +1570,14 @@ impl Sfu {
                 && let Some(stream) = direct_stream(now, &mut subscriber.rtc, &mut subscription.direct, mid, video)
             {
                 let forwarded = srtp::Forwarded {
-                    pt: *pt,
-                    marker: packet.header.marker,
-                    seq: out.seq,
-                    timestamp: out.timestamp,
-                    level: ext.audio_level.zip(ext.voice_activity).filter(|_| !video),
-                    orientation: ext.video_orientation.map(|o| o as u8).filter(|_| video),
+                    head: srtp::Head {
+                        pt: *pt,
+                        marker: packet.header.marker,
+                        seq: out.seq,
+                        timestamp: out.timestamp,
+                        level: ext.audio_level.zip(ext.voice_activity).filter(|_| !video),
+                        orientation: ext.video_orientation.map(|o| o as u8).filter(|_| video),
+                    },
                     payload: &packet.payload,
                 };
                 if let Some(transmit) = subscriber.sealer.seal(now, stream, forwarded) {

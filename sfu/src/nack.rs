@@ -11,6 +11,7 @@
 //! the RTX SSRC for what it sends itself, so the two never share SRTP
 //! indices).
 
+use crate::srtp::Head;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,39 +31,19 @@ pub(crate) const MAX_ASKED: usize = 256;
 /// make us send at most half again as much, whatever it asks for.
 const MAX_CREDIT: u32 = 128;
 
-/// One packet as it went out to the subscriber.
+/// One packet as it went out to the subscriber: everything its header was
+/// built from, so a resend is that very packet again.
 #[derive(Clone)]
 pub(crate) struct Sent {
-    /// Extended sequence number (the SRTP index).
-    pub(crate) seq: u64,
-    pub(crate) timestamp: u32,
-    pub(crate) pt: u8,
-    pub(crate) marker: bool,
-    /// RFC 6464 level and voice activity, as sealed (none for video).
-    pub(crate) level: Option<(i8, bool)>,
-    /// 3GPP coordination of video orientation (the extension's byte).
-    pub(crate) orientation: Option<u8>,
+    pub(crate) head: Head,
     pub(crate) payload: Arc<[u8]>,
     resent_at: Option<Instant>,
 }
 
 impl Sent {
-    pub(crate) fn new(
-        seq: u64,
-        timestamp: u32,
-        pt: u8,
-        marker: bool,
-        level: Option<(i8, bool)>,
-        orientation: Option<u8>,
-        payload: Arc<[u8]>,
-    ) -> Self {
+    pub(crate) fn new(head: Head, payload: Arc<[u8]>) -> Self {
         Self {
-            seq,
-            timestamp,
-            pt,
-            marker,
-            level,
-            orientation,
+            head,
             payload,
             resent_at: None,
         }
@@ -88,12 +69,15 @@ impl History {
     }
 
     pub(crate) fn remember(&mut self, sent: Sent) {
-        if self.latest.is_some_and(|latest| latest >= sent.seq + HISTORY as u64) {
+        if self
+            .latest
+            .is_some_and(|latest| latest >= sent.head.seq + HISTORY as u64)
+        {
             return; // older than the ring: it would evict a newer packet
         }
         self.credit = (self.credit + 1).min(MAX_CREDIT);
-        self.latest = Some(self.latest.map_or(sent.seq, |l| l.max(sent.seq)));
-        let slot = (sent.seq % HISTORY as u64) as usize;
+        self.latest = Some(self.latest.map_or(sent.head.seq, |l| l.max(sent.head.seq)));
+        let slot = (sent.head.seq % HISTORY as u64) as usize;
         self.ring[slot] = Some(sent);
     }
 
@@ -103,7 +87,7 @@ impl History {
     pub(crate) fn resend(&mut self, now: Instant, seq16: u16) -> Option<&Sent> {
         let seq = extend(self.latest?, seq16)?;
         let slot = (seq % HISTORY as u64) as usize;
-        let sent = self.ring[slot].as_mut().filter(|s| s.seq == seq)?;
+        let sent = self.ring[slot].as_mut().filter(|s| s.head.seq == seq)?;
         if sent.resent_at.is_some_and(|at| now < at + RESEND_INTERVAL) || self.credit < 2 {
             return None;
         }
@@ -170,15 +154,15 @@ mod tests {
     use super::*;
 
     fn sent(seq: u64) -> Sent {
-        Sent::new(
+        let head = Head {
+            pt: 96,
+            marker: false,
             seq,
-            seq as u32 * 3000,
-            96,
-            false,
-            None,
-            None,
-            Arc::from(vec![seq as u8]),
-        )
+            timestamp: seq as u32 * 3000,
+            level: None,
+            orientation: None,
+        };
+        Sent::new(head, Arc::from(vec![seq as u8]))
     }
 
     #[test]
@@ -197,10 +181,10 @@ mod tests {
             history.remember(sent(seq));
         }
         let wanted = (65_990u64 & 0xffff) as u16;
-        assert_eq!(history.resend(now, wanted).map(|s| s.seq), Some(65_990));
+        assert_eq!(history.resend(now, wanted).map(|s| s.head.seq), Some(65_990));
         assert!(history.resend(now, wanted).is_none(), "just resent");
         let later = now + RESEND_INTERVAL;
-        assert_eq!(history.resend(later, wanted).map(|s| s.seq), Some(65_990));
+        assert_eq!(history.resend(later, wanted).map(|s| s.head.seq), Some(65_990));
         let forgotten = ((66_000 - HISTORY as u64 - 1) & 0xffff) as u16;
         assert!(history.resend(now, forgotten).is_none(), "overwritten");
         assert!(History::new().resend(now, 1).is_none());
@@ -237,7 +221,11 @@ mod tests {
         }
         // 100 shares its slot with 356, and is a whole ring behind the latest (399).
         history.remember(sent(356 - HISTORY as u64));
-        assert_eq!(history.resend(now, 356).map(|s| s.seq), Some(356), "356 is still there");
+        assert_eq!(
+            history.resend(now, 356).map(|s| s.head.seq),
+            Some(356),
+            "356 is still there"
+        );
     }
 
     #[test]

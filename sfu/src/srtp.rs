@@ -80,24 +80,16 @@ impl KeySlot {
         let srtp = provider().srtp_provider;
         match keying.profile {
             SrtpProfile::AEAD_AES_128_GCM => {
-                let (master, salt) = keying.half::<16>(keying.client)?;
-                let key: [u8; 16] = derive(srtp, &master, &salt, LABEL_RTP_KEY);
-                let salt = derive(srtp, &master, &salt, LABEL_RTP_SALT);
+                let (key, salt) = keying.session::<16>(srtp, keying.client, RTP_LABELS)?;
                 let sender = SrtpSender::aes_128_gcm(srtp, key, salt);
-                let (master, salt) = keying.half::<16>(!keying.client)?;
-                let key: [u8; 16] = derive(srtp, &master, &salt, LABEL_RTCP_KEY);
-                let salt = derive(srtp, &master, &salt, LABEL_RTCP_SALT);
+                let (key, salt) = keying.session::<16>(srtp, !keying.client, RTCP_LABELS)?;
                 let cipher = Aead::Aes128(srtp.aead_aes_128_gcm().create_cipher(key, false));
                 Some((sender, SrtcpOpener::new(cipher, salt)))
             }
             SrtpProfile::AEAD_AES_256_GCM => {
-                let (master, salt) = keying.half::<32>(keying.client)?;
-                let key: [u8; 32] = derive(srtp, &master, &salt, LABEL_RTP_KEY);
-                let salt = derive(srtp, &master, &salt, LABEL_RTP_SALT);
+                let (key, salt) = keying.session::<32>(srtp, keying.client, RTP_LABELS)?;
                 let sender = SrtpSender::aes_256_gcm(srtp, key, salt);
-                let (master, salt) = keying.half::<32>(!keying.client)?;
-                let key: [u8; 32] = derive(srtp, &master, &salt, LABEL_RTCP_KEY);
-                let salt = derive(srtp, &master, &salt, LABEL_RTCP_SALT);
+                let (key, salt) = keying.session::<32>(srtp, !keying.client, RTCP_LABELS)?;
                 let cipher = Aead::Aes256(srtp.aead_aes_256_gcm().create_cipher(key, false));
                 Some((sender, SrtcpOpener::new(cipher, salt)))
             }
@@ -120,12 +112,30 @@ impl Keying {
             m[salt_at..salt_at + 12].try_into().ok()?,
         ))
     }
+
+    /// The session key and salt the DTLS client's (`client`) or server's
+    /// master key derives under `labels` (RFC 3711 §4.3).
+    fn session<const KEY: usize>(
+        &self,
+        srtp: &dyn SrtpProvider,
+        client: bool,
+        (key, salt): (u8, u8),
+    ) -> Option<([u8; KEY], [u8; 12])> {
+        let (master, master_salt) = self.half::<KEY>(client)?;
+        Some((
+            derive(srtp, &master, &master_salt, key),
+            derive(srtp, &master, &master_salt, salt),
+        ))
+    }
 }
 
 const LABEL_RTP_KEY: u8 = 0;
 const LABEL_RTP_SALT: u8 = 2;
 const LABEL_RTCP_KEY: u8 = 3;
 const LABEL_RTCP_SALT: u8 = 5;
+/// (key, salt) labels of SRTP and of SRTCP.
+const RTP_LABELS: (u8, u8) = (LABEL_RTP_KEY, LABEL_RTP_SALT);
+const RTCP_LABELS: (u8, u8) = (LABEL_RTCP_KEY, LABEL_RTCP_SALT);
 
 /// RFC 3711 §4.3.1 with the AES-CM PRF (§4.3.3), key derivation rate 0: the
 /// key stream of AES in counter mode under the master key (AES-128 or
@@ -329,8 +339,10 @@ pub(crate) struct Sealer {
     opened: Vec<u8>,
 }
 
-/// One forwarded packet, as rewritten for a subscriber.
-pub(crate) struct Forwarded<'a> {
+/// What a forwarded packet's RTP header is built from, as rewritten for a
+/// subscriber (with its stream's SSRC and extension ids).
+#[derive(Clone, Copy)]
+pub(crate) struct Head {
     pub(crate) pt: u8,
     pub(crate) marker: bool,
     /// Extended sequence number: ROC << 16 | SEQ, the packet's SRTP index.
@@ -340,6 +352,11 @@ pub(crate) struct Forwarded<'a> {
     pub(crate) level: Option<(i8, bool)>,
     /// The video orientation extension's byte (3GPP TS 26.114 §7.4.5).
     pub(crate) orientation: Option<u8>,
+}
+
+/// One forwarded packet, as rewritten for a subscriber.
+pub(crate) struct Forwarded<'a> {
+    pub(crate) head: Head,
     /// The publisher's payload, shared by all its subscribers (and their histories).
     pub(crate) payload: &'a Arc<[u8]>,
 }
@@ -389,15 +406,7 @@ impl Sealer {
         }
         let transmit = self.seal_now(stream, &packet)?;
         if let Some(history) = &mut stream.history {
-            history.remember(Sent::new(
-                packet.seq,
-                packet.timestamp,
-                packet.pt,
-                packet.marker,
-                packet.level,
-                packet.orientation,
-                packet.payload.clone(),
-            ));
+            history.remember(Sent::new(packet.head, packet.payload.clone()));
         }
         Some(transmit)
     }
@@ -407,7 +416,7 @@ impl Sealer {
         let (sender, _) = self.path.ciphers(&self.keys)?;
         let mut datagram = stream.header(packet);
         sender
-            .seal(&mut datagram, &packet.payload[..], stream.ssrc, packet.seq)
+            .seal(&mut datagram, &packet.payload[..], stream.ssrc, packet.head.seq)
             .ok()?;
         Some(Transmit {
             proto: Protocol::Udp,
@@ -429,17 +438,15 @@ impl Sealer {
     /// The packets of `stream` a NACK asks for (see [`nack`]), sealed again
     /// under their sequence numbers: what is remembered and not just resent.
     pub(crate) fn resend(&mut self, now: Instant, stream: &mut DirectStream, seq: u16) -> Option<Transmit> {
-        let sent = stream.history.as_mut()?.resend(now, seq)?.clone();
-        let packet = Forwarded {
-            pt: sent.pt,
-            marker: sent.marker,
-            seq: sent.seq,
-            timestamp: sent.timestamp,
-            level: sent.level,
-            orientation: sent.orientation,
-            payload: &sent.payload,
-        };
-        self.seal_now(stream, &packet)
+        let sent = stream.history.as_mut()?.resend(now, seq)?;
+        let (head, payload) = (sent.head, sent.payload.clone());
+        self.seal_now(
+            stream,
+            &Forwarded {
+                head,
+                payload: &payload,
+            },
+        )
     }
 }
 
@@ -520,13 +527,14 @@ impl DirectStream {
     /// the payload and tag.
     fn header(&self, forwarded: &Forwarded<'_>) -> Vec<u8> {
         let mut packet = Vec::with_capacity(12 + 4 + 20 + forwarded.payload.len() + TAG_LEN);
-        let level = self.audio_level.zip(forwarded.level);
-        let orientation = self.orientation.zip(forwarded.orientation);
+        let head = &forwarded.head;
+        let level = self.audio_level.zip(head.level);
+        let orientation = self.orientation.zip(head.orientation);
         let extended = self.mid.is_some() || level.is_some() || orientation.is_some();
         packet.push(0x80 | if extended { 0x10 } else { 0 });
-        packet.push((forwarded.pt & 0x7f) | if forwarded.marker { 0x80 } else { 0 });
-        packet.extend_from_slice(&(forwarded.seq as u16).to_be_bytes());
-        packet.extend_from_slice(&forwarded.timestamp.to_be_bytes());
+        packet.push((head.pt & 0x7f) | if head.marker { 0x80 } else { 0 });
+        packet.extend_from_slice(&(head.seq as u16).to_be_bytes());
+        packet.extend_from_slice(&head.timestamp.to_be_bytes());
         packet.extend_from_slice(&self.ssrc.to_be_bytes());
         if extended {
             packet.extend_from_slice(&[0xbe, 0xde, 0, 0]);
@@ -727,12 +735,14 @@ mod tests {
 
     fn forwarded(seq: u64, payload: &Arc<[u8]>) -> Forwarded<'_> {
         Forwarded {
-            pt: 111,
-            marker: false,
-            seq,
-            timestamp: 960 * seq as u32,
-            level: Some((-30, true)),
-            orientation: None,
+            head: Head {
+                pt: 111,
+                marker: false,
+                seq,
+                timestamp: 960 * seq as u32,
+                level: Some((-30, true)),
+                orientation: None,
+            },
             payload,
         }
     }
