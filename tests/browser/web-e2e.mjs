@@ -575,18 +575,24 @@ async function lossyConference(ctx) {
         const sum = (key) => rtp.reduce((n, s) => n + (s[key] || 0), 0);
         return { received: sum("packetsReceived"), lost: sum("packetsLost"), nacks: sum("nackCount") };
       });
-    await until("the NAT to drop 30 video packets", async () => nat.counts.dropped >= 30, 60000);
-    // Give the last drops a few round trips to be asked for and resent.
-    await new Promise((resolve) => setTimeout(resolve, 1000));
-    const seen = await Promise.all(users.map(video));
-    const metrics = await (await fetch(`${new URL(server.url).origin}/metrics`)).text();
-    const resent = Number(metrics.match(/^switchboard_sfu_packets_resent_total(?:\{[^}]*\})? (\d+)/m)?.[1] || 0);
-    const { dropped } = nat.counts;
-    const lost = seen.reduce((n, v) => n + v.lost, 0);
-    log(`the NAT dropped ${dropped} of ${nat.counts.video} video packets; browsers: ${JSON.stringify(seen)}; the SFU resent ${resent}`);
-    if (seen.some((v) => v.nacks === 0)) throw new Error(`a browser sent no NACKs: ${JSON.stringify(seen)}`);
-    if (resent < dropped / 2) throw new Error(`the SFU resent ${resent} of ${dropped} dropped packets`);
-    if (lost > dropped / 4) throw new Error(`the browsers lost ${lost} of ${dropped} dropped video packets`);
+    const snapshot = async () => {
+      const seen = await Promise.all(users.map(video));
+      const metrics = await (await fetch(`${new URL(server.url).origin}/metrics`)).text();
+      const resent = Number(metrics.match(/^switchboard_sfu_packets_resent_total(?:\{[^}]*\})? (\d+)/m)?.[1] || 0);
+      return { ...nat.counts, resent, lost: seen.reduce((n, v) => n + v.lost, 0), seen };
+    };
+    // Once 30 were dropped, each browser has asked again (NACK), the SFU has
+    // resent at least half of what was dropped and the browsers miss under a
+    // quarter of it (the last drops take a few round trips to come back).
+    let last;
+    await until("NACKs answered by the SFU's resends", async () => {
+      last = await snapshot();
+      const { dropped, resent, lost, seen } = last;
+      return dropped >= 30 && seen.every((v) => v.nacks > 0) && resent >= dropped / 2 && lost <= dropped / 4;
+    }, 60000).catch((e) => {
+      throw new Error(`${e.message}: ${JSON.stringify(last)}`);
+    });
+    log(`the NAT dropped ${last.dropped} of ${last.video} video packets; browsers: ${JSON.stringify(last.seen)}; the SFU resent ${last.resent}`);
     for (const u of users) await u.page.click("#hangup");
   } finally {
     for (const u of users) await u.page.context().close().catch(() => {});
