@@ -664,7 +664,7 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
     }
     // Memory per subscribed track is the growth from the first room's being
     // up to all rooms': what the first sessions page in once (the binary's
-    // DTLS, SRTP and ICE code, the allocator's first arenas) is not per track.
+    // code they run, the allocator's first arenas) is not per track.
     let mut baseline_rss = (proc_stat::rss_kib(server.pid).unwrap_or(0), 0);
     let shared = Arc::new(Shared::new());
     let mut clients = Vec::new();
