@@ -140,12 +140,16 @@ impl SessionStats {
     }
 }
 
-/// Buckets of a [`DelayHistogram`]: four per doubling, 1 µs to ~67 s.
-const DELAY_BUCKETS: usize = 106;
+/// Buckets of a [`DelayHistogram`] per tenfold.
+const PER_DECADE: f64 = 20.0;
+/// Buckets of a [`DelayHistogram`]: 1 µs to 100 s.
+const DELAY_BUCKETS: usize = 161;
 
-/// A histogram of delays: four buckets per doubling (each ~19 % wide) from
-/// 1 µs up; a quantile reads as its bucket's upper bound. A value, like the
-/// counters: take two and [`DelayHistogram::since`] gives the window between.
+/// A histogram of delays: twenty buckets per tenfold (each ~12 % wide) from
+/// 1 µs up, so that round figures such as 1 ms are bucket edges; a quantile
+/// reads as its bucket's upper bound (a p99 of "1 ms" is at most 1 ms). A
+/// value, like the counters: take two and [`DelayHistogram::since`] gives
+/// the window between.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DelayHistogram {
     counts: [u64; DELAY_BUCKETS],
@@ -169,9 +173,10 @@ impl DelayHistogram {
         let bucket = if micros == 0 {
             0
         } else {
-            // ⌈4·log2(µs)⌉: bucket i holds (2^((i-1)/4), 2^(i/4)] µs.
-            let exact = (micros as f64).log2() * 4.0;
-            (exact.ceil() as usize).min(DELAY_BUCKETS - 1)
+            // ⌈20·log10(µs)⌉: bucket i holds (10^((i-1)/20), 10^(i/20)] µs; the
+            // slack keeps an edge (1,000 µs) in its own bucket despite rounding.
+            let exact = (micros as f64).log10() * PER_DECADE;
+            ((exact - 1e-9).ceil() as usize).min(DELAY_BUCKETS - 1)
         };
         self.counts[bucket] += 1;
     }
@@ -192,7 +197,7 @@ impl DelayHistogram {
             seen += n;
             seen >= rank
         })?;
-        Some(Duration::from_secs_f64(2f64.powf(bucket as f64 / 4.0) / 1e6))
+        Some(Duration::from_secs_f64(10f64.powf(bucket as f64 / PER_DECADE) / 1e6))
     }
 
     /// What was recorded after `earlier` (a snapshot of the same histogram).
@@ -258,6 +263,19 @@ mod tests {
             "{p99:?}"
         );
         assert!(histogram.quantile(1.0).expect("max") > Duration::from_secs(60));
+        // 1 ms is an edge: exactly 1 ms reads as 1 ms, a little more as the next bucket.
+        let mut edge = DelayHistogram::default();
+        edge.record(Duration::from_millis(1));
+        let at = edge.quantile(1.0).expect("one");
+        assert!(
+            at.abs_diff(Duration::from_millis(1)) < Duration::from_nanos(10),
+            "{at:?}"
+        );
+        edge.record(Duration::from_micros(1_001));
+        assert!(edge.quantile(1.0).expect("two") > Duration::from_micros(1_100));
+        let mut under = DelayHistogram::default();
+        under.record(Duration::from_micros(950));
+        assert!(under.quantile(1.0).expect("under") <= Duration::from_millis(1));
 
         let snapshot = histogram.clone();
         histogram.record(Duration::ZERO);
