@@ -46,6 +46,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 use str0m::bwe::Bitrate;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
@@ -571,7 +572,9 @@ impl Sfu {
         let candidate = Candidate::host(self.config.advertised_addr, "udp")
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
-        let answer = rtc.sdp_api().accept_offer(offer)?;
+        // A panic here leaves only the new, unused `Rtc` half-made.
+        let answer = std::panic::catch_unwind(AssertUnwindSafe(|| rtc.sdp_api().accept_offer(offer)))
+            .map_err(|_| SfuError::InvalidSdp("the WebRTC stack failed on this offer".into()))??;
         let answer = own_msid(&answer.to_sdp_string(), &session_stream(&participant), |_| false);
         let id = self.insert_session(now, room.clone(), participant, (rtc, sealer), None, own_lines);
         if sends_layers && let Some(room) = self.rooms.get_mut(&room) {
@@ -757,7 +760,9 @@ impl Sfu {
         if answer.len() > self.config.max_sdp_bytes {
             return Err(SfuError::SdpTooLarge(self.config.max_sdp_bytes));
         }
-        let answer = SdpAnswer::from_sdp_string(answer).map_err(|e| SfuError::InvalidSdp(e.to_string()))?;
+        let answer = std::panic::catch_unwind(|| SdpAnswer::from_sdp_string(answer))
+            .map_err(|_| SfuError::InvalidSdp("the SDP parser failed on it".into()))?
+            .map_err(|e| SfuError::InvalidSdp(e.to_string()))?;
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         let pending = session.pending.take().ok_or(SfuError::NoPendingOffer)?;
         let PendingOffer {
@@ -767,7 +772,11 @@ impl Sfu {
             own,
             mut reused,
         } = pending;
-        if let Err(e) = session.rtc.sdp_api().accept_answer(pending, answer) {
+        let accepted = contained(id, &mut self.out, || {
+            session.rtc.sdp_api().accept_answer(pending, answer)
+        })
+        .ok_or_else(|| SfuError::InvalidSdp("the WebRTC stack failed on this answer".into()))?;
+        if let Err(e) = accepted {
             // Our changes did not take: ask for them again in the next offer.
             // M-lines it took over go inactive first (the peer may have
             // taken the offer), then idle again.
@@ -885,7 +894,8 @@ impl Sfu {
                 session.idle.push(line);
             }
         }
-        let answer = session.rtc.sdp_api().accept_offer(offer)?;
+        let answer = contained(id, &mut self.out, || session.rtc.sdp_api().accept_offer(offer))
+            .ok_or_else(|| SfuError::InvalidSdp("the WebRTC stack failed on this offer".into()))??;
         session.settle_idle();
         let answer = session.our_sdp(&answer.to_sdp_string());
         // A browser's addTrack reuses a transceiver that never sent, such as
@@ -1004,11 +1014,15 @@ impl Sfu {
         if offer.len() > self.config.max_sdp_bytes {
             return Err(SfuError::SdpTooLarge(self.config.max_sdp_bytes));
         }
-        let parsed = match own_lines {
-            OwnLines::PublishOnly => SdpOffer::from_sdp_string(&publish_only(offer, keep)),
-            OwnLines::BothWays => SdpOffer::from_sdp_string(offer),
+        let offer = match own_lines {
+            OwnLines::PublishOnly => publish_only(offer, keep),
+            OwnLines::BothWays => offer.to_owned(),
         };
-        parsed.map_err(|e| SfuError::InvalidSdp(e.to_string()))
+        // The parser keeps no state: a panic in it is only this SDP's error.
+        match std::panic::catch_unwind(|| SdpOffer::from_sdp_string(&offer)) {
+            Ok(parsed) => parsed.map_err(|e| SfuError::InvalidSdp(e.to_string())),
+            Err(_) => Err(SfuError::InvalidSdp("the SDP parser failed on it".into())),
+        }
     }
 
     // ---- the driver's API ----------------------------------------------------
@@ -1052,7 +1066,7 @@ impl Sfu {
         {
             answer_nacks(now, session, data, &mut self.out);
         }
-        if session.rtc.handle_input(input).is_err() {
+        if contained(id, &mut self.out, || session.rtc.handle_input(input)).is_some_and(|r| r.is_err()) {
             self.out.stats.drop(DropReason::Rejected);
         }
         self.drain(id);
@@ -1105,7 +1119,8 @@ impl Sfu {
             }
             self.out.stats.session_timeouts += 1;
             budget -= 1;
-            if session.rtc.handle_input(Input::Timeout(now)).is_err() {
+            let timeout = || session.rtc.handle_input(Input::Timeout(now));
+            if contained(id, &mut self.out, timeout).is_some_and(|r| r.is_err()) {
                 self.out.stats.drop(DropReason::Rejected);
             }
             self.drain(id);
@@ -1154,7 +1169,8 @@ impl Sfu {
                 continue;
             };
             session.dirty = false;
-            if session.rtc.handle_input(Input::Timeout(now)).is_err() {
+            let timeout = || session.rtc.handle_input(Input::Timeout(now));
+            if contained(id, &mut self.out, timeout).is_some_and(|r| r.is_err()) {
                 self.out.stats.drop(DropReason::Rejected);
             }
             drain_session(id, session, &mut self.out);
@@ -1982,6 +1998,25 @@ fn direct_stream<'a>(
     direct.as_mut()
 }
 
+/// Runs `f` on one session's WebRTC stack (str0m). A panic in there is a bug
+/// of the stack that what a peer sent reached; it breaks that session alone:
+/// it is counted, closed as failed on the next turn, and the shard with every
+/// other session on it goes on. Only the session's `Rtc` can be half-updated
+/// (`f` touches nothing else), and it is dropped unused.
+fn contained<T>(id: SessionId, out: &mut Outputs, f: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(value) => Some(value),
+        Err(_) => {
+            tracing::warn!(session = %id, "the WebRTC stack panicked on this session's input; closing it");
+            out.stats.drop(DropReason::StackPanic);
+            if !out.broken.contains(&id) {
+                out.broken.push(id);
+            }
+            None
+        }
+    }
+}
+
 /// A new subscription's forwarder: 48 kHz audio, or 90 kHz video that starts on a keyframe.
 fn forwarder_for(kind: MediaKind) -> Forwarder {
     let video = kind == MediaKind::Video;
@@ -1990,7 +2025,10 @@ fn forwarder_for(kind: MediaKind) -> Forwarder {
 
 fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
     loop {
-        match session.rtc.poll_output() {
+        let Some(output) = contained(id, out, || session.rtc.poll_output()) else {
+            return;
+        };
+        match output {
             Ok(Output::Timeout(at)) => {
                 session.next_timeout = at;
                 if session.scheduled.is_none_or(|scheduled| at < scheduled) {
@@ -2015,5 +2053,25 @@ fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DropReason, Outputs, SessionId, contained};
+
+    #[test]
+    fn a_panic_in_the_stack_breaks_its_session_alone() {
+        let mut out = Outputs::default();
+        assert_eq!(contained(SessionId(1), &mut out, || 7), Some(7));
+        assert!(out.broken.is_empty());
+        let panicked: Option<()> = contained(SessionId(2), &mut out, || panic!("a bug in the stack"));
+        assert_eq!(panicked, None);
+        assert_eq!(out.broken, vec![SessionId(2)]);
+        assert_eq!(out.stats.drops(DropReason::StackPanic), 1);
+        // Once broken, it is closed once.
+        let _ = contained(SessionId(2), &mut out, || panic!("again"));
+        assert_eq!(out.broken, vec![SessionId(2)]);
+        assert_eq!(out.stats.drops(DropReason::StackPanic), 2);
     }
 }

@@ -25,10 +25,13 @@ pub enum DropReason {
     BeforeSwitch,
     /// The subscriber's DTLS-SRTP is not up yet.
     NotConnected,
+    /// The session's WebRTC stack panicked on its input (a bug there): that
+    /// session is closed, the shard and every other session go on.
+    StackPanic,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::UnknownSource,
         DropReason::Malformed,
         DropReason::BadStun,
@@ -39,6 +42,7 @@ impl DropReason {
         DropReason::WaitingForKeyframe,
         DropReason::BeforeSwitch,
         DropReason::NotConnected,
+        DropReason::StackPanic,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +57,7 @@ impl DropReason {
             DropReason::WaitingForKeyframe => "waiting_for_keyframe",
             DropReason::BeforeSwitch => "before_switch",
             DropReason::NotConnected => "not_connected",
+            DropReason::StackPanic => "stack_panic",
         }
     }
 }
