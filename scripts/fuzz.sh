@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes the parsers of peer input for a bounded time (not part of the tests):
 # scripts/fuzz.sh [SECONDS] [TARGET...] (default 60 s for each target:
-# turn_relay, sfu_sdp). Needs a nightly toolchain and cargo-fuzz; installs both
+# turn_relay, sfu_sdp, signalling). Needs a nightly toolchain and cargo-fuzz; installs both
 # if missing. Findings land in fuzz/artifacts/; fuzz/seeds/TARGET (if any)
 # starts the corpus.
 source "$(dirname "$0")/lib.sh"
@@ -10,7 +10,7 @@ cd "$ROOT/fuzz"
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(turn_relay sfu_sdp)
+[ ${#targets[@]} -gt 0 ] || targets=(turn_relay sfu_sdp signalling)
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 for target in "${targets[@]}"; do
