@@ -366,6 +366,44 @@ fn garbage_and_strangers_are_counted_drops() {
 }
 
 #[test]
+fn nonsense_from_an_authenticated_publisher_never_reaches_the_others_state() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    let carol = world.join("carol");
+    world.clients[carol].chaos = true;
+    world.run(Duration::from_secs(4));
+    let stats = world.sfu.stats();
+    assert_eq!(stats.sessions, 3, "carol's nonsense closed no session");
+    assert_eq!(stats.drops(DropReason::StackPanic), 0);
+    // It passed SRTP: it reached the forwarding path (and was forwarded or dropped there).
+    let from_carol = world
+        .received_from(alice)
+        .get(&(user("carol"), MediaKind::Audio))
+        .map_or(0, |r| r.packets.len())
+        + world
+            .received_from(alice)
+            .get(&(user("carol"), MediaKind::Video))
+            .map_or(0, |r| r.packets.len());
+    let dropped = stats.drops(DropReason::UnknownPayloadType) + stats.drops(DropReason::WaitingForKeyframe);
+    assert!(
+        from_carol + dropped as usize > 100,
+        "carol's packets went nowhere: {from_carol} forwarded, {dropped} dropped"
+    );
+    // Alice and Bob still get each other's media, all of it, in the last second.
+    let recent = |to: usize, from: &str, kind: MediaKind| {
+        world.received_from(to)[&(user(from), kind)]
+            .packets
+            .iter()
+            .filter(|p| p.1 > world.now - Duration::from_secs(1))
+            .count()
+    };
+    assert!(recent(bob, "alice", MediaKind::Audio) >= 45);
+    assert!(recent(alice, "bob", MediaKind::Audio) >= 45);
+    assert!(recent(bob, "alice", MediaKind::Video) >= 25);
+}
+
+#[test]
 fn bad_sdp_is_an_error_not_a_panic() {
     let mut world = World::new();
     let now = world.now;

@@ -93,6 +93,9 @@ pub struct Client {
     pub ears: BTreeMap<Mid, Ear>,
     /// Sends video (when sending at all).
     pub send_video: bool,
+    /// Sends nonsense through real SRTP instead of media (see `World::send_chaos`).
+    pub chaos: bool,
+    chaos_state: u64,
 }
 
 /// Decoded audio of one m-line, with when each packet's samples arrived.
@@ -293,6 +296,8 @@ impl World {
             tone: None,
             encoder: None,
             junk_audio: false,
+            chaos: false,
+            chaos_state: 0x9e37_79b9_7f4a_7c15 ^ index as u64,
             listen: false,
             decoder: None,
             heard: Vec::new(),
@@ -473,6 +478,9 @@ impl World {
         if !client.sending || !client.rtc.is_connected() {
             return;
         }
+        if client.chaos {
+            return self.send_chaos(index);
+        }
         if now >= client.next_audio {
             client.next_audio += AUDIO_EVERY;
             let pt = client
@@ -580,6 +588,65 @@ impl World {
                 client.video_seq += 1;
             }
         }
+        self.drain_client(index);
+    }
+
+    /// What a publisher that passed ICE and DTLS can send that no browser
+    /// would: every 20 ms on each of its m-lines one to four RTP packets whose
+    /// sequence numbers mostly step but jump ahead or back, with random
+    /// timestamps, markers, audio levels, orientations and payload bytes
+    /// (1–1,200 of them), on any payload type it negotiated (RTX's included).
+    fn send_chaos(&mut self, index: usize) {
+        let now = self.now;
+        let client = &mut self.clients[index];
+        if now < client.next_audio {
+            return;
+        }
+        client.next_audio += AUDIO_EVERY;
+        let mut x = client.chaos_state;
+        let mut random = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let pts: Vec<_> = client.rtc.codec_config().params().iter().map(|p| p.pt()).collect();
+        for (line, mid) in [client.audio, client.video].into_iter().enumerate() {
+            for _ in 0..1 + random() % 4 {
+                let seq = if line == 0 {
+                    &mut client.audio_seq
+                } else {
+                    &mut client.video_packet_seq
+                };
+                *seq = match random() % 16 {
+                    0 => *seq + 20_000,
+                    1 => seq.saturating_sub(50),
+                    _ => *seq + 1,
+                };
+                let seq = *seq;
+                let r = random();
+                let ext = ExtensionValues {
+                    audio_level: (r & 1 == 0).then(|| -(((r >> 8) % 128) as i8)),
+                    voice_activity: Some(r & 2 == 0),
+                    video_orientation: (r & 4 == 0).then_some(VideoOrientation::Deg270),
+                    ..Default::default()
+                };
+                let len = 1 + (random() % 1200) as usize;
+                let payload: Vec<u8> = (0..len).map(|_| random() as u8).collect();
+                let pt = pts[(random() % pts.len() as u64) as usize];
+                let ts = random() as u32;
+                let marker = random() % 3 == 0;
+                let mut api = client.rtc.direct_api();
+                if let Some(tx) = api.stream_tx_by_mid(mid, None) {
+                    tx.write_rtp(
+                        RtpWrite::new(pt, seq.into(), ts, now, payload)
+                            .marker(marker)
+                            .ext_vals(ext),
+                    );
+                }
+            }
+        }
+        client.chaos_state = random();
         self.drain_client(index);
     }
 
