@@ -1210,14 +1210,18 @@ impl Sfu {
     /// Acts on deferred str0m events until none are left.
     fn process(&mut self, now: Instant) {
         loop {
-            while let Some((id, event)) = self.out.deferred.pop_front() {
-                self.on_event(now, id, event);
+            // Failed sessions go first: nothing more is written to their stack
+            // (their pending events find no session and are skipped).
+            while let Some(id) = self.out.broken.pop() {
+                if self.sessions.contains_key(&id) {
+                    self.events.push_back(SfuEvent::Closed(id, CloseReason::Failed));
+                    self.remove_session(now, id);
+                }
             }
-            let Some(id) = self.out.broken.pop() else { break };
-            if self.sessions.contains_key(&id) {
-                self.events.push_back(SfuEvent::Closed(id, CloseReason::Failed));
-                self.remove_session(now, id);
-            }
+            let Some((id, event)) = self.out.deferred.pop_front() else {
+                break;
+            };
+            self.on_event(now, id, event);
         }
     }
 
@@ -2024,6 +2028,9 @@ fn forwarder_for(kind: MediaKind) -> Forwarder {
 }
 
 fn drain_session(id: SessionId, session: &mut Session, out: &mut Outputs) {
+    if out.broken.contains(&id) {
+        return; // its stack failed: it is closed, never polled again
+    }
     loop {
         let Some(output) = contained(id, out, || session.rtc.poll_output()) else {
             return;
