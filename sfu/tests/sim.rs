@@ -430,6 +430,44 @@ fn bad_sdp_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn an_offer_str0m_panics_on_is_refused_and_the_shard_goes_on() {
+    // Found by fuzzing (`fuzz/fuzz_targets/sfu_sdp.rs`, minimized): a mangled
+    // browser offer whose audio section also maps the video section's H.264
+    // payload type. str0m 0.25 asserts on it ("Pt locked multiple times");
+    // uncontained, that panic ended the shard thread and every call on it.
+    let bad = include_str!("data/offer-locks-a-payload-type-twice.sdp");
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    world.run(Duration::from_secs(1));
+    let who = switchboard_sfu::Participant {
+        user_id: "@mallory:test".into(),
+        device_id: "M".into(),
+    };
+    let room = world.room.clone();
+    // Offered both ways (a single-stream caller's offer is taken as it is).
+    let refused = world
+        .sfu
+        .open_session(world.now, room, who, bad, OwnLines::BothWays)
+        .expect_err("refused");
+    assert!(
+        matches!(refused, switchboard_sfu::SfuError::InvalidSdp(_)),
+        "{refused:?}"
+    );
+    assert_eq!(world.sfu.stats().sessions, 2);
+    // Alice and Bob never noticed.
+    world.run(Duration::from_secs(1));
+    let recent = |to: usize, from: &str| {
+        world.received_from(to)[&(user(from), MediaKind::Audio)]
+            .packets
+            .iter()
+            .filter(|p| p.1 > world.now - Duration::from_millis(500))
+            .count()
+    };
+    assert!(recent(bob, "alice") >= 20 && recent(alice, "bob") >= 20);
+}
+
+#[test]
 fn a_session_that_never_connects_is_closed() {
     let mut world = World::new();
     let alice = world.join("alice");
