@@ -189,17 +189,6 @@ impl World {
         self.join_directed(name, false, Direction::RecvOnly)
     }
 
-    /// A client's offer (audio and video, both ways) that no session takes.
-    pub fn client_offer(&self) -> String {
-        let mut rtc = client_config().build(self.now);
-        rtc.add_local_candidate(Candidate::host(client_addr(99), "udp").expect("candidate"));
-        let mut api = rtc.sdp_api();
-        api.add_media(MediaKind::Audio, Direction::SendRecv, Some("x-cam".into()), None, None);
-        api.add_media(MediaKind::Video, Direction::SendRecv, Some("x-cam".into()), None, None);
-        let (offer, _pending) = api.apply().expect("an offer");
-        offer.to_sdp_string()
-    }
-
     fn join_directed(&mut self, name: &str, simulcast: bool, direction: Direction) -> usize {
         let index = self.clients.len();
         let addr = client_addr(index);
