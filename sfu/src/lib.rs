@@ -573,8 +573,7 @@ impl Sfu {
             .map_err(|e| SfuError::InvalidSdp(format!("advertised address: {e}")))?;
         rtc.add_local_candidate(candidate);
         // A panic here leaves only the new, unused `Rtc` half-made.
-        let answer = std::panic::catch_unwind(AssertUnwindSafe(|| rtc.sdp_api().accept_offer(offer)))
-            .map_err(|_| SfuError::InvalidSdp("the WebRTC stack failed on this offer".into()))??;
+        let answer = refused_on_panic(|| rtc.sdp_api().accept_offer(offer))??;
         let answer = own_msid(&answer.to_sdp_string(), &session_stream(&participant), |_| false);
         let id = self.insert_session(now, room.clone(), participant, (rtc, sealer), None, own_lines);
         if sends_layers && let Some(room) = self.rooms.get_mut(&room) {
@@ -760,8 +759,7 @@ impl Sfu {
         if answer.len() > self.config.max_sdp_bytes {
             return Err(SfuError::SdpTooLarge(self.config.max_sdp_bytes));
         }
-        let answer = std::panic::catch_unwind(|| SdpAnswer::from_sdp_string(answer))
-            .map_err(|_| SfuError::InvalidSdp("the SDP parser failed on it".into()))?
+        let answer = refused_on_panic(|| SdpAnswer::from_sdp_string(answer))?
             .map_err(|e| SfuError::InvalidSdp(e.to_string()))?;
         let session = self.sessions.get_mut(&id).ok_or(SfuError::UnknownSession)?;
         let pending = session.pending.take().ok_or(SfuError::NoPendingOffer)?;
@@ -775,7 +773,7 @@ impl Sfu {
         let accepted = contained(id, &mut self.out, || {
             session.rtc.sdp_api().accept_answer(pending, answer)
         })
-        .ok_or_else(|| SfuError::InvalidSdp("the WebRTC stack failed on this answer".into()))?;
+        .ok_or_else(stack_failed)?;
         if let Err(e) = accepted {
             // Our changes did not take: ask for them again in the next offer.
             // M-lines it took over go inactive first (the peer may have
@@ -894,8 +892,8 @@ impl Sfu {
                 session.idle.push(line);
             }
         }
-        let answer = contained(id, &mut self.out, || session.rtc.sdp_api().accept_offer(offer))
-            .ok_or_else(|| SfuError::InvalidSdp("the WebRTC stack failed on this offer".into()))??;
+        let answer =
+            contained(id, &mut self.out, || session.rtc.sdp_api().accept_offer(offer)).ok_or_else(stack_failed)??;
         session.settle_idle();
         let answer = session.our_sdp(&answer.to_sdp_string());
         // A browser's addTrack reuses a transceiver that never sent, such as
@@ -1019,10 +1017,7 @@ impl Sfu {
             OwnLines::BothWays => offer.to_owned(),
         };
         // The parser keeps no state: a panic in it is only this SDP's error.
-        match std::panic::catch_unwind(|| SdpOffer::from_sdp_string(&offer)) {
-            Ok(parsed) => parsed.map_err(|e| SfuError::InvalidSdp(e.to_string())),
-            Err(_) => Err(SfuError::InvalidSdp("the SDP parser failed on it".into())),
-        }
+        refused_on_panic(|| SdpOffer::from_sdp_string(&offer))?.map_err(|e| SfuError::InvalidSdp(e.to_string()))
     }
 
     // ---- the driver's API ----------------------------------------------------
@@ -2019,6 +2014,17 @@ fn contained<T>(id: SessionId, out: &mut Outputs, f: impl FnOnce() -> T) -> Opti
             None
         }
     }
+}
+
+/// Runs `f` on what no session depends on yet (SDP text, a new session's own
+/// `Rtc`): a panic in str0m there only refuses that input.
+fn refused_on_panic<T>(f: impl FnOnce() -> T) -> Result<T, SfuError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| stack_failed())
+}
+
+/// The error for SDP the WebRTC stack panicked on.
+fn stack_failed() -> SfuError {
+    SfuError::InvalidSdp("the WebRTC stack failed on it".into())
 }
 
 /// A new subscription's forwarder: 48 kHz audio, or 90 kHz video that starts on a keyframe.
