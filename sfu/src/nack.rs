@@ -165,6 +165,15 @@ mod tests {
         Sent::new(head, Arc::from(vec![seq as u8]))
     }
 
+    /// A history that sent the packets numbered `seqs`.
+    fn remembering(seqs: std::ops::Range<u64>) -> History {
+        let mut history = History::new();
+        for seq in seqs {
+            history.remember(sent(seq));
+        }
+        history
+    }
+
     #[test]
     fn sequence_numbers_extend_towards_the_latest() {
         assert_eq!(extend(70_000, (70_000u64 & 0xffff) as u16), Some(70_000));
@@ -176,10 +185,7 @@ mod tests {
     #[test]
     fn the_history_resends_what_it_still_holds_once_per_interval() {
         let now = Instant::now();
-        let mut history = History::new();
-        for seq in 65_000..66_000 {
-            history.remember(sent(seq));
-        }
+        let mut history = remembering(65_000..66_000);
         let wanted = (65_990u64 & 0xffff) as u16;
         assert_eq!(history.resend(now, wanted).map(|s| s.head.seq), Some(65_990));
         assert!(history.resend(now, wanted).is_none(), "just resent");
@@ -193,10 +199,7 @@ mod tests {
     #[test]
     fn resends_are_paid_for_by_what_was_sent() {
         let now = Instant::now();
-        let mut history = History::new();
-        for seq in 0..10 {
-            history.remember(sent(seq));
-        }
+        let mut history = remembering(0..10);
         // Ten sent: five resends, however often and for whatever it asks.
         let resent = (0..10).filter(|seq| history.resend(now, *seq).is_some()).count();
         assert_eq!(resent, 5);
@@ -215,10 +218,7 @@ mod tests {
     #[test]
     fn a_packet_older_than_the_ring_does_not_evict_a_newer_one() {
         let now = Instant::now();
-        let mut history = History::new();
-        for seq in 300..400 {
-            history.remember(sent(seq));
-        }
+        let mut history = remembering(300..400);
         // 100 shares its slot with 356, and is a whole ring behind the latest (399).
         history.remember(sent(356 - HISTORY as u64));
         assert_eq!(

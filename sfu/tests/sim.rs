@@ -243,22 +243,26 @@ fn a_participant_leaving_is_removed_from_the_others() {
     );
 }
 
-#[test]
-fn five_percent_loss_is_recovered_by_nack() {
-    let mut world = World::new();
-    let alice = world.join("alice");
-    let bob = world.join("bob");
-    let (sfu, bob_addr) = (world.sfu_addr, world.clients[bob].addr);
-    // Drop every 20th VP8 packet (PT 96) from the SFU to bob, retransmissions
-    // included (the SFU seals video itself here and resends on the same SSRC).
+/// Drops every 20th VP8 packet (PT 96) the SFU sends to client `to`.
+fn drop_every_20th_video_to(world: &mut World, to: usize) {
+    let (sfu, addr) = (world.sfu_addr, world.clients[to].addr);
     let mut count = 0u64;
     world.loss = Some(Box::new(move |src, dst, data| {
-        if src == sfu && dst == bob_addr && is_rtp_with_pt(data, 96) {
+        if src == sfu && dst == addr && is_rtp_with_pt(data, 96) {
             count += 1;
             return count.is_multiple_of(20);
         }
         false
     }));
+}
+
+#[test]
+fn five_percent_loss_is_recovered_by_nack() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    // Retransmissions included: the SFU seals video itself here and resends on the same SSRC.
+    drop_every_20th_video_to(&mut world, bob);
     world.run(Duration::from_secs(6));
     world.loss = None;
     world.clients[alice].sending = false;
@@ -288,15 +292,7 @@ fn in_a_simulcast_room_str0m_resends_the_video_it_sent() {
     let mut world = World::new();
     world.join_with("carol", true);
     let dave = world.join("dave");
-    let (sfu, dave_addr) = (world.sfu_addr, world.clients[dave].addr);
-    let mut count = 0u64;
-    world.loss = Some(Box::new(move |src, dst, data| {
-        if src == sfu && dst == dave_addr && is_rtp_with_pt(data, 96) {
-            count += 1;
-            return count.is_multiple_of(20);
-        }
-        false
-    }));
+    drop_every_20th_video_to(&mut world, dave);
     world.run(Duration::from_secs(6));
     world.loss = None;
     world.run(Duration::from_secs(1));
