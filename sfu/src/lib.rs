@@ -29,6 +29,7 @@
 
 mod codec;
 pub mod forwarder;
+mod ingress;
 mod nack;
 mod sdp;
 pub mod simulcast;
@@ -47,6 +48,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use str0m::bwe::Bitrate;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
@@ -223,6 +225,8 @@ struct Session {
     stats: SessionStats,
     /// Forwarded media sealed by us (see [`srtp`]).
     sealer: srtp::Sealer,
+    /// Its audio opened by us (see [`ingress`]).
+    ingress: ingress::Ingress,
     /// Every m-line it published on or we added (with its simulcast
     /// layers): where it may publish again without a new m-line.
     lines: FastMap<Mid, Vec<Option<Rid>>>,
@@ -660,6 +664,7 @@ impl Sfu {
             pending,
             stats: SessionStats::default(),
             sealer,
+            ingress: ingress::Ingress::new(*Ssrc::new(), now),
             lines: FastMap::default(),
             idle: Vec::new(),
             labels: FastMap::default(),
@@ -1053,19 +1058,103 @@ impl Sfu {
         }
         session.stats.datagrams_in += 1;
         session.stats.bytes_in += data.len() as u64;
-        if nack::is_rtcp(data)
-            && session
-                .subscriptions
-                .values()
-                .any(|s| s.direct.as_ref().is_some_and(|d| d.remembers()))
-        {
-            answer_nacks(now, session, data, &mut self.out);
+        if nack::is_rtcp(data) {
+            read_rtcp(now, session, data, &mut self.out);
+        } else if is_rtp(data) && self.open_media(now, id, data) {
+            return self.process(now);
         }
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
         if contained(id, &mut self.out, || session.rtc.handle_input(input)).is_some_and(|r| r.is_err()) {
             self.out.stats.drop(DropReason::Rejected);
         }
         self.drain(id);
         self.process(now);
+    }
+
+    /// An RTP datagram of session `id`, opened and forwarded here if its
+    /// stream is ours ([`ingress`]): `false` leaves it to str0m.
+    fn open_media(&mut self, now: Instant, id: SessionId, data: &[u8]) -> bool {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        let Some(header) = ingress::Header::parse(data) else {
+            return false;
+        };
+        let at = match session.ingress.route(header.ssrc) {
+            ingress::Route::Ours(at) => at,
+            ingress::Route::Stack => return false,
+            ingress::Route::New => {
+                if !session.sealer.opens() {
+                    return false; // no keys of ours yet: undecided
+                }
+                let ours = ours_to_open(session, &self.tracks, &header);
+                let (route, scheduled) = session.ingress.decide(&header, ours.map(|o| o.1), now);
+                if let Some(at) = scheduled {
+                    self.out.reports.push(Reverse((at, id)));
+                }
+                match (route, ours) {
+                    (ingress::Route::Ours(at), Some((track, _))) => {
+                        session.ssrc_tracks.insert(header.ssrc.into(), (track, 0));
+                        at
+                    }
+                    _ => return false,
+                }
+            }
+        };
+        let packet = match session.ingress.open(at, &mut session.sealer, data, &header, now) {
+            ingress::Opening::NoKeys => return false,
+            ingress::Opening::Rejected => {
+                self.out.stats.drop(DropReason::Rejected);
+                return true;
+            }
+            ingress::Opening::Opened(opened) => Incoming {
+                ssrc: header.ssrc.into(),
+                seq: opened.seq,
+                timestamp: header.timestamp,
+                pt: header.pt.into(),
+                marker: header.marker,
+                ext: ExtensionValues {
+                    audio_level: opened.level.map(|(level, _)| level),
+                    voice_activity: opened.level.map(|(_, voice)| voice),
+                    ..Default::default()
+                },
+                payload: Arc::from(opened.payload),
+                arrival: now,
+            },
+        };
+        self.out.stats.packets_opened += 1;
+        self.forward(now, id, packet);
+        true
+    }
+
+    /// Sends the receiver reports of ours that are due.
+    fn send_reports(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.out.reports.peek() {
+            if at > now {
+                break;
+            }
+            self.out.reports.pop();
+            let Some(session) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            if session.ingress.next_report() != Some(at) {
+                continue; // stale
+            }
+            if let Some((report, loss)) = session.ingress.report(now) {
+                session.stats.ingress_loss = Some(loss);
+                if let Some(transmit) = session.sealer.seal_rtcp(&report) {
+                    session.stats.datagrams_out += 1;
+                    session.stats.bytes_out += transmit.contents.len() as u64;
+                    self.out.stats.datagrams_out += 1;
+                    self.out.transmits.push_back(transmit);
+                }
+            }
+            if let Some(next) = session.ingress.next_report() {
+                self.out.reports.push(Reverse((next, id)));
+            }
+        }
     }
 
     fn session_for_stun(&self, data: &[u8]) -> Option<SessionId> {
@@ -1120,6 +1209,7 @@ impl Sfu {
             }
             self.drain(id);
         }
+        self.send_reports(now);
         if self.next_layer_check.is_none_or(|at| at <= now) {
             self.next_layer_check = Some(now + LAYER_CHECK_INTERVAL);
             self.select_layers(now);
@@ -1176,11 +1266,15 @@ impl Sfu {
     /// When to call [`Sfu::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         // The heap's top may be stale: then the caller wakes a little early, harmlessly.
-        let timers = [self.out.timers.peek(), self.out.deadlines.peek()]
-            .into_iter()
-            .flatten()
-            .map(|Reverse((at, _))| *at)
-            .min();
+        let timers = [
+            self.out.timers.peek(),
+            self.out.deadlines.peek(),
+            self.out.reports.peek(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|Reverse((at, _))| *at)
+        .min();
         let layers = if self.sessions.is_empty() {
             None
         } else {
@@ -1222,7 +1316,7 @@ impl Sfu {
 
     fn on_event(&mut self, now: Instant, id: SessionId, event: Event) {
         match event {
-            Event::RtpPacket(packet) => self.forward(now, id, packet),
+            Event::RtpPacket(packet) => self.forward(now, id, packet.into()),
             Event::Connected => {
                 let Some(session) = self.sessions.get_mut(&id) else {
                     return;
@@ -1434,12 +1528,12 @@ impl Sfu {
     }
 
     /// The hot path: one RTP packet from a publisher to every subscriber of its track.
-    fn forward(&mut self, now: Instant, from: SessionId, packet: RtpPacket) {
+    fn forward(&mut self, now: Instant, from: SessionId, packet: Incoming) {
         let Some(publisher) = self.sessions.get_mut(&from) else {
             return;
         };
         publisher.stats.packets_in += 1;
-        let ssrc = packet.header.ssrc;
+        let ssrc = packet.ssrc;
         let (track_id, layer) = match publisher.ssrc_tracks.get(&ssrc) {
             Some(known) => *known,
             None => {
@@ -1475,9 +1569,9 @@ impl Sfu {
             if let Some(meter) = track.layers.get_mut(layer) {
                 meter.add(now, packet.payload.len());
             }
-            match packet.header.ext_vals.audio_level {
+            match packet.ext.audio_level {
                 Some(level) => {
-                    track.level.add(now, level, packet.header.ext_vals.voice_activity);
+                    track.level.add(now, level, packet.ext.voice_activity);
                     // The room's check runs at its own interval; a track asks
                     // for it at most as often (no room lookup per packet).
                     let due = track.next_speaker_check.is_none_or(|at| now >= at);
@@ -1495,12 +1589,7 @@ impl Sfu {
         let Some(track) = self.tracks.get(&track_id) else {
             return self.out.stats.drop(DropReason::NoTrack);
         };
-        let Some(params) = track
-            .codecs
-            .iter()
-            .find(|(pt, _)| *pt == packet.header.payload_type)
-            .map(|(_, p)| *p)
-        else {
+        let Some(params) = track.codecs.iter().find(|(pt, _)| *pt == packet.pt).map(|(_, p)| *p) else {
             return self.out.stats.drop(DropReason::UnknownPayloadType);
         };
         let codec = params.spec().codec;
@@ -1514,17 +1603,12 @@ impl Sfu {
         let video = track.kind == MediaKind::Video;
         let keyframe = codec::starts_keyframe(codec, &packet.payload);
         let incoming = InPacket {
-            seq: *packet.seq_no,
-            timestamp: packet.header.timestamp,
-            arrival: packet.timestamp,
+            seq: packet.seq,
+            timestamp: packet.timestamp,
+            arrival: packet.arrival,
             keyframe,
         };
-        let ext = ExtensionValues {
-            audio_level: packet.header.ext_vals.audio_level,
-            voice_activity: packet.header.ext_vals.voice_activity,
-            video_orientation: packet.header.ext_vals.video_orientation,
-            ..Default::default()
-        };
+        let ext = &packet.ext;
         let mut want_keyframe: Option<usize> = None;
         for &(sub_id, mid) in &track.subscribers {
             let Some(subscriber) = self.sessions.get_mut(&sub_id) else {
@@ -1587,7 +1671,7 @@ impl Sfu {
                 let forwarded = srtp::Forwarded {
                     head: srtp::Head {
                         pt: *pt,
-                        marker: packet.header.marker,
+                        marker: packet.marker,
                         seq: out.seq,
                         timestamp: out.timestamp,
                         level: ext.audio_level.zip(ext.voice_activity).filter(|_| !video),
@@ -1616,10 +1700,10 @@ impl Sfu {
                     pt,
                     out.seq.into(),
                     out.timestamp,
-                    packet.timestamp,
+                    packet.arrival,
                     packet.payload.clone(),
                 )
-                .marker(packet.header.marker)
+                .marker(packet.marker)
                 .ext_vals(ext.clone())
                 .nackable(video),
             );
@@ -1932,6 +2016,42 @@ impl Sfu {
     }
 }
 
+/// A publisher's RTP packet as forwarding reads it: opened by str0m (an
+/// event) or by us ([`ingress`]).
+struct Incoming {
+    ssrc: Ssrc,
+    /// Extended sequence number.
+    seq: u64,
+    timestamp: u32,
+    pt: Pt,
+    marker: bool,
+    /// The extensions forwarded: audio level, voice activity, video orientation.
+    ext: ExtensionValues,
+    payload: Arc<[u8]>,
+    arrival: Instant,
+}
+
+impl From<RtpPacket> for Incoming {
+    fn from(packet: RtpPacket) -> Self {
+        let ext = &packet.header.ext_vals;
+        Self {
+            ssrc: packet.header.ssrc,
+            seq: *packet.seq_no,
+            timestamp: packet.header.timestamp,
+            pt: packet.header.payload_type,
+            marker: packet.header.marker,
+            ext: ExtensionValues {
+                audio_level: ext.audio_level,
+                voice_activity: ext.voice_activity,
+                video_orientation: ext.video_orientation,
+                ..Default::default()
+            },
+            payload: packet.payload,
+            arrival: packet.timestamp,
+        }
+    }
+}
+
 /// The sinks sessions drain into.
 #[derive(Default)]
 struct Outputs {
@@ -1949,15 +2069,29 @@ struct Outputs {
     deadlines: BinaryHeap<Reverse<(Instant, SessionId)>>,
     /// Sessions whose WebRTC stack failed; closed on the next turn.
     broken: Vec<SessionId>,
+    /// Receiver reports of ours due: (due, session), as `timers` (see [`ingress`]).
+    reports: BinaryHeap<Reverse<(Instant, SessionId)>>,
 }
 
-/// A subscriber's NACKs (in an SRTCP datagram str0m reads as well) for video
-/// we sealed: those packets again, sealed by us (str0m resends what it sent,
-/// where RTX is negotiated).
-fn answer_nacks(now: Instant, session: &mut Session, datagram: &[u8], out: &mut Outputs) {
+/// The peer's RTCP (an SRTCP datagram str0m reads as well), where it is
+/// ours to read: sender reports on streams we open ([`ingress`]), and NACKs
+/// for video we sealed, answered with those packets again, sealed by us
+/// (str0m resends what it sent, where RTX is negotiated).
+fn read_rtcp(now: Instant, session: &mut Session, datagram: &[u8], out: &mut Outputs) {
+    let remembers = session
+        .subscriptions
+        .values()
+        .any(|s| s.direct.as_ref().is_some_and(|d| d.remembers()));
+    if !remembers && session.ingress.next_report().is_none() {
+        return;
+    }
     let Some(rtcp) = session.sealer.open_rtcp(datagram) else {
         return;
     };
+    session.ingress.read_rtcp(rtcp, now);
+    if !remembers {
+        return;
+    }
     let wanted: Vec<(u32, u16)> = nack::nacks(rtcp).take(nack::MAX_ASKED).collect();
     let mut stream: Option<&mut srtp::DirectStream> = None;
     for (ssrc, seq) in wanted {
@@ -1995,6 +2129,43 @@ fn direct_stream<'a>(
         *direct = Some(srtp::DirectStream::new(ssrc, mid, extensions, now, video));
     }
     direct.as_mut()
+}
+
+/// Whether a datagram is RTP (RFC 7983 demultiplexing, RFC 5761: RTCP's
+/// packet types 192–223 apart).
+fn is_rtp(datagram: &[u8]) -> bool {
+    datagram.len() >= 12 && datagram[0] >> 6 == 2 && !(192..=223).contains(&datagram[1])
+}
+
+/// Whether the SSRC in `header`, new in `session`, is a stream we open
+/// ([`ingress`]): audio of a track it publishes, named by the packet's mid,
+/// on an m-line without transport-wide sequence numbers, in a codec it
+/// negotiated, and not yet seen by str0m. Its track, clock rate and audio
+/// level extension.
+fn ours_to_open(
+    session: &mut Session,
+    tracks: &FastMap<TrackId, Track>,
+    header: &ingress::Header<'_>,
+) -> Option<(TrackId, (u32, Option<u8>))> {
+    if session.ssrc_tracks.contains_key(&header.ssrc.into()) {
+        return None;
+    }
+    // BUNDLE: one extension map for the transport; any published m-line has it.
+    let any = *session.published.keys().next()?;
+    let mid_id = session.rtc.media(any)?.remote_extmap().id_of(Extension::RtpMid)?;
+    let mid = Mid::from(std::str::from_utf8(header.extension(mid_id)?).ok()?);
+    let track_id = *session.published.get(&mid)?;
+    let track = tracks.get(&track_id)?;
+    let extensions = session.rtc.media(mid)?.remote_extmap();
+    if track.kind != MediaKind::Audio
+        || track.layers.len() > 1
+        || extensions.id_of(Extension::TransportSequenceNumber).is_some()
+    {
+        return None;
+    }
+    let params = track.codecs.iter().find(|(pt, _)| **pt == header.pt)?.1;
+    let level = extensions.id_of(Extension::AudioLevel);
+    Some((track_id, (params.spec().clock_rate.get(), level)))
 }
 
 /// Runs `f` on one session's WebRTC stack (str0m). A panic in there is a bug

@@ -112,41 +112,46 @@ pub(crate) fn is_rtcp(datagram: &[u8]) -> bool {
     datagram.len() >= 8 && datagram[0] >> 6 == 2 && (192..=223).contains(&datagram[1])
 }
 
+/// The packets of a compound RTCP packet (RFC 3550 §6.1), without their
+/// padding. Parsing stops at the first malformed packet.
+pub(crate) fn rtcp_packets(compound: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
+    let mut rest = compound;
+    std::iter::from_fn(move || {
+        if rest.len() < 4 || rest[0] >> 6 != 2 {
+            return None;
+        }
+        let len = (usize::from(u16::from_be_bytes([rest[2], rest[3]])) + 1) * 4;
+        if len > rest.len() {
+            return None;
+        }
+        let (mut packet, next) = rest.split_at(len);
+        rest = next;
+        if packet[0] & 0x20 != 0 {
+            // Padding: its last byte counts the bytes to drop.
+            let padding = usize::from(packet[len - 1]);
+            packet = &packet[..len.saturating_sub(padding).max(4)];
+        }
+        Some(packet)
+    })
+}
+
 /// The (media SSRC, sequence number) pairs the generic NACKs of a compound
 /// RTCP packet ask for. Parsing stops at the first malformed packet.
 pub(crate) fn nacks(compound: &[u8]) -> impl Iterator<Item = (u32, u16)> + '_ {
-    let mut rest = compound;
-    std::iter::from_fn(move || {
-        loop {
-            if rest.len() < 4 || rest[0] >> 6 != 2 {
-                return None;
-            }
-            let len = (usize::from(u16::from_be_bytes([rest[2], rest[3]])) + 1) * 4;
-            if len > rest.len() {
-                return None;
-            }
-            let (mut packet, next) = rest.split_at(len);
-            rest = next;
-            if packet[0] & 0x20 != 0 {
-                // Padding: its last byte counts the bytes to drop.
-                let padding = usize::from(packet[len - 1]);
-                packet = &packet[..len.saturating_sub(padding).max(4)];
-            }
-            // RTPFB (205), FMT 1: sender SSRC, media SSRC, then (PID, BLP) pairs.
-            if packet[1] == 205 && packet[0] & 0x1f == 1 && packet.len() >= 12 {
-                let media = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
-                return Some(packet[12..].chunks_exact(4).flat_map(move |fci| {
-                    let pid = u16::from_be_bytes([fci[0], fci[1]]);
-                    let blp = u16::from_be_bytes([fci[2], fci[3]]);
-                    let lost = (0..16u16).filter(move |bit| blp & (1 << bit) != 0);
-                    std::iter::once(pid)
-                        .chain(lost.map(move |bit| pid.wrapping_add(bit + 1)))
-                        .map(move |seq| (media, seq))
-                }));
-            }
-        }
-    })
-    .flatten()
+    rtcp_packets(compound)
+        // RTPFB (205), FMT 1: sender SSRC, media SSRC, then (PID, BLP) pairs.
+        .filter(|packet| packet[1] == 205 && packet[0] & 0x1f == 1 && packet.len() >= 12)
+        .flat_map(|packet| {
+            let media = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+            packet[12..].chunks_exact(4).flat_map(move |fci| {
+                let pid = u16::from_be_bytes([fci[0], fci[1]]);
+                let blp = u16::from_be_bytes([fci[2], fci[3]]);
+                let lost = (0..16u16).filter(move |bit| blp & (1 << bit) != 0);
+                std::iter::once(pid)
+                    .chain(lost.map(move |bit| pid.wrapping_add(bit + 1)))
+                    .map(move |seq| (media, seq))
+            })
+        })
 }
 
 #[cfg(test)]

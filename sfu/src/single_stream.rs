@@ -19,13 +19,13 @@
 //! `handle_timeout` runs [`Sfu::run_mixers`], `poll_timeout` includes
 //! `next_mix`, `remove_session` calls [`Sfu::mix_leave`].
 
-use crate::{DropReason, RoomId, SessionId, Sfu, SfuError, SfuEvent, ShardStats, TrackId};
+use crate::{DropReason, Incoming, RoomId, SessionId, Sfu, SfuError, SfuEvent, ShardStats, TrackId};
 use mixer::{InputId, ListenerId, Mixer, MixerConfig, MixerStats};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid, Pt};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::rtp::{ExtensionValues, RtpWrite};
 
 /// First sequence number of a mixed stream: below 2^15 so the SRTP roll-over counter starts at 0.
 const FIRST_SEQ: u64 = 1000;
@@ -53,14 +53,13 @@ impl RoomMix {
     }
 
     /// An opus packet of one of the room's audio tracks.
-    pub(crate) fn feed(&mut self, now: Instant, track: TrackId, packet: &RtpPacket) {
-        let ext = &packet.header.ext_vals;
+    pub(crate) fn feed(&mut self, now: Instant, track: TrackId, packet: &Incoming) {
         self.mixer.handle_packet(
             now,
             InputId(track.0),
-            *packet.seq_no,
-            ext.audio_level,
-            ext.voice_activity,
+            packet.seq,
+            packet.ext.audio_level,
+            packet.ext.voice_activity,
             &packet.payload,
         );
     }

@@ -11,7 +11,7 @@
 //!
 //! - **Keys.** [`build_rtc`] gives str0m a DTLS provider that wraps its own and
 //!   copies the keying material the handshake exports (RFC 5764 §4.2) into the
-//!   session's [`KeySlot`]; [`SrtpSender`] derives the session key and salt
+//!   session's [`KeySlot`]; [`Ciphers`] derives the session key and salt
 //!   from it (RFC 3711 §4.3, AES-CM PRF).
 //! - **Retransmission.** Video we seal is remembered ([`crate::nack`]); the
 //!   subscriber's SRTCP is opened with its key ([`SrtcpOpener`], RFC 7714 §9)
@@ -73,29 +73,38 @@ struct Keying {
 }
 
 impl KeySlot {
-    /// Our sending half of the session's SRTP keys and the peer's SRTCP
-    /// half, if the handshake is done and the profile is one we seal ourselves.
-    fn ciphers(&self) -> Option<(SrtpSender, SrtcpOpener)> {
+    /// Our halves of the session's SRTP and SRTCP keys and the peer's, if
+    /// the handshake is done and the profile is one we seal ourselves.
+    fn ciphers(&self) -> Option<Ciphers> {
         let keying = self.0.keys.get()?;
         let srtp = provider().srtp_provider;
         match keying.profile {
-            SrtpProfile::AEAD_AES_128_GCM => {
-                let (key, salt) = keying.session::<16>(srtp, keying.client, RTP_LABELS)?;
-                let sender = SrtpSender::aes_128_gcm(srtp, key, salt);
-                let (key, salt) = keying.session::<16>(srtp, !keying.client, RTCP_LABELS)?;
-                let cipher = Aead::Aes128(srtp.aead_aes_128_gcm().create_cipher(key, false));
-                Some((sender, SrtcpOpener::new(cipher, salt)))
-            }
-            SrtpProfile::AEAD_AES_256_GCM => {
-                let (key, salt) = keying.session::<32>(srtp, keying.client, RTP_LABELS)?;
-                let sender = SrtpSender::aes_256_gcm(srtp, key, salt);
-                let (key, salt) = keying.session::<32>(srtp, !keying.client, RTCP_LABELS)?;
-                let cipher = Aead::Aes256(srtp.aead_aes_256_gcm().create_cipher(key, false));
-                Some((sender, SrtcpOpener::new(cipher, salt)))
-            }
+            SrtpProfile::AEAD_AES_128_GCM => Some(Ciphers {
+                sender: keying.aead::<16>(srtp, keying.client, RTP_LABELS, true)?,
+                rtcp_opener: SrtcpOpener::new(keying.aead::<16>(srtp, !keying.client, RTCP_LABELS, false)?),
+                opener: keying.aead::<16>(srtp, !keying.client, RTP_LABELS, false)?,
+                rtcp_sealer: SrtcpSealer::new(keying.aead::<16>(srtp, keying.client, RTCP_LABELS, true)?),
+            }),
+            SrtpProfile::AEAD_AES_256_GCM => Some(Ciphers {
+                sender: keying.aead::<32>(srtp, keying.client, RTP_LABELS, true)?,
+                rtcp_opener: SrtcpOpener::new(keying.aead::<32>(srtp, !keying.client, RTCP_LABELS, false)?),
+                opener: keying.aead::<32>(srtp, !keying.client, RTP_LABELS, false)?,
+                rtcp_sealer: SrtcpSealer::new(keying.aead::<32>(srtp, keying.client, RTCP_LABELS, true)?),
+            }),
             _ => None,
         }
     }
+}
+
+/// One session's ciphers, each with its session key and salt: our SRTP and
+/// SRTCP, and the peer's.
+pub(crate) struct Ciphers {
+    /// Seals our RTP.
+    pub(crate) sender: Cipher,
+    /// Opens the peer's RTP.
+    pub(crate) opener: Cipher,
+    pub(crate) rtcp_opener: SrtcpOpener,
+    pub(crate) rtcp_sealer: SrtcpSealer,
 }
 
 impl Keying {
@@ -126,6 +135,26 @@ impl Keying {
             derive(srtp, &master, &master_salt, key),
             derive(srtp, &master, &master_salt, salt),
         ))
+    }
+}
+
+impl Keying {
+    /// An AES-GCM cipher (AES-128 or AES-256 by `KEY`) with the session key
+    /// and salt of one side (`client`) under `labels`, for sealing or opening.
+    fn aead<const KEY: usize>(
+        &self,
+        srtp: &dyn SrtpProvider,
+        client: bool,
+        labels: (u8, u8),
+        encrypt: bool,
+    ) -> Option<Cipher> {
+        let (key, salt) = self.session::<KEY>(srtp, client, labels)?;
+        let aead = if let Ok(key) = <[u8; 16]>::try_from(&key[..]) {
+            Aead::Aes128(srtp.aead_aes_128_gcm().create_cipher(key, encrypt))
+        } else {
+            Aead::Aes256(srtp.aead_aes_256_gcm().create_cipher(key[..].try_into().ok()?, encrypt))
+        };
+        Some(Cipher { aead, salt })
     }
 }
 
@@ -160,9 +189,10 @@ fn derive<const N: usize>(srtp: &dyn SrtpProvider, master_key: &[u8], master_sal
     out
 }
 
-/// Seals RTP packets of one session with its SRTP key (our direction).
-pub(crate) struct SrtpSender {
-    cipher: Aead,
+/// AES-GCM under one session key and salt (RFC 7714): one direction's SRTP
+/// or SRTCP.
+pub(crate) struct Cipher {
+    aead: Aead,
     salt: [u8; 12],
 }
 
@@ -174,15 +204,30 @@ enum Aead {
 /// The AEAD tag appended to each packet (RFC 7714 §7).
 pub(crate) const TAG_LEN: usize = 16;
 
-impl SrtpSender {
-    fn aes_128_gcm(srtp: &dyn SrtpProvider, key: [u8; 16], salt: [u8; 12]) -> Self {
-        let cipher = Aead::Aes128(srtp.aead_aes_128_gcm().create_cipher(key, true));
-        Self { cipher, salt }
+impl Cipher {
+    /// The IV (RFC 7714 §8.1, §9.1): 00 00 | SSRC | the 48-bit index, XOR the salt.
+    fn iv(&self, ssrc: u32, index: u64) -> [u8; 12] {
+        let mut iv = [0u8; 12];
+        iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+        iv[6..12].copy_from_slice(&index.to_be_bytes()[2..]);
+        for (byte, salt) in iv.iter_mut().zip(self.salt) {
+            *byte ^= salt;
+        }
+        iv
     }
 
-    fn aes_256_gcm(srtp: &dyn SrtpProvider, key: [u8; 32], salt: [u8; 12]) -> Self {
-        let cipher = Aead::Aes256(srtp.aead_aes_256_gcm().create_cipher(key, true));
-        Self { cipher, salt }
+    fn encrypt(&mut self, iv: &[u8; 12], aad: &[u8], plain: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
+        match &mut self.aead {
+            Aead::Aes128(cipher) => cipher.encrypt(iv, aad, plain, out),
+            Aead::Aes256(cipher) => cipher.encrypt(iv, aad, plain, out),
+        }
+    }
+
+    fn decrypt(&mut self, iv: &[u8; 12], aad: &[&[u8]], sealed: &[u8], out: &mut [u8]) -> Result<usize, CryptoError> {
+        match &mut self.aead {
+            Aead::Aes128(cipher) => cipher.decrypt(iv, aad, sealed, out),
+            Aead::Aes256(cipher) => cipher.decrypt(iv, aad, sealed, out),
+        }
     }
 
     /// Encrypts `payload` behind the RTP header already in `packet` (which
@@ -195,19 +240,25 @@ impl SrtpSender {
         ssrc: u32,
         index: u64,
     ) -> Result<(), CryptoError> {
-        let mut iv = [0u8; 12];
-        iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
-        iv[6..12].copy_from_slice(&index.to_be_bytes()[2..]);
-        for (byte, salt) in iv.iter_mut().zip(self.salt) {
-            *byte ^= salt;
-        }
+        let iv = self.iv(ssrc, index);
         let header_len = packet.len();
         packet.resize(header_len + payload.len() + TAG_LEN, 0);
         let (header, body) = packet.split_at_mut(header_len);
-        match &mut self.cipher {
-            Aead::Aes128(cipher) => cipher.encrypt(&iv, header, payload, body),
-            Aead::Aes256(cipher) => cipher.encrypt(&iv, header, payload, body),
-        }
+        self.encrypt(&iv, header, payload, body)
+    }
+
+    /// Decrypts the payload of an SRTP `packet` whose header (the associated
+    /// data) is its first `header_len` bytes, under `index`, into `out`:
+    /// `false` unless it is authentic.
+    pub(crate) fn open(&mut self, packet: &[u8], header_len: usize, ssrc: u32, index: u64, out: &mut Vec<u8>) -> bool {
+        let Some(len) = packet.len().checked_sub(header_len + TAG_LEN) else {
+            return false;
+        };
+        let iv = self.iv(ssrc, index);
+        let (header, sealed) = packet.split_at(header_len);
+        out.clear();
+        out.resize(len, 0);
+        matches!(self.decrypt(&iv, &[header], sealed, out), Ok(n) if n == len)
     }
 }
 
@@ -215,8 +266,7 @@ impl SrtpSender {
 /// with replay protection (RFC 3711 §3.3.2): we act on it (resends) before
 /// str0m has checked it, and a replayed NACK must not make us send again.
 pub(crate) struct SrtcpOpener {
-    cipher: Aead,
-    salt: [u8; 12],
+    cipher: Cipher,
     /// Replay windows by sender SSRC (each SSRC numbers its own SRTCP).
     windows: Vec<ReplayWindow>,
 }
@@ -255,10 +305,9 @@ impl ReplayWindow {
 const SRTCP_INDEX_LEN: usize = 4;
 
 impl SrtcpOpener {
-    fn new(cipher: Aead, salt: [u8; 12]) -> Self {
+    fn new(cipher: Cipher) -> Self {
         Self {
             cipher,
-            salt,
             windows: Vec::new(),
         }
     }
@@ -294,27 +343,17 @@ impl SrtcpOpener {
         if trailer[0] & 0x80 == 0 {
             return false; // not encrypted: nothing a browser sends
         }
-        // IV: 00 00 | SSRC | 00 00 | index, XOR the salt; AAD: the first
-        // 8 bytes and the E flag with the index.
-        let mut iv = [0u8; 12];
-        iv[2..6].copy_from_slice(&head[4..8]);
-        iv[8..12].copy_from_slice(trailer);
-        iv[8] &= 0x7f;
-        for (byte, salt) in iv.iter_mut().zip(self.salt) {
-            *byte ^= salt;
-        }
+        let ssrc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        let index = u32::from_be_bytes([trailer[0] & 0x7f, trailer[1], trailer[2], trailer[3]]);
+        // AAD: the first 8 bytes and the E flag with the index.
+        let iv = self.cipher.iv(ssrc, index.into());
         out.clear();
         out.extend_from_slice(head);
         out.resize(8 + sealed.len(), 0);
         let mut aad = [0u8; 12];
         aad[..8].copy_from_slice(head);
         aad[8..].copy_from_slice(trailer);
-        let opened = match &mut self.cipher {
-            Aead::Aes128(cipher) => cipher.decrypt(&iv, &[&aad], sealed, &mut out[8..]),
-            Aead::Aes256(cipher) => cipher.decrypt(&iv, &[&aad], sealed, &mut out[8..]),
-        };
-        let ssrc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-        let index = u32::from_be_bytes([trailer[0] & 0x7f, trailer[1], trailer[2], trailer[3]]);
+        let opened = self.cipher.decrypt(&iv, &[&aad], sealed, &mut out[8..]);
         match opened {
             Ok(n) if n <= body_len && self.fresh(ssrc, index) => {
                 out.truncate(8 + n);
@@ -325,7 +364,49 @@ impl SrtcpOpener {
     }
 }
 
-/// A session's sealing of forwarded media: its keys, our ciphers once they
+/// Seals our own RTCP (the receiver reports of [`crate::ingress`]) as SRTCP
+/// (RFC 7714 §9), numbering it with its own SRTCP index. Only one sender
+/// SSRC may use it: str0m seals its RTCP with the same key, under its own
+/// SSRCs and indices, so ours must never be one of those.
+pub(crate) struct SrtcpSealer {
+    cipher: Cipher,
+    /// The next SRTCP index (31 bits).
+    index: u32,
+}
+
+impl SrtcpSealer {
+    fn new(cipher: Cipher) -> Self {
+        Self { cipher, index: 0 }
+    }
+
+    /// `compound` (first packet's sender SSRC at bytes 4..8) as SRTCP: the
+    /// first 8 bytes clear, the rest encrypted, the tag, then the E flag and
+    /// the index. `None` once 2^31 packets were sealed.
+    pub(crate) fn seal(&mut self, compound: &[u8]) -> Option<Vec<u8>> {
+        if compound.len() < 8 || self.index > 0x7fff_ffff {
+            return None;
+        }
+        let index = self.index;
+        self.index += 1;
+        let ssrc = u32::from_be_bytes([compound[4], compound[5], compound[6], compound[7]]);
+        let trailer = (index | 0x8000_0000).to_be_bytes();
+        let iv = self.cipher.iv(ssrc, index.into());
+        let mut aad = [0u8; 12];
+        aad[..8].copy_from_slice(&compound[..8]);
+        aad[8..].copy_from_slice(&trailer);
+        let mut packet = vec![0u8; compound.len() + TAG_LEN + trailer.len()];
+        packet[..8].copy_from_slice(&compound[..8]);
+        let body = compound.len() - 8 + TAG_LEN;
+        self.cipher
+            .encrypt(&iv, &aad, &compound[8..], &mut packet[8..8 + body])
+            .ok()?;
+        packet[8 + body..].copy_from_slice(&trailer);
+        Some(packet)
+    }
+}
+
+/// A session's SRTP done by the SFU: forwarded media sealed, publishers'
+/// audio opened (see [`crate::ingress`]). Its keys, our ciphers once they
 /// are known, and where its media goes.
 pub(crate) struct Sealer {
     keys: KeySlot,
@@ -413,9 +494,10 @@ impl Sealer {
 
     fn seal_now(&mut self, stream: &DirectStream, packet: &Forwarded<'_>) -> Option<Transmit> {
         let (source, destination) = self.route?;
-        let (sender, _) = self.path.ciphers(&self.keys)?;
+        let ciphers = self.path.ciphers(&self.keys)?;
         let mut datagram = stream.header(packet);
-        sender
+        ciphers
+            .sender
             .seal(&mut datagram, &packet.payload[..], stream.ssrc, packet.head.seq)
             .ok()?;
         Some(Transmit {
@@ -429,10 +511,42 @@ impl Sealer {
     /// The plain compound RTCP in an SRTCP datagram from the peer, if it is
     /// authentic and we hold the keys (str0m is given the datagram as well).
     pub(crate) fn open_rtcp(&mut self, datagram: &[u8]) -> Option<&[u8]> {
-        let (_, opener) = self.path.ciphers(&self.keys)?;
-        opener
+        let ciphers = self.path.ciphers(&self.keys)?;
+        ciphers
+            .rtcp_opener
             .open(datagram, &mut self.opened)
             .then_some(self.opened.as_slice())
+    }
+
+    /// Whether we hold keys of ours to open the peer's SRTP with.
+    pub(crate) fn opens(&mut self) -> bool {
+        self.path.ciphers(&self.keys).is_some()
+    }
+
+    /// Decrypts the peer's SRTP `packet` (see [`Cipher::open`]) into `out`:
+    /// `None` while we hold no keys of ours (then str0m opens it).
+    pub(crate) fn open_rtp(
+        &mut self,
+        packet: &[u8],
+        header_len: usize,
+        ssrc: u32,
+        index: u64,
+        out: &mut Vec<u8>,
+    ) -> Option<bool> {
+        let ciphers = self.path.ciphers(&self.keys)?;
+        Some(ciphers.opener.open(packet, header_len, ssrc, index, out))
+    }
+
+    /// Our own RTCP `compound`, sealed for the peer's nominated address.
+    pub(crate) fn seal_rtcp(&mut self, compound: &[u8]) -> Option<Transmit> {
+        let (source, destination) = self.route?;
+        let contents = self.path.ciphers(&self.keys)?.rtcp_sealer.seal(compound)?;
+        Some(Transmit {
+            proto: Protocol::Udp,
+            source,
+            destination,
+            contents: contents.into(),
+        })
     }
 
     /// The packets of `stream` a NACK asks for (see [`nack`]), sealed again
@@ -454,15 +568,15 @@ impl Sealer {
 enum Path {
     /// The DTLS handshake has not exported keys yet.
     Pending,
-    /// We seal with this sender and open the peer's SRTCP with this opener.
-    Ours(Box<(SrtpSender, SrtcpOpener)>),
+    /// We seal and open with these.
+    Ours(Box<Ciphers>),
     /// The profile is one we leave to str0m.
     Str0m,
 }
 
 impl Path {
     /// Our ciphers, once the keys are there and the profile is ours.
-    fn ciphers(&mut self, keys: &KeySlot) -> Option<&mut (SrtpSender, SrtcpOpener)> {
+    fn ciphers(&mut self, keys: &KeySlot) -> Option<&mut Ciphers> {
         if keys.0.rekeyed.load(Ordering::Relaxed) {
             *self = Path::Str0m;
         }
@@ -700,35 +814,66 @@ mod tests {
 
     /// RFC 7714 §16's packet (header, then "Gallia est omnis divisa in
     /// partes tres") sealed by `sender`, against the RFC's `expected`.
-    fn seals_the_rfc_7714_packet(mut sender: SrtpSender, expected: &str) {
+    /// ... and opened again by `opener` (same key), but not under another index.
+    fn seals_the_rfc_7714_packet(mut sender: Cipher, mut opener: Cipher, expected: &str) {
         let mut packet = hex("8040f17b8041f8d35501a0b2");
         let payload = hex("47616c6c696120657374206f6d6e69732064697669736120696e207061727465732074726573");
         sender.seal(&mut packet, &payload, 0x5501a0b2, 0xf17b).expect("sealed");
         assert_eq!(packet, hex(expected));
+        let mut plain = Vec::new();
+        assert!(opener.open(&packet, 12, 0x5501a0b2, 0xf17b, &mut plain));
+        assert_eq!(plain, payload);
+        assert!(
+            !opener.open(&packet, 12, 0x5501a0b2, 0x1_f17b, &mut plain),
+            "another ROC"
+        );
+        let mut forged = packet.clone();
+        forged[3] ^= 1;
+        assert!(
+            !opener.open(&forged, 12, 0x5501a0b2, 0xf17b, &mut plain),
+            "header changed"
+        );
+        assert!(
+            !opener.open(&packet[..20], 12, 0x5501a0b2, 0xf17b, &mut plain),
+            "truncated"
+        );
+    }
+
+    fn gcm(key: &str, encrypt: bool) -> Cipher {
+        let srtp = provider().srtp_provider;
+        let key = hex(key);
+        let aead = match key.len() {
+            16 => Aead::Aes128(
+                srtp.aead_aes_128_gcm()
+                    .create_cipher(key.try_into().expect("16"), encrypt),
+            ),
+            _ => Aead::Aes256(
+                srtp.aead_aes_256_gcm()
+                    .create_cipher(key.try_into().expect("32"), encrypt),
+            ),
+        };
+        let salt = hex(RFC_7714_SALT).try_into().expect("12 bytes");
+        Cipher { aead, salt }
     }
 
     const RFC_7714_SALT: &str = "517569642070726f2071756f";
 
     #[test]
     fn sealing_matches_rfc_7714_16_1() {
-        let key = hex("000102030405060708090a0b0c0d0e0f").try_into().expect("16 bytes");
-        let salt = hex(RFC_7714_SALT).try_into().expect("12 bytes");
-        let sender = SrtpSender::aes_128_gcm(provider().srtp_provider, key, salt);
+        let key = "000102030405060708090a0b0c0d0e0f";
         seals_the_rfc_7714_packet(
-            sender,
+            gcm(key, true),
+            gcm(key, false),
             "8040f17b8041f8d35501a0b2f24de3a3fb34de6cacba861c9d7e4bcabe633bd50d294e6f42a5f47a51c7d19b36de3adf8833899d7f27beb16a9152cf765ee4390cce",
         );
     }
 
     #[test]
     fn sealing_matches_rfc_7714_16_2() {
-        let key = hex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
-            .try_into()
-            .expect("32 bytes");
-        let salt = hex(RFC_7714_SALT).try_into().expect("12 bytes");
-        let sender = SrtpSender::aes_256_gcm(provider().srtp_provider, key, salt);
+        let key = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
         seals_the_rfc_7714_packet(
-            sender,
+            gcm(key, true),
+            gcm(key, false),
             "8040f17b8041f8d35501a0b232b1de78a822fe12ef9f78fa332e33aab18012389a58e2f3b50b2a0276ffae0f1ba63799b87b7aa3db36dfffd6b0f9bb7878d7a76c13",
         );
     }
@@ -859,8 +1004,8 @@ mod tests {
     #[test]
     fn srtcp_opens_once_per_index_and_only_if_authentic() {
         let (key, salt) = ([7u8; 16], [9u8; 12]);
-        let cipher = || Aead::Aes128(provider().srtp_provider.aead_aes_128_gcm().create_cipher(key, false));
-        let mut opener = SrtcpOpener::new(cipher(), salt);
+        let aead = Aead::Aes128(provider().srtp_provider.aead_aes_128_gcm().create_cipher(key, false));
+        let mut opener = SrtcpOpener::new(Cipher { aead, salt });
         // A receiver report, then a NACK.
         let compound = [
             0x80, 201, 0, 1, 0, 0, 0, 9, 0x81, 205, 0, 3, 0, 0, 0, 9, 0, 0, 0, 7, 0, 5, 0, 0,
@@ -890,6 +1035,12 @@ mod tests {
             "its own first index"
         );
         assert!(!opener.open(&srtcp(key, salt, &other, 1), &mut out), "a replay");
+        // Our sealer's packets are what the reference above makes, numbered from 0.
+        let aead = Aead::Aes128(provider().srtp_provider.aead_aes_128_gcm().create_cipher(key, true));
+        let mut sealer = SrtcpSealer::new(Cipher { aead, salt });
+        assert_eq!(sealer.seal(&compound), Some(srtcp(key, salt, &compound, 0)));
+        assert_eq!(sealer.seal(&compound), Some(srtcp(key, salt, &compound, 1)));
+        assert_eq!(sealer.seal(&compound[..4]), None, "no sender SSRC");
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub struct ShardStats {
     pub packets_forwarded: u64,
     /// Of those, packets the SFU sealed itself instead of str0m.
     pub packets_sealed: u64,
+    /// Packets from publishers the SFU opened itself instead of str0m (audio).
+    pub packets_opened: u64,
     /// Packets sealed again for a subscriber's NACK (str0m's own resends aside).
     pub packets_resent: u64,
     pub keyframe_requests: u64,

@@ -676,17 +676,18 @@ fn forwarded_video_is_not_held_back_by_pacing() {
     }
 }
 
-#[test]
-fn replayed_media_is_not_forwarded_twice() {
+/// Alice's SRTP datagrams to the SFU injected again, each three times: not
+/// one is forwarded again. Returns how many were injected.
+fn replays_are_not_forwarded(join: fn(&mut World, &str) -> usize) -> u64 {
     let mut world = World::new();
-    let alice = world.join("alice");
-    world.join("bob");
+    let alice = join(&mut world, "alice");
+    join(&mut world, "bob");
     world.run(Duration::from_secs(2));
     // Capture a few of alice's SRTP datagrams to the SFU as they pass.
     let captured = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
     let (sfu, alice_addr, sink) = (world.sfu_addr, world.clients[alice].addr, captured.clone());
     world.loss = Some(Box::new(move |src, dst, data| {
-        if src == alice_addr && dst == sfu && data.len() > 12 && data[0] >> 6 == 2 {
+        if src == alice_addr && dst == sfu && is_rtp(data) {
             sink.borrow_mut().push(data.to_vec());
         }
         false
@@ -696,6 +697,7 @@ fn replayed_media_is_not_forwarded_twice() {
     let replays = captured.borrow().clone();
     assert!(replays.len() > 5, "captured {}", replays.len());
     let forwarded = world.sfu.stats().packets_forwarded;
+    let rejected = world.sfu.stats().drops(DropReason::Rejected);
     for datagram in &replays {
         for _ in 0..3 {
             world.inject(alice_addr, datagram);
@@ -706,11 +708,81 @@ fn replayed_media_is_not_forwarded_twice() {
         forwarded,
         "SRTP replay protection drops them"
     );
+    let injected = world.sfu.stats().drops(DropReason::Rejected) - rejected;
     world.run(Duration::from_secs(1));
     assert!(
         world.sfu.stats().packets_forwarded > forwarded + 50,
         "alice's live media still flows"
     );
+    injected
+}
+
+fn is_rtp(data: &[u8]) -> bool {
+    data.len() > 12 && data[0] >> 6 == 2 && !(192..=223).contains(&data[1])
+}
+
+#[test]
+fn replayed_media_is_not_forwarded_twice() {
+    replays_are_not_forwarded(World::join);
+}
+
+#[test]
+fn replayed_audio_the_sfu_opens_itself_is_a_counted_drop() {
+    let injected = replays_are_not_forwarded(World::join_audio_only);
+    assert!(injected >= 15, "each replay is counted as rejected: {injected}");
+}
+
+#[test]
+fn voice_callers_audio_is_opened_by_the_sfu_which_reports_on_it() {
+    let mut world = World::new();
+    let alice = world.join_audio_only("alice");
+    let bob = world.join_audio_only("bob");
+    // Every tenth of alice's RTP datagrams to the SFU is lost.
+    let (sfu, alice_addr) = (world.sfu_addr, world.clients[alice].addr);
+    let mut n = 0u64;
+    world.loss = Some(Box::new(move |src, dst, data| {
+        if src == alice_addr && dst == sfu && is_rtp(data) {
+            n += 1;
+            return n.is_multiple_of(10);
+        }
+        false
+    }));
+    world.run(Duration::from_millis(17_500));
+    let stats = world.sfu.stats();
+    // ~870 a caller in 17.5 s: all opened by the SFU, none by str0m's path.
+    assert!(stats.packets_opened > 1_500, "opened {}", stats.packets_opened);
+    assert_eq!(stats.packets_forwarded, stats.packets_opened);
+    assert_eq!(stats.drops(DropReason::Rejected), 0);
+    let heard = world.received_from(bob)[&(user("alice"), MediaKind::Audio)]
+        .packets
+        .len();
+    let said = world.received_from(alice)[&(user("bob"), MediaKind::Audio)]
+        .packets
+        .len();
+    assert!(said > 800, "alice heard {said} of bob's");
+    let ratio = heard as f64 / said as f64;
+    assert!(
+        (0.85..0.95).contains(&ratio),
+        "bob heard {heard}: 90 % of what alice sent"
+    );
+    // Each caller's str0m read the SFU's receiver reports on what it sent.
+    let audio = |i: usize| {
+        let mid = world.clients[i].own_mids.0;
+        world.clients[i].egress.get(&mid).cloned().expect("egress stats")
+    };
+    let (to_alice, to_bob) = (audio(alice), audio(bob));
+    let remote = to_alice.remote.expect("alice got a report on her audio");
+    let sent = *remote.maximum_sequence_number;
+    // Reports 1, 6, 11 and 16 s after the first packet.
+    assert!(sent > 700, "the last report covers what was sent: {sent}");
+    let lost = remote.packets_lost as f64 / sent as f64;
+    assert!((0.08..0.12).contains(&lost), "cumulative loss {lost}: a tenth");
+    let fraction = to_alice.loss.expect("a fraction lost");
+    assert!((0.06..0.14).contains(&fraction), "fraction lost {fraction}");
+    assert_eq!(to_bob.remote.expect("bob got a report").packets_lost, 0);
+    // The SFU echoed their sender reports: a round trip of twice the latency.
+    let rtt = to_bob.rtt.expect("an RTT from LSR/DLSR");
+    assert!(rtt >= 2 * common::LATENCY && rtt < 3 * common::LATENCY, "rtt {rtt:?}");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite, VideoOrientation};
+use str0m::stats::MediaEgressStats;
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 use switchboard_sfu::{OwnLines, Participant, RoomId, SessionId, Sfu, SfuConfig, SfuEvent, StreamInfo};
 
@@ -96,6 +97,9 @@ pub struct Client {
     /// Sends nonsense through real SRTP instead of media (see `World::send_chaos`).
     pub chaos: bool,
     chaos_state: u64,
+    /// The last statistics of what it sends, per m-line (from the RTCP it
+    /// got), with the last fraction lost reported.
+    pub egress: BTreeMap<Mid, MediaEgressStats>,
 }
 
 /// Decoded audio of one m-line, with when each packet's samples arrived.
@@ -152,6 +156,7 @@ fn client_config() -> RtcConfig {
         .clear_codecs()
         .enable_opus(true, false)
         .enable_vp8(true)
+        .set_stats_interval(Some(Duration::from_secs(1)))
 }
 
 impl World {
@@ -181,15 +186,20 @@ impl World {
 
     /// Joins with `simulcast` video (layers "h" and "l").
     pub fn join_with(&mut self, name: &str, simulcast: bool) -> usize {
-        self.join_directed(name, simulcast, Direction::SendRecv)
+        self.join_directed(name, simulcast, Direction::SendRecv, true)
     }
 
     /// Joins only to receive (its m-lines are receive-only; it publishes nothing).
     pub fn join_receive_only(&mut self, name: &str) -> usize {
-        self.join_directed(name, false, Direction::RecvOnly)
+        self.join_directed(name, false, Direction::RecvOnly, true)
     }
 
-    fn join_directed(&mut self, name: &str, simulcast: bool, direction: Direction) -> usize {
+    /// Joins with an audio m-line alone (a voice call).
+    pub fn join_audio_only(&mut self, name: &str) -> usize {
+        self.join_directed(name, false, Direction::SendRecv, false)
+    }
+
+    fn join_directed(&mut self, name: &str, simulcast: bool, direction: Direction, with_video: bool) -> usize {
         let index = self.clients.len();
         let addr = client_addr(index);
         let mut rtc = client_config().build(self.now);
@@ -203,7 +213,11 @@ impl World {
             layers.add_send_layer(SimulcastLayer::new("l"));
             layers
         });
-        let video = api.add_media(MediaKind::Video, direction, Some(stream), None, layers);
+        let video = if with_video {
+            api.add_media(MediaKind::Video, direction, Some(stream), None, layers)
+        } else {
+            Mid::from("none")
+        };
         let (offer, pending) = api.apply().expect("an offer");
         let participant = Participant {
             user_id: format!("@{name}:test"),
@@ -222,7 +236,9 @@ impl World {
         rtc.sdp_api()
             .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("answer"))
             .expect("accept");
-        self.add_client(name, rtc, addr, session, (audio, video), simulcast)
+        let index = self.add_client(name, rtc, addr, session, (audio, video), simulcast);
+        self.clients[index].send_video = with_video;
+        index
     }
 
     /// The SFU calls a client (the bot dialling out): the SFU's offer, the
@@ -298,6 +314,7 @@ impl World {
             junk_audio: false,
             chaos: false,
             chaos_state: 0x9e37_79b9_7f4a_7c15 ^ index as u64,
+            egress: BTreeMap::new(),
             listen: false,
             decoder: None,
             heard: Vec::new(),
@@ -412,6 +429,12 @@ impl World {
                     {
                         client.keyframe_requests += 1;
                         client.keyframe_due = true;
+                    }
+                    Event::MediaEgressStats(mut stats) => {
+                        // (Its loss is only there when a report came since the last.)
+                        let last = client.egress.get(&stats.mid).and_then(|s| s.loss);
+                        stats.loss = stats.loss.or(last);
+                        client.egress.insert(stats.mid, stats);
                     }
                     _ => {}
                 },
