@@ -222,7 +222,7 @@ fn render_sfu(out: &mut String, shards: &[ShardStats]) {
     if shards.is_empty() {
         return;
     }
-    let series: [ShardSeries; 15] = [
+    let series: [ShardSeries; 16] = [
         ("switchboard_sfu_sessions", Kind::Gauge, "WebRTC sessions.", |s| {
             s.sessions
         }),
@@ -262,6 +262,12 @@ fn render_sfu(out: &mut String, shards: &[ShardStats]) {
             Kind::Counter,
             "Forwarded packets the SFU encrypted itself (the rest go through str0m).",
             |s| s.packets_sealed,
+        ),
+        (
+            "switchboard_sfu_packets_opened_total",
+            Kind::Counter,
+            "Publishers' RTP packets the SFU decrypted itself (audio; the rest go through str0m).",
+            |s| s.packets_opened,
         ),
         (
             "switchboard_sfu_packets_resent_total",

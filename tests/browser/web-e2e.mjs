@@ -835,6 +835,50 @@ async function jsSdkCalls(ctx, browser, script) {
   }
   if (pageErrors.length) throw new Error(`matrix-js-sdk threw: ${pageErrors.join("; ")}`);
   for (const u of users) await u.page.evaluate(() => window.jsSdk.hangup());
+  await until("both calls to end", async () => (await Promise.all(users.map(status))).every((s) => s.state === "ended"));
+  await voiceCalls(users, status, ctx.url);
+}
+
+/**
+ * Voice calls to the bot: audio alone, which the SFU decrypts itself
+ * (sfu/src/ingress.rs) and reports on in RTCP receiver reports of its own.
+ * Each hears the other, the server says it opened their audio, and Chrome
+ * read the reports: its remote-inbound-rtp for its audio has a round-trip
+ * time, which only the reports' LSR/DLSR (echoing its sender reports) give.
+ */
+async function voiceCalls(users, status, url) {
+  const [amy, ben] = users;
+  const opened = async () => {
+    const text = await (await fetch(`${new URL(url).origin}/metrics`)).text();
+    return Number(text.match(/^switchboard_sfu_packets_opened_total(?:\{[^}]*\})? (\d+)/m)?.[1] || 0);
+  };
+  const before = await opened();
+  const room = await amy.page.evaluate((invite) => window.jsSdk.createRoom(invite), [ben.id, BOT]);
+  await ben.page.evaluate((r) => window.jsSdk.join(r), room);
+  await until("the bot to join the voice room", async () =>
+    (await amy.page.evaluate((r) => window.jsSdk.joinedMembers(r), room)).includes(BOT),
+  );
+  for (const u of users) {
+    await until(`${u.name}'s client to know the voice room`, () => u.page.evaluate((r) => window.jsSdk.knowsRoom(r), room));
+    await u.page.evaluate(([r, bot]) => window.jsSdk.placeCall(r, bot, true), [room, BOT]);
+  }
+  for (const u of users) {
+    let seen;
+    await until(`${u.name}'s voice call to connect, hear the other and read the SFU's reports on its audio`, async () => {
+      const s = await status(u);
+      if (s?.state === "ended") throw Object.assign(new Error(`${u.name}'s call ended: ${s.hangupReason}`), { fatal: true });
+      if (s?.state !== "connected") return false;
+      seen = await u.page.evaluate(() => window.jsSdk.audioReports());
+      return seen.packetsIn > 100 && seen.reports.some((r) => r.roundTripTime > 0 && r.packetsLost >= 0);
+    }, 45000).catch((e) => {
+      throw new Error(`${e.message}; saw ${JSON.stringify(seen)}`);
+    });
+    log(`${u.name} (matrix-js-sdk, voice call):`, JSON.stringify(seen));
+  }
+  const count = (await opened()) - before;
+  if (count < 200) throw new Error(`the SFU opened ${count} packets of the voice calls itself`);
+  log(`the SFU opened ${count} audio packets itself`);
+  for (const u of users) await u.page.evaluate(() => window.jsSdk.hangup());
 }
 
 // Scenario 2 (relay only, through our TURN relay) needs the relay in the binary.

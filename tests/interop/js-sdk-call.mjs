@@ -83,11 +83,33 @@ async function answerIncoming(roomId) {
   return true;
 }
 
-/** Places a video call to `invitee` (the bot) in `roomId`. */
-async function placeCall(roomId, invitee) {
+/** Places a video call (or a voice call) to `invitee` (the bot) in `roomId`. */
+async function placeCall(roomId, invitee, voice = false) {
   call = sdk.createNewMatrixCall(client, roomId, { invitee });
   if (!call) throw new Error("matrix-js-sdk cannot place calls in this browser");
-  await call.placeVideoCall();
+  await (voice ? call.placeVoiceCall() : call.placeVideoCall());
+}
+
+/**
+ * What the browser learnt of its own audio from the far end's receiver
+ * reports (remote-inbound-rtp), and the audio packets it received.
+ */
+async function audioReports() {
+  const stats = await call.peerConn.getStats();
+  const out = { packetsIn: 0, reports: [] };
+  stats.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "audio") out.packetsIn += s.packetsReceived || 0;
+    if (s.type === "remote-inbound-rtp" && s.kind === "audio") {
+      out.reports.push({
+        packetsLost: s.packetsLost,
+        fractionLost: s.fractionLost,
+        jitter: s.jitter,
+        roundTripTime: s.roundTripTime,
+        reportsReceived: s.reportsReceived,
+      });
+    }
+  });
+  return out;
 }
 
 /** The call as matrix-js-sdk sees it, and the bytes its peer connection received. */
@@ -159,6 +181,7 @@ window.jsSdk = {
   invites,
   answerIncoming,
   placeCall,
+  audioReports,
   status,
   shareScreen,
   stopScreenShare,
