@@ -26,6 +26,7 @@
 //!   our own (str0m numbers the SRTCP of its own SSRCs under the same key:
 //!   sharing one could reuse a nonce).
 
+use crate::TrackId;
 use crate::nack::rtcp_packets;
 use crate::srtp::Sealer;
 use std::time::{Duration, Instant};
@@ -123,8 +124,18 @@ impl<'a> Header<'a> {
     }
 }
 
+/// A stream we open: the track it is, its clock rate and the id of its
+/// audio level extension.
+#[derive(Clone, Copy)]
+pub(crate) struct Opens {
+    pub(crate) track: TrackId,
+    pub(crate) clock_rate: u32,
+    pub(crate) level_id: Option<u8>,
+}
+
 /// An RTP packet we opened.
 pub(crate) struct Opened<'a> {
+    pub(crate) track: TrackId,
     /// The extended sequence number (the SRTP index).
     pub(crate) seq: u64,
     pub(crate) level: Option<(i8, bool)>,
@@ -182,19 +193,18 @@ impl Ingress {
         }
     }
 
-    /// Decides a new SSRC: ours (receiving at `clock_rate`, its audio level
-    /// in extension `level_id`) if `ours` and there is room. Returns its
+    /// Decides a new SSRC: ours if it `opens` and there is room. Returns its
     /// route, and when the session's first report is due if this scheduled it.
     pub(crate) fn decide(
         &mut self,
         header: &Header<'_>,
-        ours: Option<(u32, Option<u8>)>,
+        opens: Option<Opens>,
         now: Instant,
     ) -> (Route, Option<Instant>) {
         if self.streams.len() == MAX_STREAMS {
             return (Route::Stack, None);
         }
-        let receiver = ours.map(|(clock_rate, level_id)| Receiver::new(header.seq, clock_rate, level_id));
+        let receiver = opens.map(|opens| Receiver::new(header.seq, opens));
         let route = if receiver.is_some() {
             Route::Ours(self.streams.len())
         } else {
@@ -241,11 +251,12 @@ impl Ingress {
         if !receiver.accept(index) {
             return Opening::Rejected;
         }
-        let arrival = now.saturating_duration_since(self.epoch).as_secs_f64() * f64::from(receiver.clock_rate);
+        let arrival = now.saturating_duration_since(self.epoch).as_secs_f64() * f64::from(receiver.opens.clock_rate);
         receiver.note_arrival(arrival as u64 as u32, header.timestamp);
         Opening::Opened(Opened {
+            track: receiver.opens.track,
             seq: index,
-            level: header.audio_level(receiver.level_id),
+            level: header.audio_level(receiver.opens.level_id),
             payload: &self.plain[..len],
         })
     }
@@ -301,9 +312,7 @@ impl Ingress {
 /// One stream we open: its SRTP index and replay window, and what RFC 3550
 /// Appendix A.3 and A.8 keep for its reports.
 pub(crate) struct Receiver {
-    clock_rate: u32,
-    /// The audio level extension's id on its m-line.
-    level_id: Option<u8>,
+    opens: Opens,
     /// The first index accepted.
     base: u64,
     /// The highest index accepted, and which of the 64 up to it were (bit
@@ -325,10 +334,9 @@ pub(crate) struct Receiver {
 }
 
 impl Receiver {
-    fn new(first_seq: u16, clock_rate: u32, level_id: Option<u8>) -> Self {
+    fn new(first_seq: u16, opens: Opens) -> Self {
         Self {
-            clock_rate: clock_rate.max(1),
-            level_id,
+            opens,
             // A sender's first rollover counter is 0 (RFC 3711 §3.3.1).
             base: u64::from(first_seq),
             highest: u64::from(first_seq),
@@ -422,6 +430,14 @@ impl Receiver {
 mod tests {
     use super::*;
 
+    fn opens(clock_rate: u32) -> Opens {
+        Opens {
+            track: TrackId(1),
+            clock_rate,
+            level_id: None,
+        }
+    }
+
     fn packet(seq: u16, extensions: &[u8]) -> Vec<u8> {
         let mut p = vec![0x80, 111];
         p.extend_from_slice(&seq.to_be_bytes());
@@ -461,7 +477,7 @@ mod tests {
 
     #[test]
     fn the_index_follows_the_sequence_across_rollovers_and_reordering() {
-        let mut r = Receiver::new(65_530, 48_000, None);
+        let mut r = Receiver::new(65_530, opens(48_000));
         assert_eq!(r.index(65_530), 65_530);
         assert!(r.accept(65_530));
         assert_eq!(r.index(5), 65_541, "past the rollover");
@@ -471,7 +487,7 @@ mod tests {
         assert!(!r.accept(65_535), "a replay");
         assert!(!r.accept(65_541 - 64), "too old to tell");
         assert_eq!(r.index(40_000), 40_000, "far behind: the roll before");
-        let fresh = Receiver::new(3, 48_000, None);
+        let fresh = Receiver::new(3, opens(48_000));
         assert_eq!(fresh.index(65_000), 65_000, "no roll below zero");
     }
 
@@ -481,7 +497,7 @@ mod tests {
         let mut ingress = Ingress::new(0x5eed, now);
         let first = packet(100, &[]);
         let header = Header::parse(&first).expect("a header");
-        let (route, scheduled) = ingress.decide(&header, Some((48_000, None)), now);
+        let (route, scheduled) = ingress.decide(&header, Some(opens(48_000)), now);
         assert!(matches!(route, Route::Ours(0)));
         assert_eq!(scheduled, Some(now + FIRST_REPORT));
         let Some((_, Some(receiver))) = ingress.streams.get_mut(0) else {
@@ -517,14 +533,14 @@ mod tests {
 
     #[test]
     fn jitter_follows_rfc_3550_a8() {
-        let mut r = Receiver::new(0, 8_000, None);
+        let mut r = Receiver::new(0, opens(8_000));
         r.note_arrival(1_000, 0);
         r.note_arrival(1_160 + 16, 160); // 16 units late
         assert!((r.jitter - 1.0).abs() < 1e-9);
         r.note_arrival(1_320 + 16, 320); // steady: decays
         assert!((r.jitter - 15.0 / 16.0).abs() < 1e-9);
         // Across the timestamp's wrap.
-        let mut w = Receiver::new(0, 8_000, None);
+        let mut w = Receiver::new(0, opens(8_000));
         w.note_arrival(100, u32::MAX - 59);
         w.note_arrival(260 + 32, 100);
         assert!((w.jitter - 2.0).abs() < 1e-9);
@@ -536,7 +552,7 @@ mod tests {
         let mut ingress = Ingress::new(1, now);
         let first = packet(1, &[]);
         let header = Header::parse(&first).expect("a header");
-        ingress.decide(&header, Some((48_000, None)), now);
+        ingress.decide(&header, Some(opens(48_000)), now);
         let mut sr = vec![
             0x80, 200, 0, 6, 0xde, 0xad, 0xbe, 0xef, 0xaa, 0xbb, 0x11, 0x22, 0x33, 0x44, 0xcc, 0xdd,
         ];

@@ -1090,13 +1090,13 @@ impl Sfu {
                     return false; // no keys of ours yet: undecided
                 }
                 let ours = ours_to_open(session, &self.tracks, &header);
-                let (route, scheduled) = session.ingress.decide(&header, ours.map(|o| o.1), now);
+                let (route, scheduled) = session.ingress.decide(&header, ours, now);
                 if let Some(at) = scheduled {
                     self.out.reports.push(Reverse((at, id)));
                 }
                 match (route, ours) {
-                    (ingress::Route::Ours(at), Some((track, _))) => {
-                        session.ssrc_tracks.insert(header.ssrc.into(), (track, 0));
+                    (ingress::Route::Ours(at), Some(opens)) => {
+                        session.ssrc_tracks.insert(header.ssrc.into(), (opens.track, 0));
                         at
                     }
                     _ => return false,
@@ -1122,6 +1122,7 @@ impl Sfu {
                 },
                 payload: Arc::from(opened.payload),
                 arrival: now,
+                track: Some((opened.track, 0)),
             },
         };
         self.out.stats.packets_opened += 1;
@@ -1534,8 +1535,9 @@ impl Sfu {
         };
         publisher.stats.packets_in += 1;
         let ssrc = packet.ssrc;
-        let (track_id, layer) = match publisher.ssrc_tracks.get(&ssrc) {
-            Some(known) => *known,
+        let known = packet.track.or_else(|| publisher.ssrc_tracks.get(&ssrc).copied());
+        let (track_id, layer) = match known {
+            Some(known) => known,
             None => {
                 let stream = publisher
                     .rtc
@@ -1619,7 +1621,8 @@ impl Sfu {
             };
             // Nothing can be written before DTLS-SRTP is up (a single-stream
             // subscription exists from the start, before the session connects).
-            if !subscriber.rtc.is_connected() {
+            // (Our record of it: reading str0m's is a cache miss per packet.)
+            if subscriber.connect_deadline.is_some() {
                 self.out.stats.drop(DropReason::NotConnected);
                 continue;
             }
@@ -2029,6 +2032,8 @@ struct Incoming {
     ext: ExtensionValues,
     payload: Arc<[u8]>,
     arrival: Instant,
+    /// Its track and layer, if whoever opened it knows them.
+    track: Option<(TrackId, usize)>,
 }
 
 impl From<RtpPacket> for Incoming {
@@ -2048,6 +2053,7 @@ impl From<RtpPacket> for Incoming {
             },
             payload: packet.payload,
             arrival: packet.timestamp,
+            track: None,
         }
     }
 }
@@ -2140,13 +2146,12 @@ fn is_rtp(datagram: &[u8]) -> bool {
 /// Whether the SSRC in `header`, new in `session`, is a stream we open
 /// ([`ingress`]): audio of a track it publishes, named by the packet's mid,
 /// on an m-line without transport-wide sequence numbers, in a codec it
-/// negotiated, and not yet seen by str0m. Its track, clock rate and audio
-/// level extension.
+/// negotiated, and not yet seen by str0m.
 fn ours_to_open(
     session: &mut Session,
     tracks: &FastMap<TrackId, Track>,
     header: &ingress::Header<'_>,
-) -> Option<(TrackId, (u32, Option<u8>))> {
+) -> Option<ingress::Opens> {
     if session.ssrc_tracks.contains_key(&header.ssrc.into()) {
         return None;
     }
@@ -2164,8 +2169,11 @@ fn ours_to_open(
         return None;
     }
     let params = track.codecs.iter().find(|(pt, _)| **pt == header.pt)?.1;
-    let level = extensions.id_of(Extension::AudioLevel);
-    Some((track_id, (params.spec().clock_rate.get(), level)))
+    Some(ingress::Opens {
+        track: track_id,
+        clock_rate: params.spec().clock_rate.get(),
+        level_id: extensions.id_of(Extension::AudioLevel),
+    })
 }
 
 /// Runs `f` on one session's WebRTC stack (str0m). A panic in there is a bug

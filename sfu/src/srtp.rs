@@ -461,9 +461,16 @@ impl Sealer {
 
     /// str0m sent a datagram: media and DTLS (first byte above 3) go to the
     /// nominated pair; STUN answers whoever checks.
+    /// A second handshake's keys (str0m took them, ours are stale) are
+    /// noticed here: str0m sends a DTLS record as it finishes a handshake,
+    /// before any SRTP under the new keys can arrive. (Not per packet: the
+    /// flag's cache line is one more miss on the hot path.)
     pub(crate) fn saw_transmit(&mut self, transmit: &Transmit) {
         if transmit.contents.first().is_some_and(|b| *b > 3) {
             self.route = Some((transmit.source, transmit.destination));
+        }
+        if self.keys.0.rekeyed.load(Ordering::Relaxed) {
+            self.path = Path::Str0m;
         }
     }
 
@@ -577,9 +584,6 @@ enum Path {
 impl Path {
     /// Our ciphers, once the keys are there and the profile is ours.
     fn ciphers(&mut self, keys: &KeySlot) -> Option<&mut Ciphers> {
-        if keys.0.rekeyed.load(Ordering::Relaxed) {
-            *self = Path::Str0m;
-        }
         if let Path::Pending = self
             && keys.0.keys.get().is_some()
         {
