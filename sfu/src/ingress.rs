@@ -476,6 +476,34 @@ mod tests {
     }
 
     #[test]
+    fn any_bytes_parse_or_not_without_a_panic() {
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let mut parsed = 0;
+        for _ in 0..50_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 48) as usize;
+            let mut data: Vec<u8> = (0..len)
+                .map(|i| (x.rotate_left(i as u32 * 5) as u8) ^ i as u8)
+                .collect();
+            if let Some(first) = data.first_mut() {
+                // Version 2 and at most one CSRC, so more of them get past the first checks.
+                *first = 0x80 | (*first & 0x31);
+            }
+            if let Some(header) = Header::parse(&data) {
+                parsed += 1;
+                assert!(header.len <= data.len());
+                for id in 0..=255 {
+                    let _ = header.extension(id);
+                }
+                let _ = header.audio_level(Some(1));
+            }
+        }
+        assert!(parsed > 10_000, "{parsed} parsed");
+    }
+
+    #[test]
     fn the_index_follows_the_sequence_across_rollovers_and_reordering() {
         let mut r = Receiver::new(65_530, opens(48_000));
         assert_eq!(r.index(65_530), 65_530);

@@ -2145,8 +2145,8 @@ fn is_rtp(datagram: &[u8]) -> bool {
 
 /// Whether the SSRC in `header`, new in `session`, is a stream we open
 /// ([`ingress`]): audio of a track it publishes, named by the packet's mid,
-/// on an m-line without transport-wide sequence numbers, in a codec it
-/// negotiated, and not yet seen by str0m.
+/// on an m-line without transport-wide sequence numbers, and not yet seen by
+/// str0m.
 fn ours_to_open(
     session: &mut Session,
     tracks: &FastMap<TrackId, Track>,
@@ -2168,7 +2168,13 @@ fn ours_to_open(
     {
         return None;
     }
-    let params = track.codecs.iter().find(|(pt, _)| **pt == header.pt)?.1;
+    // (The clock of an unknown payload type's packets hardly matters: forwarding drops them.)
+    let params = track
+        .codecs
+        .iter()
+        .find(|(pt, _)| **pt == header.pt)
+        .or_else(|| track.codecs.iter().find(|(_, p)| p.spec().codec.is_audio()))?
+        .1;
     Some(ingress::Opens {
         track: track_id,
         clock_rate: params.spec().clock_rate.get(),
