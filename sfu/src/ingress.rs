@@ -26,10 +26,10 @@
 //!   our own (str0m numbers the SRTCP of its own SSRCs under the same key:
 //!   sharing one could reuse a nonce).
 
-use crate::TrackId;
 use crate::nack::rtcp_packets;
 use crate::srtp::Sealer;
 use std::time::{Duration, Instant};
+use str0m::media::Mid;
 
 /// How often a session reports on the streams it receives through us (str0m's
 /// and libwebrtc's interval for audio).
@@ -124,18 +124,19 @@ impl<'a> Header<'a> {
     }
 }
 
-/// A stream we open: the track it is, its clock rate and the id of its
-/// audio level extension.
+/// A stream we open: the m-line it came on (its track is whatever is
+/// published there now), its clock rate and the id of its audio level
+/// extension.
 #[derive(Clone, Copy)]
 pub(crate) struct Opens {
-    pub(crate) track: TrackId,
+    pub(crate) mid: Mid,
     pub(crate) clock_rate: u32,
     pub(crate) level_id: Option<u8>,
 }
 
 /// An RTP packet we opened.
 pub(crate) struct Opened<'a> {
-    pub(crate) track: TrackId,
+    pub(crate) mid: Mid,
     /// The extended sequence number (the SRTP index).
     pub(crate) seq: u64,
     pub(crate) level: Option<(i8, bool)>,
@@ -254,7 +255,7 @@ impl Ingress {
         let arrival = now.saturating_duration_since(self.epoch).as_secs_f64() * f64::from(receiver.opens.clock_rate);
         receiver.note_arrival(arrival as u64 as u32, header.timestamp);
         Opening::Opened(Opened {
-            track: receiver.opens.track,
+            mid: receiver.opens.mid,
             seq: index,
             level: header.audio_level(receiver.opens.level_id),
             payload: &self.plain[..len],
@@ -432,7 +433,7 @@ mod tests {
 
     fn opens(clock_rate: u32) -> Opens {
         Opens {
-            track: TrackId(1),
+            mid: Mid::from("0"),
             clock_rate,
             level_id: None,
         }

@@ -1094,11 +1094,8 @@ impl Sfu {
                 if let Some(at) = scheduled {
                     self.out.reports.push(Reverse((at, id)));
                 }
-                match (route, ours) {
-                    (ingress::Route::Ours(at), Some(opens)) => {
-                        session.ssrc_tracks.insert(header.ssrc.into(), (opens.track, 0));
-                        at
-                    }
+                match route {
+                    ingress::Route::Ours(at) => at,
                     _ => return false,
                 }
             }
@@ -1109,21 +1106,28 @@ impl Sfu {
                 self.out.stats.drop(DropReason::Rejected);
                 return true;
             }
-            ingress::Opening::Opened(opened) => Incoming {
-                ssrc: header.ssrc.into(),
-                seq: opened.seq,
-                timestamp: header.timestamp,
-                pt: header.pt.into(),
-                marker: header.marker,
-                ext: ExtensionValues {
-                    audio_level: opened.level.map(|(level, _)| level),
-                    voice_activity: opened.level.map(|(_, voice)| voice),
-                    ..Default::default()
-                },
-                payload: Arc::from(opened.payload),
-                arrival: now,
-                track: Some((opened.track, 0)),
-            },
+            ingress::Opening::Opened(opened) => {
+                // The track published on its m-line now (none while it stopped).
+                let Some(&track) = session.published.get(&opened.mid) else {
+                    self.out.stats.drop(DropReason::NoTrack);
+                    return true;
+                };
+                Incoming {
+                    ssrc: header.ssrc.into(),
+                    seq: opened.seq,
+                    timestamp: header.timestamp,
+                    pt: header.pt.into(),
+                    marker: header.marker,
+                    ext: ExtensionValues {
+                        audio_level: opened.level.map(|(level, _)| level),
+                        voice_activity: opened.level.map(|(_, voice)| voice),
+                        ..Default::default()
+                    },
+                    payload: Arc::from(opened.payload),
+                    arrival: now,
+                    track: Some((track, 0)),
+                }
+            }
         };
         self.out.stats.packets_opened += 1;
         self.forward(now, id, packet);
@@ -2176,7 +2180,7 @@ fn ours_to_open(
         .or_else(|| track.codecs.iter().find(|(_, p)| p.spec().codec.is_audio()))?
         .1;
     Some(ingress::Opens {
-        track: track_id,
+        mid,
         clock_rate: params.spec().clock_rate.get(),
         level_id: extensions.id_of(Extension::AudioLevel),
     })

@@ -1107,6 +1107,44 @@ fn a_track_whose_publisher_stops_sending_leaves_the_room() {
     assert!(alices_video_total(&world) > resumed + 20, "bob gets her video again");
 }
 
+/// Bob's packets from alice's audio, over every m-line it came on.
+fn heard_from(world: &World, listener: usize, speaker: &str) -> usize {
+    let client = &world.clients[listener];
+    client
+        .received
+        .values()
+        .filter(|r| r.kind == Some(MediaKind::Audio))
+        .filter(|r| {
+            client
+                .streams
+                .iter()
+                .any(|s| s.stream_id == r.stream_id && s.publisher.user_id == user(speaker))
+        })
+        .map(|r| r.packets.len())
+        .sum()
+}
+
+#[test]
+fn a_voice_callers_audio_stopped_and_sent_again_is_opened_again() {
+    let mut world = World::new();
+    let alice = world.join_audio_only("alice");
+    let bob = world.join_audio_only("bob");
+    world.run(Duration::from_secs(2));
+    let audio = world.clients[alice].own_mids.0;
+    world.reoffer(alice, [(audio, str0m::media::Direction::Inactive); 2]);
+    world.run(Duration::from_secs(1));
+    assert_eq!(world.sfu.stats().tracks, 1, "her audio is gone");
+    // Sent again on the same m-line: a new track, the same SSRC.
+    world.reoffer(alice, [(audio, str0m::media::Direction::SendOnly); 2]);
+    world.run(Duration::from_secs(1));
+    assert_eq!(world.sfu.stats().tracks, 2, "her audio is back");
+    let resumed = heard_from(&world, bob, "alice");
+    let opened = world.sfu.stats().packets_opened;
+    world.run(Duration::from_secs(1));
+    assert!(heard_from(&world, bob, "alice") > resumed + 40, "bob hears her again");
+    assert!(world.sfu.stats().packets_opened > opened + 80, "both opened by the SFU");
+}
+
 /// A client that reuses one of the SFU's receive-only m-lines to send a new
 /// track (a browser's `addTrack` takes a transceiver that never sent, as
 /// matrix-js-sdk's screen share does) publishes it; the m-line keeps
