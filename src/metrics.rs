@@ -114,7 +114,7 @@ pub fn render(started: Instant, hs: Option<&Homeserver>, shards: &[ShardStats], 
 type TurnSeries = (&'static str, Kind, &'static str, fn(&TurnStats) -> u64);
 
 fn render_turn(out: &mut String, turn: &TurnStats) {
-    let series: [TurnSeries; 12] = [
+    let series: [TurnSeries; 13] = [
         ("switchboard_turn_allocations", Kind::Gauge, "TURN allocations.", |s| {
             s.relay.allocations
         }),
@@ -174,6 +174,12 @@ fn render_turn(out: &mut String, turn: &TurnStats) {
             Kind::Counter,
             "Packets between two of our allocations, handed over without the kernel.",
             |s| s.local_relays,
+        ),
+        (
+            "switchboard_turn_panics_total",
+            Kind::Counter,
+            "Datagrams dropped because the relay core panicked on them (a bug: please report it).",
+            |s| s.panics,
         ),
         (
             "switchboard_turn_connections",

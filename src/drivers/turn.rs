@@ -90,6 +90,9 @@ pub struct TurnStats {
     pub connections: u64,
     /// Packets from one of our allocations to another, handed over without the kernel.
     pub local_relays: u64,
+    /// Datagrams or frames dropped because the relay core panicked on them
+    /// (a bug; see [`contained`]).
+    pub panics: u64,
 }
 
 /// The running relay: its addresses and counters; dropping it stops the thread.
@@ -473,12 +476,14 @@ impl Driver {
                 };
                 let slot = first + i;
                 let packet = self.arena.payload(slot, len);
-                if let ClientOutcome::Forward {
+                let relay = &mut self.relay;
+                if let Some(ClientOutcome::Forward {
                     relay_port,
                     peer,
                     payload,
-                } = self.relay.handle_client_packet(now, client, packet)
-                {
+                }) = contained(&mut self.stats.panics, || {
+                    Some(relay.handle_client_packet(now, client, packet))
+                }) {
                     match self.relay.local_relay(peer) {
                         None => send_datagram(&self.relays, relay_port, &packet[payload], peer, &mut self.stats),
                         Some(local_port) => {
@@ -517,10 +522,10 @@ impl Driver {
                 let Some(from) = from else { continue };
                 let slot = first + i;
                 let payload = PEER_HEADROOM..PEER_HEADROOM + len;
-                let Some((client, range)) =
-                    self.relay
-                        .handle_peer_packet(now, port, from, self.arena.slot_mut(slot), payload)
-                else {
+                let (relay, datagram) = (&mut self.relay, self.arena.slot_mut(slot));
+                let Some((client, range)) = contained(&mut self.stats.panics, || {
+                    relay.handle_peer_packet(now, port, from, datagram, payload)
+                }) else {
                     continue;
                 };
                 self.deliver(client, slot, range);
@@ -649,12 +654,14 @@ impl Driver {
                 break;
             }
             let frame = &conn.inbuf[at..at + len];
-            if let ClientOutcome::Forward {
+            let relay = &mut self.relay;
+            if let Some(ClientOutcome::Forward {
                 relay_port,
                 peer,
                 payload,
-            } = self.relay.handle_client_packet(now, client, frame)
-            {
+            }) = contained(&mut self.stats.panics, || {
+                Some(relay.handle_client_packet(now, client, frame))
+            }) {
                 let local = self.relay.local_relay(peer);
                 let from = self.relay.relayed_address(relay_port);
                 match (local, from) {
@@ -969,6 +976,21 @@ impl Arena {
     }
 }
 
+/// Runs the relay core on what a client or a peer sent. A panic in there is a
+/// bug that this input reached: it costs that datagram or frame (counted and
+/// logged), not the relay thread with every allocation on it. The core is
+/// fuzzed (`fuzz/fuzz_targets/turn_relay.rs`); this is the second line.
+fn contained<T>(panics: &mut u64, f: impl FnOnce() -> Option<T>) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            *panics += 1;
+            tracing::error!("the TURN relay core panicked on a client's or peer's input; dropped it");
+            None
+        }
+    }
+}
+
 fn send_datagram(relays: &[Option<UdpSocket>], relay_port: u16, bytes: &[u8], peer: SocketAddr, stats: &mut TurnStats) {
     match relays.get(usize::from(relay_port)).and_then(Option::as_ref) {
         Some(socket) => {
@@ -977,5 +999,19 @@ fn send_datagram(relays: &[Option<UdpSocket>], relay_port: u16, bytes: &[u8], pe
             }
         }
         None => stats.send_failures += 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contained;
+
+    #[test]
+    fn a_panic_in_the_core_costs_the_input_alone() {
+        let mut panics = 0;
+        assert_eq!(contained(&mut panics, || Some(7)), Some(7));
+        assert_eq!(contained::<()>(&mut panics, || panic!("a bug in the core")), None);
+        assert_eq!(contained(&mut panics, || Some(8)), Some(8), "and it goes on");
+        assert_eq!(panics, 1);
     }
 }
