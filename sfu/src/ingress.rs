@@ -280,6 +280,11 @@ impl Ingress {
         self.next_report
     }
 
+    /// Moves the next report (one that could not be sent waits a round).
+    pub(crate) fn reschedule(&mut self, at: Instant) {
+        self.next_report = Some(at);
+    }
+
     /// The receiver report due now (RFC 3550 §6.4.2) on the streams heard
     /// since the last, and the highest fraction lost in it (0–1); the next
     /// is due [`REPORT_INTERVAL`] later.
@@ -573,6 +578,33 @@ mod tests {
         w.note_arrival(100, u32::MAX - 59);
         w.note_arrival(260 + 32, 100);
         assert!((w.jitter - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn any_compound_rtcp_is_read_or_not_without_a_panic() {
+        let now = Instant::now();
+        let mut ingress = Ingress::new(1, now);
+        let first = packet(1, &[]);
+        ingress.decide(&Header::parse(&first).expect("a header"), Some(opens(48_000)), now);
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 80) as usize;
+            let mut data: Vec<u8> = (0..len)
+                .map(|i| (x.rotate_left(i as u32 * 3) as u8) ^ i as u8)
+                .collect();
+            // Mostly version 2 and small lengths, so packets get parsed past the first checks.
+            for at in (0..data.len()).step_by(8) {
+                data[at] = 0x80 | (data[at] & 0x3f);
+                if let Some(len) = data.get_mut(at + 2) {
+                    *len = 0;
+                }
+            }
+            ingress.read_rtcp(&data, now);
+            let _ = crate::nack::nacks(&data).count();
+        }
     }
 
     #[test]

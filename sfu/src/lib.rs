@@ -1147,7 +1147,13 @@ impl Sfu {
             if session.ingress.next_report() != Some(at) {
                 continue; // stale
             }
-            if let Some((report, loss)) = session.ingress.report(now) {
+            // (Without a route the report waits a round: its interval's counts stay.)
+            if let Some((report, loss)) = session
+                .sealer
+                .has_route()
+                .then(|| session.ingress.report(now))
+                .flatten()
+            {
                 session.stats.ingress_loss = Some(loss);
                 if let Some(transmit) = session.sealer.seal_rtcp(&report) {
                     session.stats.datagrams_out += 1;
@@ -1156,9 +1162,10 @@ impl Sfu {
                     self.out.transmits.push_back(transmit);
                 }
             }
-            if let Some(next) = session.ingress.next_report() {
-                self.out.reports.push(Reverse((next, id)));
-            }
+            let next = session.ingress.next_report().filter(|next| *next > now);
+            let next = next.unwrap_or(now + ingress::REPORT_INTERVAL);
+            session.ingress.reschedule(next);
+            self.out.reports.push(Reverse((next, id)));
         }
     }
 

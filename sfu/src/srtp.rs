@@ -474,6 +474,11 @@ impl Sealer {
         }
     }
 
+    /// Whether we know where the peer's media goes (see [`Sealer::saw_transmit`]).
+    pub(crate) fn has_route(&self) -> bool {
+        self.route.is_some()
+    }
+
     /// The nominated pair may change (ICE state changed, a new peer address
     /// checked in): media goes through str0m until it sends media again.
     pub(crate) fn forget_route(&mut self) {
