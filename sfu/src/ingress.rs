@@ -28,6 +28,8 @@
 
 use crate::nack::rtcp_packets;
 use crate::srtp::Sealer;
+use crate::twcc::{self, TwccFeedback};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use str0m::media::Mid;
 
@@ -124,22 +126,44 @@ impl<'a> Header<'a> {
     }
 }
 
-/// A stream we open: the m-line it came on (its track is whatever is
-/// published there now), its clock rate and the id of its audio level
-/// extension.
+/// A media stream we open: the m-line it came on (its track is whatever is
+/// published there now), its clock rate, and the ids of the extensions
+/// forwarded from it.
 #[derive(Clone, Copy)]
 pub(crate) struct Opens {
     pub(crate) mid: Mid,
     pub(crate) clock_rate: u32,
     pub(crate) level_id: Option<u8>,
+    pub(crate) orientation_id: Option<u8>,
+    /// Video: losses are asked for again (generic NACK, RFC 4585 §6.2.1).
+    pub(crate) nack: bool,
 }
 
-/// An RTP packet we opened.
+/// What an SSRC of the session carries.
+#[derive(Clone, Copy)]
+pub(crate) enum Role {
+    Media(Opens),
+    /// Retransmissions (RFC 4588) of the media stream at this index, whose
+    /// payload type this is.
+    Rtx {
+        main: usize,
+        pt: u8,
+    },
+    /// Not known yet (no mid, or its media stream not seen yet): opened for
+    /// authentication and transport-wide feedback, not forwarded.
+    Unknown,
+}
+
+/// An RTP packet we opened, as its media stream's (a retransmission restored).
 pub(crate) struct Opened<'a> {
+    pub(crate) ssrc: u32,
     pub(crate) mid: Mid,
-    /// The extended sequence number (the SRTP index).
+    /// The extended sequence number.
     pub(crate) seq: u64,
+    pub(crate) pt: u8,
     pub(crate) level: Option<(i8, bool)>,
+    /// The video orientation extension's byte.
+    pub(crate) orientation: Option<u8>,
     /// The payload, decrypted, without padding.
     pub(crate) payload: &'a [u8],
 }
@@ -147,6 +171,9 @@ pub(crate) struct Opened<'a> {
 /// What became of a packet of one of our streams.
 pub(crate) enum Opening<'a> {
     Opened(Opened<'a>),
+    /// Authentic, but nothing to forward: padding, a retransmission of what
+    /// came already, a stream of unknown role.
+    Consumed,
     /// Not authentic, a replay, or badly padded: dropped.
     Rejected,
     /// Our keys are gone (the session rekeyed): str0m opens it.
@@ -157,23 +184,43 @@ pub(crate) enum Opening<'a> {
 pub(crate) enum Route {
     /// We do: the index of its receiver.
     Ours(usize),
-    Stack,
     /// Not decided yet.
     New,
+    /// A session can decide only so many.
+    Full,
 }
 
-/// One session's streams opened here, and its reports on them.
+/// One session's media opened here, and the RTCP it sends about it.
 pub(crate) struct Ingress {
-    /// Every SSRC decided, with its receiver if it is ours.
-    streams: Vec<(u32, Option<Receiver>)>,
-    /// The SSRC our reports come from.
+    streams: Vec<Stream>,
+    /// The SSRC our RTCP comes from.
     ssrc: u32,
     /// RTP arrival times are counted from here (jitter).
     epoch: Instant,
+    /// Transport-wide feedback, where negotiated: the extension's id.
+    twcc: Option<(u8, TwccFeedback)>,
     next_report: Option<Instant>,
+    next_twcc: Option<Instant>,
+    /// Media streams to ask for a keyframe (PLI, RFC 4585 §6.3.1) now.
+    keyframes: Vec<u32>,
     /// The last packet opened.
     plain: Vec<u8>,
 }
+
+struct Stream {
+    ssrc: u32,
+    role: Role,
+    receiver: Receiver,
+}
+
+/// Losses asked for again every this long while they stay lost ...
+const NACK_INTERVAL: Duration = Duration::from_millis(30);
+/// ... this many times at most, for at most this long.
+const NACK_TRIES: u8 = 8;
+const NACK_GIVE_UP: Duration = Duration::from_millis(1_000);
+/// Lost packets remembered per stream; a larger gap is not asked for (the
+/// subscribers' keyframe requests recover it).
+const MAX_MISSING: usize = 256;
 
 impl Ingress {
     pub(crate) fn new(ssrc: u32, now: Instant) -> Self {
@@ -181,46 +228,75 @@ impl Ingress {
             streams: Vec::new(),
             ssrc,
             epoch: now,
+            twcc: None,
             next_report: None,
+            next_twcc: None,
+            keyframes: Vec::new(),
             plain: Vec::new(),
         }
     }
 
+    /// Transport-wide feedback is negotiated, under extension id `id`.
+    pub(crate) fn set_twcc(&mut self, id: u8, now: Instant) {
+        if self.twcc.is_none() {
+            self.twcc = Some((id, TwccFeedback::new(now)));
+        }
+    }
+
     pub(crate) fn route(&self, ssrc: u32) -> Route {
-        match self.streams.iter().position(|(s, _)| *s == ssrc) {
-            Some(at) if self.streams[at].1.is_some() => Route::Ours(at),
-            Some(_) => Route::Stack,
+        match self.streams.iter().position(|s| s.ssrc == ssrc) {
+            Some(at) => Route::Ours(at),
+            None if self.streams.len() == MAX_STREAMS => Route::Full,
             None => Route::New,
         }
     }
 
-    /// Decides a new SSRC: ours if it `opens` and there is room. Returns its
-    /// route, and when the session's first report is due if this scheduled it.
-    pub(crate) fn decide(
-        &mut self,
-        header: &Header<'_>,
-        opens: Option<Opens>,
-        now: Instant,
-    ) -> (Route, Option<Instant>) {
-        if self.streams.len() == MAX_STREAMS {
-            return (Route::Stack, None);
+    pub(crate) fn role(&self, at: usize) -> Option<Role> {
+        self.streams.get(at).map(|s| s.role)
+    }
+
+    /// The index of the media stream on `mid`, if one was seen.
+    pub(crate) fn media_on(&self, mid: Mid) -> Option<usize> {
+        self.streams
+            .iter()
+            .position(|s| matches!(s.role, Role::Media(opens) if opens.mid == mid))
+    }
+
+    /// Whether any stream is ours (their RTCP is ours to read).
+    pub(crate) fn has_streams(&self) -> bool {
+        !self.streams.is_empty()
+    }
+
+    /// Asks for a keyframe of the media stream on `mid` with the next RTCP;
+    /// `false` if no such stream is ours.
+    pub(crate) fn request_keyframe(&mut self, mid: Mid) -> bool {
+        let Some(at) = self.media_on(mid) else {
+            return false;
+        };
+        let ssrc = self.streams[at].ssrc;
+        if !self.keyframes.contains(&ssrc) {
+            self.keyframes.push(ssrc);
         }
-        let receiver = opens.map(|opens| Receiver::new(header.seq, opens));
-        let route = if receiver.is_some() {
-            Route::Ours(self.streams.len())
-        } else {
-            Route::Stack
-        };
-        self.streams.push((header.ssrc, receiver));
-        let scheduled = match (&route, self.next_report) {
-            (Route::Ours(_), None) => {
-                let at = now + FIRST_REPORT;
-                self.next_report = Some(at);
-                Some(at)
-            }
-            _ => None,
-        };
-        (route, scheduled)
+        true
+    }
+
+    /// A new SSRC (after [`Ingress::route`] said `New`) in `role`; its index.
+    pub(crate) fn add(&mut self, header: &Header<'_>, role: Role) -> usize {
+        let nack = matches!(role, Role::Media(opens) if opens.nack);
+        self.streams.push(Stream {
+            ssrc: header.ssrc,
+            role,
+            receiver: Receiver::new(header.seq, nack),
+        });
+        self.streams.len() - 1
+    }
+
+    /// A stream's role, learnt later.
+    pub(crate) fn set_role(&mut self, at: usize, role: Role) {
+        if let Some(stream) = self.streams.get_mut(at) {
+            stream.receiver.nack = matches!(role, Role::Media(opens) if opens.nack);
+            stream.role = role;
+        }
     }
 
     /// Opens a packet of our stream `at` (from [`Ingress::route`]).
@@ -232,9 +308,10 @@ impl Ingress {
         header: &Header<'_>,
         now: Instant,
     ) -> Opening<'s> {
-        let Some((_, Some(receiver))) = self.streams.get_mut(at) else {
-            return Opening::NoKeys;
+        let Some(stream) = self.streams.get_mut(at) else {
+            return Opening::Consumed;
         };
+        let receiver = &mut stream.receiver;
         let index = receiver.index(header.seq);
         match sealer.open_rtp(data, header.len, header.ssrc, index, &mut self.plain) {
             None => return Opening::NoKeys,
@@ -249,17 +326,75 @@ impl Ingress {
                 _ => return Opening::Rejected,
             }
         }
-        if !receiver.accept(index) {
+        if !receiver.accept(index, now) {
             return Opening::Rejected;
         }
-        let arrival = now.saturating_duration_since(self.epoch).as_secs_f64() * f64::from(receiver.opens.clock_rate);
-        receiver.note_arrival(arrival as u64 as u32, header.timestamp);
-        Opening::Opened(Opened {
-            mid: receiver.opens.mid,
-            seq: index,
-            level: header.audio_level(receiver.opens.level_id),
-            payload: &self.plain[..len],
-        })
+        if let Some((id, twcc)) = &mut self.twcc
+            && let Some(&[a, b, ..]) = header.extension(*id)
+        {
+            twcc.record(u16::from_be_bytes([a, b]), now);
+            if self.next_twcc.is_none() {
+                self.next_twcc = Some(now + twcc::INTERVAL);
+            }
+        }
+        let role = stream.role;
+        let ssrc = stream.ssrc;
+        match role {
+            Role::Unknown => Opening::Consumed,
+            Role::Media(opens) => {
+                let arrival = now.saturating_duration_since(self.epoch).as_secs_f64() * f64::from(opens.clock_rate);
+                stream.receiver.note_arrival(arrival as u64 as u32, header.timestamp);
+                self.schedule_first_report(now);
+                Opening::Opened(Opened {
+                    ssrc,
+                    mid: opens.mid,
+                    seq: index,
+                    pt: header.pt,
+                    level: header.audio_level(opens.level_id),
+                    orientation: opens
+                        .orientation_id
+                        .and_then(|id| header.extension(id)?.first().copied()),
+                    payload: &self.plain[..len],
+                })
+            }
+            Role::Rtx { main, pt } => {
+                // RFC 4588 §4: the original sequence number, then the payload.
+                // (Shorter: padding, a bandwidth probe.)
+                if len < 2 {
+                    return Opening::Consumed;
+                }
+                let (a, b) = (self.plain[0], self.plain[1]);
+                let Some(Stream {
+                    ssrc,
+                    role: Role::Media(opens),
+                    receiver,
+                }) = self.streams.get_mut(main)
+                else {
+                    return Opening::Consumed;
+                };
+                let seq = receiver.index(u16::from_be_bytes([a, b]));
+                if !receiver.accept(seq, now) {
+                    return Opening::Consumed; // came already, or too old
+                }
+                Opening::Opened(Opened {
+                    ssrc: *ssrc,
+                    mid: opens.mid,
+                    seq,
+                    pt,
+                    level: None,
+                    orientation: opens
+                        .orientation_id
+                        .and_then(|id| header.extension(id)?.first().copied()),
+                    payload: &self.plain[2..len],
+                })
+            }
+        }
+    }
+
+    fn schedule_first_report(&mut self, now: Instant) {
+        if self.next_report.is_none() {
+            self.next_report = Some(now + FIRST_REPORT);
+        }
     }
 
     /// Notes the sender reports in the peer's (plain) compound RTCP, for our
@@ -269,33 +404,74 @@ impl Ingress {
         for sr in rtcp_packets(compound).filter(|p| p[1] == 200 && p.len() >= 28) {
             let ssrc = u32::from_be_bytes([sr[4], sr[5], sr[6], sr[7]]);
             let middle = u32::from_be_bytes([sr[10], sr[11], sr[12], sr[13]]);
-            if let Some((_, Some(receiver))) = self.streams.iter_mut().find(|(s, _)| *s == ssrc) {
-                receiver.sender_report = Some((middle, now));
+            if let Some(stream) = self.streams.iter_mut().find(|s| s.ssrc == ssrc) {
+                stream.receiver.sender_report = Some((middle, now));
             }
         }
     }
 
-    /// When the next report is due, if any stream is ours.
-    pub(crate) fn next_report(&self) -> Option<Instant> {
-        self.next_report
+    /// When our next RTCP is due: a report, transport-wide feedback, or a
+    /// loss to ask for again.
+    pub(crate) fn next_rtcp(&self) -> Option<Instant> {
+        let nack = self.streams.iter().filter_map(|s| s.receiver.next_nack()).min();
+        let keyframes = (!self.keyframes.is_empty()).then_some(self.epoch);
+        [self.next_report, self.next_twcc, nack, keyframes]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Moves the next report (one that could not be sent waits a round).
-    pub(crate) fn reschedule(&mut self, at: Instant) {
-        self.next_report = Some(at);
+    /// The compound RTCP due now, if anything is: a receiver report on the
+    /// media streams heard since the last (RFC 3550 §6.4.2), NACKs, and
+    /// transport-wide feedback; and the highest fraction lost reported (0–1).
+    pub(crate) fn poll_rtcp(&mut self, now: Instant) -> (Option<Vec<u8>>, Option<f32>) {
+        let mut compound = Vec::new();
+        let mut worst = None;
+        if self.next_report.is_some_and(|at| at <= now) {
+            let video = self
+                .streams
+                .iter()
+                .any(|s| matches!(s.role, Role::Media(opens) if opens.nack));
+            self.next_report = Some(now + if video { VIDEO_REPORT_INTERVAL } else { REPORT_INTERVAL });
+            if let Some((report, loss)) = self.report(now) {
+                compound.extend_from_slice(&report);
+                worst = Some(loss);
+            }
+        }
+        for media in self.keyframes.drain(..) {
+            compound.extend_from_slice(&[0x81, 206, 0, 2]);
+            compound.extend_from_slice(&self.ssrc.to_be_bytes());
+            compound.extend_from_slice(&media.to_be_bytes());
+        }
+        for stream in &mut self.streams {
+            let lost = stream.receiver.nacks_due(now);
+            if !lost.is_empty() {
+                compound.extend_from_slice(&nack_packet(self.ssrc, stream.ssrc, &lost));
+            }
+        }
+        if self.next_twcc.is_some_and(|at| at <= now) {
+            self.next_twcc = None;
+            let media = self.streams.first().map_or(0, |s| s.ssrc);
+            if let Some((_, twcc)) = &mut self.twcc {
+                if let Some(feedback) = twcc.feedback(self.ssrc, media) {
+                    compound.extend_from_slice(&feedback);
+                }
+                if twcc.pending() {
+                    self.next_twcc = Some(now + twcc::INTERVAL);
+                }
+            }
+        }
+        ((!compound.is_empty()).then_some(compound), worst)
     }
 
-    /// The receiver report due now (RFC 3550 §6.4.2) on the streams heard
-    /// since the last, and the highest fraction lost in it (0–1); the next
-    /// is due [`REPORT_INTERVAL`] later.
-    pub(crate) fn report(&mut self, now: Instant) -> Option<(Vec<u8>, f32)> {
-        self.next_report = Some(now + REPORT_INTERVAL);
+    /// The receiver report due now on the media streams heard since the last.
+    fn report(&mut self, now: Instant) -> Option<(Vec<u8>, f32)> {
         let blocks: Vec<[u8; 24]> = self
             .streams
             .iter_mut()
-            .filter_map(|(ssrc, receiver)| Some((*ssrc, receiver.as_mut().filter(|r| r.heard)?)))
+            .filter(|s| matches!(s.role, Role::Media(_)) && s.receiver.heard)
             .take(31)
-            .map(|(ssrc, receiver)| receiver.block(ssrc, now))
+            .map(|s| s.receiver.block(s.ssrc, now))
             .collect();
         if blocks.is_empty() {
             return None;
@@ -315,10 +491,44 @@ impl Ingress {
     }
 }
 
-/// One stream we open: its SRTP index and replay window, and what RFC 3550
-/// Appendix A.3 and A.8 keep for its reports.
+/// How often a session with video reports on it (str0m's and libwebrtc's interval).
+const VIDEO_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A generic NACK (RTPFB, FMT 1) for `lost` (ascending) of `media`: (PID,
+/// BLP) pairs, each naming a packet and which of the 16 after it are lost too.
+fn nack_packet(sender: u32, media: u32, lost: &[u16]) -> Vec<u8> {
+    let mut fci: Vec<(u16, u16)> = Vec::new();
+    for &seq in lost {
+        match fci.last_mut() {
+            Some((pid, blp)) if seq.wrapping_sub(*pid).wrapping_sub(1) < 16 && seq != *pid => {
+                *blp |= 1 << seq.wrapping_sub(*pid).wrapping_sub(1);
+            }
+            _ => fci.push((seq, 0)),
+        }
+    }
+    let mut packet = Vec::with_capacity(12 + 4 * fci.len());
+    packet.extend_from_slice(&[0x81, 205]);
+    packet.extend_from_slice(&(2 + fci.len() as u16).to_be_bytes());
+    packet.extend_from_slice(&sender.to_be_bytes());
+    packet.extend_from_slice(&media.to_be_bytes());
+    for (pid, blp) in fci {
+        packet.extend_from_slice(&pid.to_be_bytes());
+        packet.extend_from_slice(&blp.to_be_bytes());
+    }
+    packet
+}
+
+/// A lost packet being asked for again.
+struct Missing {
+    index: u64,
+    since: Instant,
+    asked: Option<Instant>,
+    tries: u8,
+}
+
+/// One stream we open: its SRTP index and replay window, what RFC 3550
+/// Appendix A.3 and A.8 keep for its reports, and (video) its losses.
 pub(crate) struct Receiver {
-    opens: Opens,
     /// The first index accepted.
     base: u64,
     /// The highest index accepted, and which of the 64 up to it were (bit
@@ -337,12 +547,14 @@ pub(crate) struct Receiver {
     sender_report: Option<(u32, Instant)>,
     /// Packets came since the last report.
     heard: bool,
+    /// Losses are asked for again.
+    nack: bool,
+    missing: VecDeque<Missing>,
 }
 
 impl Receiver {
-    fn new(first_seq: u16, opens: Opens) -> Self {
+    fn new(first_seq: u16, nack: bool) -> Self {
         Self {
-            opens,
             // A sender's first rollover counter is 0 (RFC 3711 §3.3.1).
             base: u64::from(first_seq),
             highest: u64::from(first_seq),
@@ -354,27 +566,39 @@ impl Receiver {
             jitter: 0.0,
             sender_report: None,
             heard: false,
+            nack,
+            missing: VecDeque::new(),
         }
     }
 
     /// The index of a packet numbered `seq`: the one nearest the highest so
     /// far (RFC 3711 Appendix A).
     fn index(&self, seq: u16) -> u64 {
-        let guess = (self.highest & !0xffff) | u64::from(seq);
-        if guess + 0x8000 < self.highest {
-            guess + 0x1_0000
-        } else if guess > self.highest + 0x8000 && guess >= 0x1_0000 {
-            guess - 0x1_0000
-        } else {
-            guess
-        }
+        twcc::extend(Some(self.highest), seq)
     }
 
     /// Records an authentic packet's index: `false` for a replay, or one too
     /// old to tell (RFC 3711 §3.3.2).
-    fn accept(&mut self, index: u64) -> bool {
-        if index > self.highest {
-            let ahead = index - self.highest;
+    fn accept(&mut self, index: u64, now: Instant) -> bool {
+        if index > self.highest || self.seen == 0 {
+            let ahead = index.saturating_sub(self.highest);
+            if self.nack && self.seen != 0 && ahead > 1 {
+                if ahead as usize > MAX_MISSING {
+                    self.missing.clear();
+                } else {
+                    for lost in self.highest + 1..index {
+                        self.missing.push_back(Missing {
+                            index: lost,
+                            since: now,
+                            asked: None,
+                            tries: 0,
+                        });
+                    }
+                    while self.missing.len() > MAX_MISSING {
+                        self.missing.pop_front();
+                    }
+                }
+            }
             self.seen = if ahead >= 64 { 1 } else { (self.seen << ahead) | 1 };
             self.highest = index;
         } else {
@@ -385,10 +609,36 @@ impl Receiver {
             self.seen |= 1 << behind;
             // A packet older than the first one widens what was expected.
             self.base = self.base.min(index);
+            if let Ok(at) = self.missing.binary_search_by_key(&index, |m| m.index) {
+                self.missing.remove(at);
+            }
         }
         self.received += 1;
         self.heard = true;
         true
+    }
+
+    /// When a loss is next to be asked for again.
+    fn next_nack(&self) -> Option<Instant> {
+        self.missing
+            .iter()
+            .map(|m| m.asked.map_or(m.since, |at| at + NACK_INTERVAL))
+            .min()
+    }
+
+    /// The losses to ask for now (forgetting those asked for long enough).
+    fn nacks_due(&mut self, now: Instant) -> Vec<u16> {
+        self.missing
+            .retain(|m| m.tries < NACK_TRIES && now.saturating_duration_since(m.since) < NACK_GIVE_UP);
+        let mut due = Vec::new();
+        for missing in &mut self.missing {
+            if missing.asked.is_none_or(|at| now >= at + NACK_INTERVAL) {
+                missing.asked = Some(now);
+                missing.tries += 1;
+                due.push(missing.index as u16);
+            }
+        }
+        due
     }
 
     /// RFC 3550 A.8: the jitter estimate moves by 1/16 of each transit difference.
@@ -441,7 +691,20 @@ mod tests {
             mid: Mid::from("0"),
             clock_rate,
             level_id: None,
+            orientation_id: None,
+            nack: false,
         }
+    }
+
+    /// An ingress with one media stream (SSRC 0xdeadbeef, first seq `first`).
+    fn one_stream(first: u16, now: Instant) -> Ingress {
+        let mut ingress = Ingress::new(0x5eed, now);
+        let packet = packet(first, &[]);
+        let header = Header::parse(&packet).expect("a header");
+        assert!(matches!(ingress.route(header.ssrc), Route::New));
+        assert_eq!(ingress.add(&header, Role::Media(opens(48_000))), 0);
+        assert!(matches!(ingress.route(header.ssrc), Route::Ours(0)));
+        ingress
     }
 
     fn packet(seq: u16, extensions: &[u8]) -> Vec<u8> {
@@ -511,35 +774,29 @@ mod tests {
 
     #[test]
     fn the_index_follows_the_sequence_across_rollovers_and_reordering() {
-        let mut r = Receiver::new(65_530, opens(48_000));
+        let now = Instant::now();
+        let mut r = Receiver::new(65_530, false);
         assert_eq!(r.index(65_530), 65_530);
-        assert!(r.accept(65_530));
+        assert!(r.accept(65_530, now));
         assert_eq!(r.index(5), 65_541, "past the rollover");
-        assert!(r.accept(65_541));
+        assert!(r.accept(65_541, now));
         assert_eq!(r.index(65_535), 65_535, "late, from before the rollover");
-        assert!(r.accept(65_535));
-        assert!(!r.accept(65_535), "a replay");
-        assert!(!r.accept(65_541 - 64), "too old to tell");
+        assert!(r.accept(65_535, now));
+        assert!(!r.accept(65_535, now), "a replay");
+        assert!(!r.accept(65_541 - 64, now), "too old to tell");
         assert_eq!(r.index(40_000), 40_000, "far behind: the roll before");
-        let fresh = Receiver::new(3, opens(48_000));
+        let fresh = Receiver::new(3, false);
         assert_eq!(fresh.index(65_000), 65_000, "no roll below zero");
     }
 
     #[test]
     fn a_report_counts_loss_since_the_last_and_overall() {
         let now = Instant::now();
-        let mut ingress = Ingress::new(0x5eed, now);
-        let first = packet(100, &[]);
-        let header = Header::parse(&first).expect("a header");
-        let (route, scheduled) = ingress.decide(&header, Some(opens(48_000)), now);
-        assert!(matches!(route, Route::Ours(0)));
-        assert_eq!(scheduled, Some(now + FIRST_REPORT));
-        let Some((_, Some(receiver))) = ingress.streams.get_mut(0) else {
-            panic!("ours")
-        };
+        let mut ingress = one_stream(100, now);
+        let receiver = &mut ingress.streams[0].receiver;
         // 100..=199 with every tenth lost; the next interval loses nothing.
         for seq in (100..200).filter(|s| s % 10 != 5) {
-            assert!(receiver.accept(seq));
+            assert!(receiver.accept(seq, now));
         }
         let (rr, worst) = ingress.report(now).expect("a report");
         assert_eq!(&rr[..8], &[0x81, 201, 0, 7, 0, 0, 0x5e, 0xed]);
@@ -549,11 +806,9 @@ mod tests {
         assert_eq!(&rr[16..20], &199u32.to_be_bytes());
         assert!((worst - 25.0 / 256.0).abs() < 1e-6);
         assert!(ingress.report(now).is_none(), "nothing heard since");
-        let Some((_, Some(receiver))) = ingress.streams.get_mut(0) else {
-            panic!("ours")
-        };
+        let receiver = &mut ingress.streams[0].receiver;
         for seq in 200..250 {
-            assert!(receiver.accept(seq));
+            assert!(receiver.accept(seq, now));
         }
         receiver.sender_report = Some((0x1234_5678, now));
         let later = now + Duration::from_millis(500);
@@ -562,19 +817,18 @@ mod tests {
         assert_eq!(&rr[13..16], &[0, 0, 10], "ten overall");
         assert_eq!(&rr[24..28], &0x1234_5678u32.to_be_bytes(), "LSR");
         assert_eq!(&rr[28..32], &32_768u32.to_be_bytes(), "DLSR: half a second");
-        assert_eq!(ingress.next_report(), Some(later + REPORT_INTERVAL));
     }
 
     #[test]
     fn jitter_follows_rfc_3550_a8() {
-        let mut r = Receiver::new(0, opens(8_000));
+        let mut r = Receiver::new(0, false);
         r.note_arrival(1_000, 0);
         r.note_arrival(1_160 + 16, 160); // 16 units late
         assert!((r.jitter - 1.0).abs() < 1e-9);
         r.note_arrival(1_320 + 16, 320); // steady: decays
         assert!((r.jitter - 15.0 / 16.0).abs() < 1e-9);
         // Across the timestamp's wrap.
-        let mut w = Receiver::new(0, opens(8_000));
+        let mut w = Receiver::new(0, false);
         w.note_arrival(100, u32::MAX - 59);
         w.note_arrival(260 + 32, 100);
         assert!((w.jitter - 2.0).abs() < 1e-9);
@@ -583,9 +837,7 @@ mod tests {
     #[test]
     fn any_compound_rtcp_is_read_or_not_without_a_panic() {
         let now = Instant::now();
-        let mut ingress = Ingress::new(1, now);
-        let first = packet(1, &[]);
-        ingress.decide(&Header::parse(&first).expect("a header"), Some(opens(48_000)), now);
+        let mut ingress = one_stream(1, now);
         let mut x = 0x9e37_79b9_7f4a_7c15_u64;
         for _ in 0..20_000 {
             x ^= x << 13;
@@ -610,10 +862,7 @@ mod tests {
     #[test]
     fn sender_reports_are_noted_for_our_streams_only() {
         let now = Instant::now();
-        let mut ingress = Ingress::new(1, now);
-        let first = packet(1, &[]);
-        let header = Header::parse(&first).expect("a header");
-        ingress.decide(&header, Some(opens(48_000)), now);
+        let mut ingress = one_stream(1, now);
         let mut sr = vec![
             0x80, 200, 0, 6, 0xde, 0xad, 0xbe, 0xef, 0xaa, 0xbb, 0x11, 0x22, 0x33, 0x44, 0xcc, 0xdd,
         ];
@@ -621,9 +870,64 @@ mod tests {
         let mut other = sr.clone();
         other[7] = 0;
         ingress.read_rtcp(&[other, sr].concat(), now);
-        let Some((_, Some(receiver))) = ingress.streams.first() else {
-            panic!("ours")
-        };
-        assert_eq!(receiver.sender_report, Some((0x1122_3344, now)));
+        assert_eq!(ingress.streams[0].receiver.sender_report, Some((0x1122_3344, now)));
+    }
+
+    #[test]
+    fn video_losses_are_asked_for_again_until_they_come_or_time_runs_out() {
+        let now = Instant::now();
+        let mut r = Receiver::new(10, true);
+        assert!(r.accept(10, now));
+        assert!(r.accept(14, now), "11, 12 and 13 lost");
+        assert_eq!(r.next_nack(), Some(now));
+        assert_eq!(r.nacks_due(now), vec![11, 12, 13]);
+        assert!(r.nacks_due(now).is_empty(), "asked already");
+        assert!(r.accept(12, now), "12 came again");
+        let later = now + NACK_INTERVAL;
+        assert_eq!(r.next_nack(), Some(later));
+        assert_eq!(r.nacks_due(later), vec![11, 13]);
+        let gone = now + NACK_GIVE_UP;
+        assert!(r.nacks_due(gone).is_empty(), "given up");
+        assert_eq!(r.next_nack(), None);
+        // A gap too large to ask for is not.
+        assert!(r.accept(14 + MAX_MISSING as u64 + 2, now));
+        assert!(r.nacks_due(now).is_empty());
+        // Audio is not asked for.
+        let mut audio = Receiver::new(1, false);
+        assert!(audio.accept(1, now) && audio.accept(5, now));
+        assert!(audio.nacks_due(now).is_empty());
+    }
+
+    #[test]
+    fn a_nack_packs_its_losses_into_pid_and_bitmask_pairs() {
+        let packet = nack_packet(1, 2, &[100, 101, 116, 117, 65_535]);
+        // 100 with 101 and 116 (bits 0 and 15), then 117, then 65535.
+        assert_eq!(
+            packet,
+            [
+                &[0x81, 205, 0, 5, 0, 0, 0, 1, 0, 0, 0, 2][..],
+                &[0, 100, 0x80, 0x01],
+                &[0, 117, 0, 0],
+                &[0xff, 0xff, 0, 0],
+            ]
+            .concat()
+        );
+        let read: Vec<(u32, u16)> = crate::nack::nacks(&packet).collect();
+        assert_eq!(read, vec![(2, 100), (2, 101), (2, 116), (2, 117), (2, 65_535)]);
+    }
+
+    #[test]
+    fn keyframe_requests_go_out_with_the_next_rtcp() {
+        let now = Instant::now();
+        let mut ingress = one_stream(1, now);
+        assert!(!ingress.request_keyframe(Mid::from("9")), "no stream there");
+        assert!(ingress.request_keyframe(Mid::from("0")));
+        assert!(ingress.next_rtcp().is_some_and(|at| at <= now));
+        let (compound, _) = ingress.poll_rtcp(now);
+        assert_eq!(
+            compound.expect("a PLI"),
+            [0x81, 206, 0, 2, 0, 0, 0x5e, 0xed, 0xde, 0xad, 0xbe, 0xef]
+        );
+        assert_eq!(ingress.next_rtcp(), None, "nothing else due");
     }
 }

@@ -37,6 +37,7 @@ mod single_stream;
 pub mod speaker;
 mod srtp;
 mod stats;
+mod twcc;
 
 pub use mixer::{MixerConfig, MixerStats};
 pub use stats::{DelayHistogram, DropReason, SessionStats, ShardStats};
@@ -55,7 +56,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{Extension, ExtensionMap, ExtensionValues, RtpPacket, RtpWrite, Ssrc};
+use str0m::rtp::{Extension, ExtensionMap, ExtensionValues, RtpPacket, RtpWrite, Ssrc, VideoOrientation};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
 pub use str0m::net::Transmit;
@@ -225,8 +226,10 @@ struct Session {
     stats: SessionStats,
     /// Forwarded media sealed by us (see [`srtp`]).
     sealer: srtp::Sealer,
-    /// Its audio opened by us (see [`ingress`]).
+    /// Its media opened by us (see [`ingress`]).
     ingress: ingress::Ingress,
+    /// The time of its live entry in the RTCP heap, if any.
+    rtcp_at: Option<Instant>,
     /// Every m-line it published on or we added (with its simulcast
     /// layers): where it may publish again without a new m-line.
     lines: FastMap<Mid, Vec<Option<Rid>>>,
@@ -665,6 +668,7 @@ impl Sfu {
             stats: SessionStats::default(),
             sealer,
             ingress: ingress::Ingress::new(*Ssrc::new(), now),
+            rtcp_at: None,
             lines: FastMap::default(),
             idle: Vec::new(),
             labels: FastMap::default(),
@@ -1073,99 +1077,115 @@ impl Sfu {
         self.process(now);
     }
 
-    /// An RTP datagram of session `id`, opened and forwarded here if its
-    /// stream is ours ([`ingress`]): `false` leaves it to str0m.
+    /// An RTP datagram of session `id`, opened and forwarded here if the
+    /// session's media is ours to open ([`ingress`]): `false` leaves it to str0m.
     fn open_media(&mut self, now: Instant, id: SessionId, data: &[u8]) -> bool {
         let Some(session) = self.sessions.get_mut(&id) else {
             return false;
         };
-        let Some(header) = ingress::Header::parse(data) else {
+        // Sessions that estimate bandwidth (simulcast rooms) keep str0m's
+        // path, as for what they receive; so do those without keys of ours.
+        if !session.sealer.seals_video() || !session.sealer.opens() {
             return false;
+        }
+        let Some(header) = ingress::Header::parse(data) else {
+            self.out.stats.drop(DropReason::Malformed);
+            return true;
         };
         let at = match session.ingress.route(header.ssrc) {
-            ingress::Route::Ours(at) => at,
-            ingress::Route::Stack => return false,
+            ingress::Route::Ours(at) => {
+                if matches!(session.ingress.role(at), Some(ingress::Role::Unknown)) {
+                    let role = role_of(session, &self.tracks, &header);
+                    session.ingress.set_role(at, role);
+                }
+                at
+            }
             ingress::Route::New => {
-                if !session.sealer.opens() {
-                    return false; // no keys of ours yet: undecided
+                // Transport-wide sequence numbers, if negotiated (BUNDLE: one id for all m-lines).
+                let twcc = session.published.keys().next().and_then(|mid| session.rtc.media(*mid));
+                if let Some(id) = twcc.and_then(|m| m.remote_extmap().id_of(Extension::TransportSequenceNumber)) {
+                    session.ingress.set_twcc(id, now);
                 }
-                let ours = ours_to_open(session, &self.tracks, &header);
-                let (route, scheduled) = session.ingress.decide(&header, ours, now);
-                if let Some(at) = scheduled {
-                    self.out.reports.push(Reverse((at, id)));
-                }
-                match route {
-                    ingress::Route::Ours(at) => at,
-                    _ => return false,
-                }
+                let role = role_of(session, &self.tracks, &header);
+                session.ingress.add(&header, role)
+            }
+            ingress::Route::Full => {
+                self.out.stats.drop(DropReason::NoTrack);
+                return true;
             }
         };
-        let packet = match session.ingress.open(at, &mut session.sealer, data, &header, now) {
+        let opening = session.ingress.open(at, &mut session.sealer, data, &header, now);
+        let packet = match opening {
             ingress::Opening::NoKeys => return false,
             ingress::Opening::Rejected => {
                 self.out.stats.drop(DropReason::Rejected);
-                return true;
+                None
             }
-            ingress::Opening::Opened(opened) => {
+            ingress::Opening::Consumed => None,
+            ingress::Opening::Opened(opened) => match session.published.get(&opened.mid) {
                 // The track published on its m-line now (none while it stopped).
-                let Some(&track) = session.published.get(&opened.mid) else {
+                None => {
                     self.out.stats.drop(DropReason::NoTrack);
-                    return true;
-                };
-                Incoming {
-                    ssrc: header.ssrc.into(),
+                    None
+                }
+                Some(&track) => Some(Incoming {
+                    ssrc: opened.ssrc.into(),
                     seq: opened.seq,
                     timestamp: header.timestamp,
-                    pt: header.pt.into(),
+                    pt: opened.pt.into(),
                     marker: header.marker,
                     ext: ExtensionValues {
                         audio_level: opened.level.map(|(level, _)| level),
                         voice_activity: opened.level.map(|(_, voice)| voice),
+                        video_orientation: opened.orientation.map(|o| VideoOrientation::from(o & 0b11)),
                         ..Default::default()
                     },
                     payload: Arc::from(opened.payload),
                     arrival: now,
                     track: Some((track, 0)),
-                }
-            }
+                }),
+            },
         };
-        self.out.stats.packets_opened += 1;
-        self.forward(now, id, packet);
+        schedule_rtcp(id, session, &mut self.out);
+        if let Some(packet) = packet {
+            self.out.stats.packets_opened += 1;
+            self.forward(now, id, packet);
+        }
         true
     }
 
-    /// Sends the receiver reports of ours that are due.
-    fn send_reports(&mut self, now: Instant) {
-        while let Some(&Reverse((at, id))) = self.out.reports.peek() {
+    /// Sends the RTCP of ours that is due: receiver reports, NACKs,
+    /// transport-wide feedback and keyframe requests on the media we open.
+    fn send_rtcp(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.out.rtcp.peek() {
             if at > now {
                 break;
             }
-            self.out.reports.pop();
+            self.out.rtcp.pop();
             let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            if session.ingress.next_report() != Some(at) {
-                continue; // stale
+            if session.rtcp_at != Some(at) {
+                continue; // superseded
             }
-            // (Without a route the report waits a round: its interval's counts stay.)
-            if let Some((report, loss)) = session
-                .sealer
-                .has_route()
-                .then(|| session.ingress.report(now))
-                .flatten()
-            {
+            session.rtcp_at = None;
+            if !session.sealer.has_route() {
+                // Where to is not known again yet: what is due waits.
+                session.rtcp_at = Some(now + RTCP_RETRY);
+                self.out.rtcp.push(Reverse((now + RTCP_RETRY, id)));
+                continue;
+            }
+            let (compound, loss) = session.ingress.poll_rtcp(now);
+            if let Some(loss) = loss {
                 session.stats.ingress_loss = Some(loss);
-                if let Some(transmit) = session.sealer.seal_rtcp(&report) {
-                    session.stats.datagrams_out += 1;
-                    session.stats.bytes_out += transmit.contents.len() as u64;
-                    self.out.stats.datagrams_out += 1;
-                    self.out.transmits.push_back(transmit);
-                }
             }
-            let next = session.ingress.next_report().filter(|next| *next > now);
-            let next = next.unwrap_or(now + ingress::REPORT_INTERVAL);
-            session.ingress.reschedule(next);
-            self.out.reports.push(Reverse((next, id)));
+            if let Some(transmit) = compound.and_then(|c| session.sealer.seal_rtcp(&c)) {
+                session.stats.datagrams_out += 1;
+                session.stats.bytes_out += transmit.contents.len() as u64;
+                self.out.stats.datagrams_out += 1;
+                self.out.transmits.push_back(transmit);
+            }
+            schedule_rtcp(id, session, &mut self.out);
         }
     }
 
@@ -1221,7 +1241,7 @@ impl Sfu {
             }
             self.drain(id);
         }
-        self.send_reports(now);
+        self.send_rtcp(now);
         if self.next_layer_check.is_none_or(|at| at <= now) {
             self.next_layer_check = Some(now + LAYER_CHECK_INTERVAL);
             self.select_layers(now);
@@ -1278,15 +1298,11 @@ impl Sfu {
     /// When to call [`Sfu::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         // The heap's top may be stale: then the caller wakes a little early, harmlessly.
-        let timers = [
-            self.out.timers.peek(),
-            self.out.deadlines.peek(),
-            self.out.reports.peek(),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|Reverse((at, _))| *at)
-        .min();
+        let timers = [self.out.timers.peek(), self.out.deadlines.peek(), self.out.rtcp.peek()]
+            .into_iter()
+            .flatten()
+            .map(|Reverse((at, _))| *at)
+            .min();
         let layers = if self.sessions.is_empty() {
             None
         } else {
@@ -1527,6 +1543,14 @@ impl Sfu {
         let Some(publisher) = self.sessions.get_mut(&track.publisher) else {
             return;
         };
+        let publisher_id = track.publisher;
+        // A stream we open gets our PLI; str0m's its own.
+        if publisher.ingress.request_keyframe(track.mid) {
+            track.last_keyframe_request = Some(now);
+            self.out.stats.keyframe_requests += 1;
+            schedule_rtcp(publisher_id, publisher, &mut self.out);
+            return;
+        }
         let mut api = publisher.rtc.direct_api();
         let rid = track.layers.get(layer).and_then(|l| l.rid);
         let Some(rx) = api.stream_rx_by_mid(track.mid, rid) else {
@@ -1535,7 +1559,6 @@ impl Sfu {
         rx.request_keyframe(KeyframeRequestKind::Pli);
         track.last_keyframe_request = Some(now);
         self.out.stats.keyframe_requests += 1;
-        let publisher_id = track.publisher;
         self.drain(publisher_id);
     }
 
@@ -2086,8 +2109,9 @@ struct Outputs {
     deadlines: BinaryHeap<Reverse<(Instant, SessionId)>>,
     /// Sessions whose WebRTC stack failed; closed on the next turn.
     broken: Vec<SessionId>,
-    /// Receiver reports of ours due: (due, session), as `timers` (see [`ingress`]).
-    reports: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    /// RTCP of ours due (see [`ingress`]): (due, session), as `timers`,
+    /// the live entry being the session's `rtcp_at`.
+    rtcp: BinaryHeap<Reverse<(Instant, SessionId)>>,
 }
 
 /// The peer's RTCP (an SRTCP datagram str0m reads as well), where it is
@@ -2099,7 +2123,7 @@ fn read_rtcp(now: Instant, session: &mut Session, datagram: &[u8], out: &mut Out
         .subscriptions
         .values()
         .any(|s| s.direct.as_ref().is_some_and(|d| d.remembers()));
-    if !remembers && session.ingress.next_report().is_none() {
+    if !remembers && !session.ingress.has_streams() {
         return;
     }
     let Some(rtcp) = session.sealer.open_rtcp(datagram) else {
@@ -2154,44 +2178,75 @@ fn is_rtp(datagram: &[u8]) -> bool {
     datagram.len() >= 12 && datagram[0] >> 6 == 2 && !(192..=223).contains(&datagram[1])
 }
 
-/// Whether the SSRC in `header`, new in `session`, is a stream we open
-/// ([`ingress`]): audio of a track it publishes, named by the packet's mid,
-/// on an m-line without transport-wide sequence numbers, and not yet seen by
-/// str0m.
-fn ours_to_open(
-    session: &mut Session,
-    tracks: &FastMap<TrackId, Track>,
-    header: &ingress::Header<'_>,
-) -> Option<ingress::Opens> {
-    if session.ssrc_tracks.contains_key(&header.ssrc.into()) {
-        return None;
-    }
+/// What the SSRC in `header` carries in `session`, whose media we open
+/// ([`ingress`]): media of the track published on the m-line its mid
+/// extension names, or retransmissions of it (an RTX payload type of that
+/// m-line's codecs); unknown without a mid, or before its media stream came.
+fn role_of(session: &Session, tracks: &FastMap<TrackId, Track>, header: &ingress::Header<'_>) -> ingress::Role {
+    let unknown = ingress::Role::Unknown;
     // BUNDLE: one extension map for the transport; any published m-line has it.
-    let any = *session.published.keys().next()?;
-    let mid_id = session.rtc.media(any)?.remote_extmap().id_of(Extension::RtpMid)?;
-    let mid = Mid::from(std::str::from_utf8(header.extension(mid_id)?).ok()?);
-    let track_id = *session.published.get(&mid)?;
-    let track = tracks.get(&track_id)?;
-    let extensions = session.rtc.media(mid)?.remote_extmap();
-    if track.kind != MediaKind::Audio
-        || track.layers.len() > 1
-        || extensions.id_of(Extension::TransportSequenceNumber).is_some()
-    {
-        return None;
+    let Some(any) = session.published.keys().next().copied() else {
+        return unknown;
+    };
+    let Some(mid_id) = session
+        .rtc
+        .media(any)
+        .and_then(|m| m.remote_extmap().id_of(Extension::RtpMid))
+    else {
+        return unknown;
+    };
+    let Some(mid) = header
+        .extension(mid_id)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(Mid::from)
+    else {
+        return unknown;
+    };
+    let (Some(track), Some(media)) = (
+        session.published.get(&mid).and_then(|t| tracks.get(t)),
+        session.rtc.media(mid),
+    ) else {
+        return unknown;
+    };
+    if let Some((_, main)) = track.codecs.iter().find(|(_, p)| p.resend() == Some(header.pt.into())) {
+        return match session.ingress.media_on(mid) {
+            Some(main_at) => ingress::Role::Rtx {
+                main: main_at,
+                pt: *main.pt(),
+            },
+            None => unknown,
+        };
     }
+    let video = track.kind == MediaKind::Video;
     // (The clock of an unknown payload type's packets hardly matters: forwarding drops them.)
-    let params = track
+    let clock_rate = track
         .codecs
         .iter()
         .find(|(pt, _)| **pt == header.pt)
-        .or_else(|| track.codecs.iter().find(|(_, p)| p.spec().codec.is_audio()))?
-        .1;
-    Some(ingress::Opens {
+        .or_else(|| track.codecs.iter().find(|(_, p)| p.spec().codec.is_audio() != video))
+        .map_or(if video { 90_000 } else { 48_000 }, |(_, p)| p.spec().clock_rate.get());
+    let extensions = media.remote_extmap();
+    ingress::Role::Media(ingress::Opens {
         mid,
-        clock_rate: params.spec().clock_rate.get(),
+        clock_rate,
         level_id: extensions.id_of(Extension::AudioLevel),
+        orientation_id: extensions.id_of(Extension::VideoOrientation),
+        nack: video,
     })
 }
+
+/// Queues the session's next RTCP of ours in the heap, if it moved earlier.
+fn schedule_rtcp(id: SessionId, session: &mut Session, out: &mut Outputs) {
+    if let Some(at) = session.ingress.next_rtcp()
+        && session.rtcp_at.is_none_or(|scheduled| at < scheduled)
+    {
+        session.rtcp_at = Some(at);
+        out.rtcp.push(Reverse((at, id)));
+    }
+}
+
+/// How long RTCP that is due waits when the session has no route.
+const RTCP_RETRY: Duration = Duration::from_millis(50);
 
 /// Runs `f` on one session's WebRTC stack (str0m). A panic in there is a bug
 /// of the stack that what a peer sent reached; it breaks that session alone:

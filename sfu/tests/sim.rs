@@ -256,6 +256,65 @@ fn drop_every_20th_video_to(world: &mut World, to: usize) {
     }));
 }
 
+/// Drops every 20th of `from`'s video datagrams to the SFU (the first copy
+/// of a packet: retransmissions come on another payload type).
+fn drop_every_20th_video_from(world: &mut World, from: usize) {
+    let (sfu, addr) = (world.sfu_addr, world.clients[from].addr);
+    let mut count = 0u64;
+    world.loss = Some(Box::new(move |src, dst, data| {
+        if src == addr && dst == sfu && is_rtp_with_pt(data, 96) {
+            count += 1;
+            return count.is_multiple_of(20);
+        }
+        false
+    }));
+}
+
+#[test]
+fn a_publishers_lost_video_is_asked_for_again_by_the_sfu_which_opens_it() {
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    drop_every_20th_video_from(&mut world, alice);
+    world.run(Duration::from_secs(6));
+    world.loss = None;
+    world.clients[alice].sending = false;
+    world.run(Duration::from_secs(1));
+    let stats = world.sfu.stats();
+    assert!(
+        stats.packets_opened > 400,
+        "video and audio opened by the SFU: {}",
+        stats.packets_opened
+    );
+    // Alice's str0m got our NACKs and resent on its RTX stream, which we restored.
+    let nacks = world.clients[alice].egress.values().map(|e| e.nacks).sum::<u64>();
+    assert!(nacks > 5, "alice got {nacks} NACKs");
+    let video = &world.received_from(bob)[&(user("alice"), MediaKind::Video)];
+    let mut seqs: Vec<u64> = video.packets.iter().map(|p| p.0).collect();
+    assert!(seqs.len() > 150, "bob got {} video packets", seqs.len());
+    seqs.sort_unstable();
+    let all = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), all, "none twice");
+    let span = seqs[seqs.len() - 1] - seqs[0] + 1;
+    assert_eq!(span, seqs.len() as u64, "every lost packet was recovered");
+}
+
+#[test]
+fn publishers_that_estimate_their_uplink_get_transport_wide_feedback_from_the_sfu() {
+    let mut world = World::new();
+    world.client_bwe = true;
+    let alice = world.join("alice");
+    world.join("bob");
+    world.run(Duration::from_secs(5));
+    assert!(world.sfu.stats().packets_opened > 200);
+    // str0m's estimator only moves on transport-wide feedback: ours.
+    let estimates = &world.clients[alice].estimates;
+    assert!(!estimates.is_empty(), "alice's estimator heard nothing");
+    let last = *estimates.last().expect("an estimate");
+    assert!(last > 300_000, "alice's uplink estimate {last} bps");
+}
+
 #[test]
 fn five_percent_loss_is_recovered_by_nack() {
     let mut world = World::new();

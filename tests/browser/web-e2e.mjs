@@ -462,6 +462,23 @@ async function conference(ctx) {
   });
   // Video too is sealed by the SFU (no simulcast in this room): Chrome decodes it.
   await Promise.all(all.map((u) => u.decodesVideo(all.length - 1)));
+  // The SFU opens what the browsers send (sfu/src/ingress.rs) and sends their
+  // transport-wide feedback: Chrome's own uplink estimate lives on it, and
+  // climbs past its 300 kbps start only with it.
+  for (const u of all) {
+    let seen;
+    await until(`${u.name}'s uplink estimate to climb on the SFU's transport-wide feedback`, async () => {
+      seen = await u.page.evaluate(async () => {
+        const stats = await window.switchboard.call.pc.getStats();
+        const pair = [...stats.values()].find((s) => s.type === "candidate-pair" && s.nominated && s.state === "succeeded");
+        return pair?.availableOutgoingBitrate || 0;
+      });
+      return seen > 600000;
+    }, 30000).catch((e) => {
+      throw new Error(`${e.message}: ${seen} bps`);
+    });
+    log(`${u.name}'s uplink estimate: ${Math.round(seen / 1000)} kbps`);
+  }
   log(`audio and video reach each from each; the SFU sealed ${sealed} packets itself`);
   await frank.assertLoopbackPair();
   await Promise.all(all.map((u) => u.shot("conference-four")));
@@ -510,15 +527,19 @@ async function freeUdpPort() {
 async function lossyNat(front, back, every) {
   const outside = dgram.createSocket("udp4");
   const inside = new Map();
-  const counts = { video: 0, dropped: 0 };
+  const counts = { video: 0, dropped: 0, upstream: 0, droppedUpstream: 0 };
+  const isVideo = (d) => d.length > 12 && d[0] >> 6 === 2 && !(d[1] >= 192 && d[1] <= 223) && (d[1] & 0x7f) !== 111;
   outside.on("message", (datagram, from) => {
+    if (isVideo(datagram) && ++counts.upstream % every === 0) {
+      counts.droppedUpstream += 1;
+      return;
+    }
     const key = `${from.address}:${from.port}`;
     let socket = inside.get(key);
     if (!socket) {
       socket = dgram.createSocket("udp4");
       socket.on("message", (reply) => {
-        const rtp = reply.length > 12 && reply[0] >> 6 === 2 && !(reply[1] >= 192 && reply[1] <= 223);
-        if (rtp && (reply[1] & 0x7f) !== 111 && ++counts.video % every === 0) {
+        if (isVideo(reply) && ++counts.video % every === 0) {
           counts.dropped += 1;
           return;
         }
@@ -541,10 +562,12 @@ async function lossyNat(front, back, every) {
 
 /**
  * A conference through a lossy network: the SFU advertises 127.0.0.2, where a
- * NAT of ours drops 5 % of the video it forwards to the browsers. Chrome asks
- * for the lost packets (RTCP NACK, in SRTCP) and the SFU, which seals this
- * video itself, resends them from its own history (sfu/src/nack.rs): what
- * stays lost is a small part of what was dropped.
+ * NAT of ours drops 5 % of the video both ways. Chrome asks for what the SFU
+ * sent and was lost (RTCP NACK, in SRTCP) and the SFU, which seals this video
+ * itself, resends it from its own history (sfu/src/nack.rs); the SFU asks
+ * the publishing Chrome for what it sent and was lost (sfu/src/ingress.rs),
+ * and restores Chrome's retransmissions (RTX). What stays lost is a small
+ * part of what was dropped.
  */
 async function lossyConference(ctx) {
   const port = await freeUdpPort();
@@ -573,7 +596,15 @@ async function lossyConference(ctx) {
         const stats = await window.switchboard.call.pc.getStats();
         const rtp = [...stats.values()].filter((s) => s.type === "inbound-rtp" && s.kind === "video");
         const sum = (key) => rtp.reduce((n, s) => n + (s[key] || 0), 0);
-        return { received: sum("packetsReceived"), lost: sum("packetsLost"), nacks: sum("nackCount") };
+        const sent = [...stats.values()].filter((s) => s.type === "outbound-rtp" && s.kind === "video");
+        const sumSent = (key) => sent.reduce((n, s) => n + (s[key] || 0), 0);
+        return {
+          received: sum("packetsReceived"),
+          lost: sum("packetsLost"),
+          nacks: sum("nackCount"),
+          nacked: sumSent("nackCount"),
+          resent: sumSent("retransmittedPacketsSent"),
+        };
       });
     const snapshot = async () => {
       const seen = await Promise.all(users.map(video));
@@ -587,12 +618,23 @@ async function lossyConference(ctx) {
     let last;
     await until("NACKs answered by the SFU's resends", async () => {
       last = await snapshot();
-      const { dropped, resent, lost, seen } = last;
-      return dropped >= 30 && seen.every((v) => v.nacks > 0) && resent >= dropped / 2 && lost <= dropped / 4;
+      const { dropped, droppedUpstream, resent, lost, seen } = last;
+      const upstream = seen.reduce((n, v) => n + v.resent, 0);
+      return (
+        dropped >= 30 &&
+        droppedUpstream >= 30 &&
+        seen.every((v) => v.nacks > 0 && v.nacked > 0) &&
+        resent >= dropped / 2 &&
+        upstream >= droppedUpstream / 2 &&
+        lost <= (dropped + droppedUpstream) / 4
+      );
     }, 60000).catch((e) => {
       throw new Error(`${e.message}: ${JSON.stringify(last)}`);
     });
-    log(`the NAT dropped ${last.dropped} of ${last.video} video packets; browsers: ${JSON.stringify(last.seen)}; the SFU resent ${last.resent}`);
+    log(
+      `the NAT dropped ${last.dropped} of ${last.video} video packets to the browsers and ${last.droppedUpstream} of ` +
+        `${last.upstream} from them; browsers: ${JSON.stringify(last.seen)}; the SFU resent ${last.resent}`,
+    );
     for (const u of users) await u.page.click("#hangup");
   } finally {
     for (const u of users) await u.page.context().close().catch(() => {});

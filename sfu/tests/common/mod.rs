@@ -100,6 +100,8 @@ pub struct Client {
     /// The last statistics of what it sends, per m-line (from the RTCP it
     /// got), with the last fraction lost reported.
     pub egress: BTreeMap<Mid, MediaEgressStats>,
+    /// Its bandwidth estimator's estimates (bps), if it runs one.
+    pub estimates: Vec<u64>,
 }
 
 /// Decoded audio of one m-line, with when each packet's samples arrived.
@@ -148,6 +150,8 @@ pub struct World {
     /// The SFU's wishes to renegotiate are not acted on (a test makes and
     /// delivers offers itself).
     pub hold_offers: bool,
+    /// The next joiners estimate their uplink bandwidth (from transport-wide feedback).
+    pub client_bwe: bool,
 }
 
 fn client_config() -> RtcConfig {
@@ -176,6 +180,7 @@ impl World {
             own_lines: OwnLines::PublishOnly,
             sfu_busy: Duration::ZERO,
             hold_offers: false,
+            client_bwe: false,
         }
     }
 
@@ -202,7 +207,13 @@ impl World {
     fn join_directed(&mut self, name: &str, simulcast: bool, direction: Direction, with_video: bool) -> usize {
         let index = self.clients.len();
         let addr = client_addr(index);
-        let mut rtc = client_config().build(self.now);
+        let config = client_config();
+        let config = if self.client_bwe {
+            config.enable_bwe(Some(str0m::bwe::Bitrate::kbps(300)))
+        } else {
+            config
+        };
+        let mut rtc = config.build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").expect("candidate"));
         let mut api = rtc.sdp_api();
         let stream = format!("{name}-cam");
@@ -315,6 +326,7 @@ impl World {
             chaos: false,
             chaos_state: 0x9e37_79b9_7f4a_7c15 ^ index as u64,
             egress: BTreeMap::new(),
+            estimates: Vec::new(),
             listen: false,
             decoder: None,
             heard: Vec::new(),
@@ -429,6 +441,9 @@ impl World {
                     {
                         client.keyframe_requests += 1;
                         client.keyframe_due = true;
+                    }
+                    Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. }) => {
+                        client.estimates.push(estimate.as_u64());
                     }
                     Event::MediaEgressStats(mut stats) => {
                         // (Its loss is only there when a report came since the last.)
