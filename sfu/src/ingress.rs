@@ -1,30 +1,35 @@
-//! Our own SRTP receiver for publishers' audio: the receive side's short cut
-//! past str0m.
+//! Our own SRTP receiver for what participants send: the receive side's
+//! short cut past str0m.
 //!
 //! str0m decrypts and parses each datagram it is given, runs a whole timeout
 //! of the session after it (ICE, DTLS, RTCP, pacer) and hands the packet back
-//! as an event: in two-party calls that was most of the SFU's CPU. An audio
-//! packet needs none of that, so where the SFU seals forwarded media itself
-//! (AEAD profiles, see [`crate::srtp`]) it opens publishers' audio itself too.
+//! as an event: in calls that was most of the SFU's CPU. Forwarding needs none
+//! of that, so in sessions whose forwarded media the SFU seals itself (AEAD
+//! profiles, no bandwidth estimator: see [`crate::srtp`]) it opens all their
+//! RTP itself, and sends the RTCP a receiver owes the sender. str0m then sees
+//! none of their RTP (so no source is reported on, or fed back, twice), and
+//! keeps ICE, DTLS, their RTCP and what the SFU sends through it.
 //!
-//! - **Which streams.** Decided per SSRC at its first packet, and kept: audio
-//!   on an m-line the participant publishes on, named by the packet's mid
-//!   extension, on an m-line without transport-wide sequence numbers (their
-//!   feedback is str0m's, which must see every such packet). Anything else
-//!   (video, no mid, an SSRC str0m has already seen) stays with str0m, and
-//!   str0m never sees a packet of a stream that is ours: one source is never
-//!   reported on by both.
+//! - **Streams.** Each SSRC gets a [`Receiver`] at its first packet, and a
+//!   [`Role`]: media of the m-line its mid extension names, retransmissions
+//!   of that media (an RTX payload type, RFC 4588), or unknown for now (no
+//!   mid yet: opened, fed back, not forwarded).
 //! - **Opening.** The SRTP index is guessed from the highest so far (RFC 3711
 //!   Appendix A), the packet decrypted with the peer's key (RFC 7714 §8), and
 //!   only an authentic packet moves the 64-packet replay window and the
-//!   statistics.
-//! - **Reports.** What str0m would report for such a stream, we do: a
-//!   receiver report (RFC 3550 §6.4.2: fraction and cumulative number lost,
-//!   extended highest sequence number, interarrival jitter, and LSR/DLSR from
-//!   the publisher's sender reports, read in its SRTCP) a second after the
-//!   first packet and every five seconds after, as SRTCP under an SSRC of
-//!   our own (str0m numbers the SRTCP of its own SSRCs under the same key:
-//!   sharing one could reuse a nonce).
+//!   statistics (with its kernel arrival time: see `Sfu::handle_receive_at`).
+//!   A retransmission is restored (its original sequence number
+//!   taken from its payload) and forwarded if the media stream has not had
+//!   it; padding-only packets (bandwidth probes) are only fed back.
+//! - **RTCP of ours**, one compound SRTCP packet per due time, under an SSRC
+//!   of its own (str0m numbers the SRTCP of its SSRCs under the same key:
+//!   sharing one could reuse a nonce): receiver reports (RFC 3550 §6.4.2:
+//!   fraction and cumulative lost, extended highest sequence number, jitter,
+//!   LSR/DLSR from the sender's reports, read in its SRTCP) a second after
+//!   the first packet, then every second with video and every five without;
+//!   generic NACKs (RFC 4585) for lost video, every 30 ms while it stays
+//!   lost, up to 8 times and 1 s; transport-wide feedback ([`crate::twcc`])
+//!   every 100 ms while packets arrive; PLIs the SFU asks for.
 
 use crate::nack::rtcp_packets;
 use crate::srtp::Sealer;
@@ -33,8 +38,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 use str0m::media::Mid;
 
-/// How often a session reports on the streams it receives through us (str0m's
-/// and libwebrtc's interval for audio).
+/// How often a session reports on the audio it receives through us (str0m's
+/// and libwebrtc's interval).
 pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// From a session's first stream of ours to its first report.
@@ -299,7 +304,8 @@ impl Ingress {
         }
     }
 
-    /// Opens a packet of our stream `at` (from [`Ingress::route`]).
+    /// Opens a packet of our stream `at` (from [`Ingress::route`]) that
+    /// arrived at `arrived` (the kernel's time stamp).
     pub(crate) fn open<'s>(
         &'s mut self,
         at: usize,
@@ -307,6 +313,7 @@ impl Ingress {
         data: &[u8],
         header: &Header<'_>,
         now: Instant,
+        arrived: Instant,
     ) -> Opening<'s> {
         let Some(stream) = self.streams.get_mut(at) else {
             return Opening::Consumed;
@@ -332,7 +339,7 @@ impl Ingress {
         if let Some((id, twcc)) = &mut self.twcc
             && let Some(&[a, b, ..]) = header.extension(*id)
         {
-            twcc.record(u16::from_be_bytes([a, b]), now);
+            twcc.record(u16::from_be_bytes([a, b]), arrived);
             if self.next_twcc.is_none() {
                 self.next_twcc = Some(now + twcc::INTERVAL);
             }
@@ -342,7 +349,7 @@ impl Ingress {
         match role {
             Role::Unknown => Opening::Consumed,
             Role::Media(opens) => {
-                let arrival = now.saturating_duration_since(self.epoch).as_secs_f64() * f64::from(opens.clock_rate);
+                let arrival = arrived.saturating_duration_since(self.epoch).as_secs_f64() * f64::from(opens.clock_rate);
                 stream.receiver.note_arrival(arrival as u64 as u32, header.timestamp);
                 self.schedule_first_report(now);
                 Opening::Opened(Opened {

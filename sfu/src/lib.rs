@@ -1033,6 +1033,22 @@ impl Sfu {
 
     /// A datagram arrived on the shard's socket.
     pub fn handle_receive(&mut self, now: Instant, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        self.handle_receive_at(now, now, source, destination, data);
+    }
+
+    /// A datagram that arrived on the shard's socket at `arrived` (the
+    /// kernel's time stamp), handled `now`. The arrival time is what the
+    /// transport-wide feedback and jitter of the media we open are made of:
+    /// a sender's bandwidth estimator must see the network's delays, not
+    /// when the shard got round to the datagram.
+    pub fn handle_receive_at(
+        &mut self,
+        now: Instant,
+        arrived: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) {
         self.advance(now);
         self.out.stats.datagrams_in += 1;
         let known = self.by_addr.get(&source).copied();
@@ -1064,7 +1080,7 @@ impl Sfu {
         session.stats.bytes_in += data.len() as u64;
         if nack::is_rtcp(data) {
             read_rtcp(now, session, data, &mut self.out);
-        } else if is_rtp(data) && self.open_media(now, id, data) {
+        } else if is_rtp(data) && self.open_media(now, arrived.min(now), id, data) {
             return self.process(now);
         }
         let Some(session) = self.sessions.get_mut(&id) else {
@@ -1079,7 +1095,7 @@ impl Sfu {
 
     /// An RTP datagram of session `id`, opened and forwarded here if the
     /// session's media is ours to open ([`ingress`]): `false` leaves it to str0m.
-    fn open_media(&mut self, now: Instant, id: SessionId, data: &[u8]) -> bool {
+    fn open_media(&mut self, now: Instant, arrived: Instant, id: SessionId, data: &[u8]) -> bool {
         let Some(session) = self.sessions.get_mut(&id) else {
             return false;
         };
@@ -1114,7 +1130,9 @@ impl Sfu {
                 return true;
             }
         };
-        let opening = session.ingress.open(at, &mut session.sealer, data, &header, now);
+        let opening = session
+            .ingress
+            .open(at, &mut session.sealer, data, &header, now, arrived);
         let packet = match opening {
             ingress::Opening::NoKeys => return false,
             ingress::Opening::Rejected => {

@@ -9,8 +9,11 @@
 //! highest arrived: received or not, and for each received one its arrival
 //! relative to the previous (250 µs ticks; the first relative to the
 //! reference time, in 64 ms units). Statuses go in two-bit status vector
-//! chunks, seven to a chunk. A packet that arrives after its number was
-//! reported as lost stays reported as lost.
+//! chunks, seven to a chunk. Arrivals are kept a while after they were
+//! reported: a packet that arrives after a feedback said it was lost (the
+//! sender's audio and video threads can number packets in one order and send
+//! them in the other) makes the next feedback start again from it, as
+//! libwebrtc's receiver does; reported twice, a packet is still one packet.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -19,16 +22,19 @@ use std::time::{Duration, Instant};
 /// default, and str0m's order of magnitude).
 pub(crate) const INTERVAL: Duration = Duration::from_millis(100);
 
-/// Sequence numbers one feedback covers at most; arrivals kept at most.
+/// Sequence numbers one feedback covers at most; arrivals kept at most;
+/// how far behind the next feedback's start a late arrival is still told.
 const MAX_COVERED: u64 = 2_000;
 const MAX_KEPT: usize = 4_096;
+const LATE_WINDOW: u64 = 500;
 
 /// Recv delta units and reference time units.
 const TICK_US: i64 = 250;
 const REFERENCE_US: u64 = 64_000;
 
 pub(crate) struct TwccFeedback {
-    /// Arrivals not yet reported, by extended sequence number.
+    /// Arrivals by extended sequence number: those not reported yet, and
+    /// up to [`LATE_WINDOW`] reported ones before them.
     arrivals: BTreeMap<u64, Instant>,
     /// The highest sequence number seen (to extend the next).
     highest: Option<u64>,
@@ -69,23 +75,34 @@ impl TwccFeedback {
     /// An authentic packet numbered `seq` arrived at `at`.
     pub(crate) fn record(&mut self, seq: u16, at: Instant) {
         let seq = extend(self.highest, seq);
-        if self.next.is_some_and(|next| seq < next) || self.arrivals.len() >= MAX_KEPT {
-            return; // reported already, or a flood
+        if self.arrivals.len() >= MAX_KEPT || self.arrivals.contains_key(&seq) {
+            return; // a flood, or a duplicate (the first arrival counts)
+        }
+        if let Some(next) = self.next
+            && seq < next
+        {
+            if seq + LATE_WINDOW < next {
+                return; // too late to tell
+            }
+            self.next = Some(seq); // reported as lost: report again from here
         }
         self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
-        self.arrivals.entry(seq).or_insert(at);
+        self.arrivals.insert(seq, at);
     }
 
     /// Arrivals wait to be reported.
     pub(crate) fn pending(&self) -> bool {
-        !self.arrivals.is_empty()
+        match self.next {
+            Some(next) => self.arrivals.range(next..).next().is_some(),
+            None => !self.arrivals.is_empty(),
+        }
     }
 
     /// The feedback packet (RTPFB, FMT 15) on what arrived since the last,
     /// from `sender_ssrc` about the media of `media_ssrc`.
     pub(crate) fn feedback(&mut self, sender_ssrc: u32, media_ssrc: u32) -> Option<Vec<u8>> {
-        let (&first, &first_at) = self.arrivals.first_key_value()?;
-        let base = self.next.map_or(first, |next| next.min(first));
+        let (&first, &first_at) = self.arrivals.range(self.next.unwrap_or(0)..).next()?;
+        let base = self.next.unwrap_or(first);
         let highest = *self.arrivals.last_key_value()?.0;
         let mut last = highest.min(base + MAX_COVERED - 1);
         let reference = first_at.saturating_duration_since(self.epoch).as_micros() as u64 / REFERENCE_US;
@@ -116,7 +133,6 @@ impl TwccFeedback {
                 last = seq - 1;
                 break;
             }
-            self.arrivals.remove(&seq);
             told = if ticks >= 0 {
                 told + Duration::from_micros((ticks * TICK_US) as u64)
             } else {
@@ -128,6 +144,8 @@ impl TwccFeedback {
         }
         symbols.truncate((last - base + 1) as usize);
         self.next = Some(last + 1);
+        let keep_from = (last + 1).saturating_sub(LATE_WINDOW);
+        self.arrivals = self.arrivals.split_off(&keep_from);
         let mut packet = Vec::with_capacity(20 + 2 * symbols.len().div_ceil(7) + deltas.len() + 4);
         packet.extend_from_slice(&[0x80 | 15, 205, 0, 0]);
         packet.extend_from_slice(&sender_ssrc.to_be_bytes());
@@ -222,13 +240,19 @@ mod tests {
         }
         assert!(!twcc.pending());
         assert!(twcc.feedback(7, 9).is_none(), "nothing new");
-        // A packet from before the last feedback stays lost; the next covers from 20.
+        // A packet reported lost that comes late: the next feedback covers from it again.
         twcc.record(13, at(600));
+        assert!(twcc.pending());
         twcc.record(22, at(601));
+        let next = parsed(&twcc.feedback(7, 9).expect("feedback"), epoch);
+        assert_eq!(next.first().map(|(s, a)| (*s, a.is_some())), Some((13, true)));
+        assert_eq!(next.len(), 10, "13 to 22");
+        assert!(twcc.feedback(7, 9).is_none(), "nothing new");
+        twcc.record(25, at(700));
         let next = parsed(&twcc.feedback(7, 9).expect("feedback"), epoch);
         assert_eq!(
             next.iter().map(|(s, a)| (*s, a.is_some())).collect::<Vec<_>>(),
-            vec![(20, false), (21, false), (22, true)]
+            vec![(23, false), (24, false), (25, true)]
         );
         assert_eq!(packet[19], 0, "the first feedback's count");
     }

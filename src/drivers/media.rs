@@ -183,6 +183,8 @@ async fn run(
                 for _ in 0..BATCHES_PER_TURN {
                     match socket.try_io(Interest::READABLE, || input.receive(&socket)) {
                         Ok(_) => {
+                            // Kernel time stamps (wall clock) as instants: how long ago each came.
+                            let (wall, mono) = (SystemTime::now(), Instant::now());
                             for (bytes, source, arrival) in input.iter() {
                                 if slice.elapsed() >= SLICE || sfu.transmits_ready() >= udp::SEND_BATCH {
                                     // Send what the slice produced before reading on
@@ -190,7 +192,9 @@ async fn run(
                                     egress.send(&mut sfu, &socket).await;
                                     slice = Instant::now();
                                 }
-                                sfu.handle_receive(Instant::now(), source, advertised_addr, bytes);
+                                let ago = wall.duration_since(arrival).unwrap_or_default();
+                                let arrived = mono.checked_sub(ago).unwrap_or(mono);
+                                sfu.handle_receive_at(Instant::now(), arrived, source, advertised_addr, bytes);
                                 egress.arrivals.push(arrival);
                             }
                         }

@@ -474,8 +474,16 @@ async function conference(ctx) {
         return pair?.availableOutgoingBitrate || 0;
       });
       return seen > 600000;
-    }, 30000).catch((e) => {
-      throw new Error(`${e.message}: ${seen} bps`);
+    }, 30000).catch(async (e) => {
+      // What the browser sends, and what the SFU's reports said of it.
+      const sending = await u.page.evaluate(async () => {
+        const stats = await window.switchboard.call.pc.getStats();
+        return [...stats.values()]
+          .filter((s) => s.type === "outbound-rtp" || s.type === "remote-inbound-rtp")
+          .map(({ type, kind, targetBitrate, qualityLimitationReason, packetsSent, packetsLost, fractionLost }) =>
+            ({ type, kind, targetBitrate, qualityLimitationReason, packetsSent, packetsLost, fractionLost }));
+      });
+      throw new Error(`${e.message}: ${seen} bps; ${JSON.stringify(sending)}`);
     });
     log(`${u.name}'s uplink estimate: ${Math.round(seen / 1000)} kbps`);
   }
