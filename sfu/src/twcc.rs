@@ -290,4 +290,63 @@ mod tests {
         assert_eq!(second.len(), 1);
         assert_eq!(second[0].0, 2);
     }
+
+    #[test]
+    fn any_arrivals_give_feedback_that_str0m_reads_back() {
+        let epoch = Instant::now();
+        let mut twcc = TwccFeedback::new(epoch);
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let mut random = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut seq, mut at) = (65_000u16, epoch);
+        let mut told: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
+        let mut highest = None;
+        for round in 0..2_000 {
+            // Mostly in order, sometimes lost, late, duplicated or after a long pause.
+            for _ in 0..random() % 20 {
+                let r = random();
+                seq = match r % 16 {
+                    0 => seq.wrapping_sub((r >> 8) as u16 % 40),
+                    1 => seq.wrapping_add((r >> 8) as u16 % 300),
+                    2 => seq,
+                    _ => seq.wrapping_add(1),
+                };
+                at += Duration::from_micros(if r % 97 == 0 { 9_000_000 } else { (r >> 20) % 3_000 });
+                twcc.record(seq, at);
+            }
+            if round % 3 == 0
+                && let Some(packet) = twcc.feedback(1, 2)
+            {
+                let base = u64::from(u16::from_be_bytes([packet[12], packet[13]]));
+                let extend_from = extend(highest, base as u16);
+                let pad = if packet[0] & 0x20 != 0 {
+                    usize::from(packet[packet.len() - 1])
+                } else {
+                    0
+                };
+                let feedback = Twcc::try_from(&packet[4..packet.len() - pad]).expect("str0m parses it");
+                let count = usize::from(feedback.status_count);
+                let got: Vec<_> = feedback.into_iter(epoch, extend_from.into()).collect();
+                assert_eq!(got.len(), count, "every status read");
+                for (seq, _, arrival) in got {
+                    highest = Some(highest.map_or(*seq, |h: u64| h.max(*seq)));
+                    if let Some(arrival) = arrival {
+                        // A packet told twice is told the same.
+                        let first = *told.entry(*seq).or_insert(arrival);
+                        let error = if first > arrival {
+                            first - arrival
+                        } else {
+                            arrival - first
+                        };
+                        assert!(error < Duration::from_millis(1), "{seq}: {first:?} then {arrival:?}");
+                    }
+                }
+            }
+        }
+        assert!(told.len() > 1_000, "{} packets told", told.len());
+    }
 }
