@@ -29,7 +29,8 @@
 //!   the first packet, then every second with video and every five without;
 //!   generic NACKs (RFC 4585) for lost video, every 30 ms while it stays
 //!   lost, up to 8 times and 1 s; transport-wide feedback ([`crate::twcc`])
-//!   every 100 ms while packets arrive; PLIs the SFU asks for.
+//!   every 100 ms while packets arrive; PLIs the SFU asks for. A compound
+//!   stays under the MTU: what does not fit goes in another datagram.
 
 use crate::nack::rtcp_packets;
 use crate::srtp::Sealer;
@@ -431,8 +432,8 @@ impl Ingress {
     /// The compound RTCP due now, if anything is: a receiver report on the
     /// media streams heard since the last (RFC 3550 §6.4.2), NACKs, and
     /// transport-wide feedback; and the highest fraction lost reported (0–1).
-    pub(crate) fn poll_rtcp(&mut self, now: Instant) -> (Option<Vec<u8>>, Option<f32>) {
-        let mut compound = Vec::new();
+    pub(crate) fn poll_rtcp(&mut self, now: Instant) -> (Vec<Vec<u8>>, Option<f32>) {
+        let mut compounds = Vec::new();
         let mut worst = None;
         if self.next_report.is_some_and(|at| at <= now) {
             let video = self
@@ -441,34 +442,37 @@ impl Ingress {
                 .any(|s| matches!(s.role, Role::Media(opens) if opens.nack));
             self.next_report = Some(now + if video { VIDEO_REPORT_INTERVAL } else { REPORT_INTERVAL });
             if let Some((report, loss)) = self.report(now) {
-                compound.extend_from_slice(&report);
+                add_rtcp(&mut compounds, &report);
                 worst = Some(loss);
             }
         }
-        for media in self.keyframes.drain(..) {
-            compound.extend_from_slice(&[0x81, 206, 0, 2]);
-            compound.extend_from_slice(&self.ssrc.to_be_bytes());
-            compound.extend_from_slice(&media.to_be_bytes());
+        for media in std::mem::take(&mut self.keyframes) {
+            let pli = [[0x81, 206, 0, 2], self.ssrc.to_be_bytes(), media.to_be_bytes()].concat();
+            add_rtcp(&mut compounds, &pli);
         }
         for stream in &mut self.streams {
             let lost = stream.receiver.nacks_due(now);
             if !lost.is_empty() {
-                compound.extend_from_slice(&nack_packet(self.ssrc, stream.ssrc, &lost));
+                add_rtcp(&mut compounds, &nack_packet(self.ssrc, stream.ssrc, &lost));
             }
         }
         if self.next_twcc.is_some_and(|at| at <= now) {
             self.next_twcc = None;
             let media = self.streams.first().map_or(0, |s| s.ssrc);
             if let Some((_, twcc)) = &mut self.twcc {
-                if let Some(feedback) = twcc.feedback(self.ssrc, media) {
-                    compound.extend_from_slice(&feedback);
+                // (A burst bigger than a few feedbacks is told over the next intervals.)
+                for _ in 0..FEEDBACKS_PER_TICK {
+                    let Some(feedback) = twcc.feedback(self.ssrc, media) else {
+                        break;
+                    };
+                    add_rtcp(&mut compounds, &feedback);
                 }
                 if twcc.pending() {
                     self.next_twcc = Some(now + twcc::INTERVAL);
                 }
             }
         }
-        ((!compound.is_empty()).then_some(compound), worst)
+        (compounds, worst)
     }
 
     /// The receiver report due now on the media streams heard since the last.
@@ -495,6 +499,20 @@ impl Ingress {
             packet.extend_from_slice(block);
         }
         Some((packet, f32::from(worst) / 256.0))
+    }
+}
+
+/// Bytes of RTCP one datagram carries at most (a compound stays under the MTU).
+const MAX_COMPOUND: usize = 1_100;
+
+/// Transport-wide feedback packets sent at most per due time.
+const FEEDBACKS_PER_TICK: usize = 4;
+
+/// Appends an RTCP packet to the last compound, or starts another where it would not fit.
+fn add_rtcp(compounds: &mut Vec<Vec<u8>>, packet: &[u8]) {
+    match compounds.last_mut() {
+        Some(last) if last.len() + packet.len() <= MAX_COMPOUND => last.extend_from_slice(packet),
+        _ => compounds.push(packet.to_vec()),
     }
 }
 
@@ -930,10 +948,10 @@ mod tests {
         assert!(!ingress.request_keyframe(Mid::from("9")), "no stream there");
         assert!(ingress.request_keyframe(Mid::from("0")));
         assert!(ingress.next_rtcp().is_some_and(|at| at <= now));
-        let (compound, _) = ingress.poll_rtcp(now);
+        let (compounds, _) = ingress.poll_rtcp(now);
         assert_eq!(
-            compound.expect("a PLI"),
-            [0x81, 206, 0, 2, 0, 0, 0x5e, 0xed, 0xde, 0xad, 0xbe, 0xef]
+            compounds,
+            vec![vec![0x81, 206, 0, 2, 0, 0, 0x5e, 0xed, 0xde, 0xad, 0xbe, 0xef]]
         );
         assert_eq!(ingress.next_rtcp(), None, "nothing else due");
     }

@@ -1193,11 +1193,11 @@ impl Sfu {
                 self.out.rtcp.push(Reverse((now + RTCP_RETRY, id)));
                 continue;
             }
-            let (compound, loss) = session.ingress.poll_rtcp(now);
+            let (compounds, loss) = session.ingress.poll_rtcp(now);
             if let Some(loss) = loss {
                 session.stats.ingress_loss = Some(loss);
             }
-            if let Some(transmit) = compound.and_then(|c| session.sealer.seal_rtcp(&c)) {
+            for transmit in compounds.iter().filter_map(|c| session.sealer.seal_rtcp(c)) {
                 session.stats.datagrams_out += 1;
                 session.stats.bytes_out += transmit.contents.len() as u64;
                 self.out.stats.datagrams_out += 1;

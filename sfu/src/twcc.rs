@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 /// default, and str0m's order of magnitude).
 pub(crate) const INTERVAL: Duration = Duration::from_millis(100);
 
-/// Sequence numbers one feedback covers at most; arrivals kept at most;
-/// how far behind the next feedback's start a late arrival is still told.
-const MAX_COVERED: u64 = 2_000;
+/// Sequence numbers one feedback covers at most (≤ ~2.3 bytes each: the
+/// packet stays under 1,000 bytes); arrivals kept at most; how far behind
+/// the next feedback's start a late arrival is still told.
+const MAX_COVERED: u64 = 400;
 const MAX_KEPT: usize = 4_096;
 const LATE_WINDOW: u64 = 500;
 
@@ -348,5 +349,21 @@ mod tests {
             }
         }
         assert!(told.len() > 1_000, "{} packets told", told.len());
+    }
+
+    #[test]
+    fn a_burst_is_told_in_feedbacks_that_fit_a_datagram() {
+        let epoch = Instant::now();
+        let mut twcc = TwccFeedback::new(epoch);
+        // 1,000 packets, every other one lost, spread so each delta is a large one.
+        for seq in (0..2_000u16).step_by(2) {
+            twcc.record(seq, epoch + Duration::from_millis(u64::from(seq) * 40));
+        }
+        let mut covered = 0;
+        while let Some(packet) = twcc.feedback(1, 2) {
+            assert!(packet.len() <= 1_000, "{} bytes", packet.len());
+            covered += usize::from(u16::from_be_bytes([packet[14], packet[15]]));
+        }
+        assert_eq!(covered, 1_999, "0 to 1,998, each once");
     }
 }
