@@ -581,7 +581,7 @@ enum Path {
     /// The DTLS handshake has not exported keys yet.
     Pending,
     /// We seal and open with these.
-    Ours(Box<Ciphers>),
+    Ours(Ciphers),
     /// The profile is one we leave to str0m.
     Str0m,
 }
@@ -592,10 +592,10 @@ impl Path {
         if let Path::Pending = self
             && keys.0.keys.get().is_some()
         {
-            *self = keys.ciphers().map_or(Path::Str0m, |c| Path::Ours(Box::new(c)));
+            *self = keys.ciphers().map_or(Path::Str0m, Path::Ours);
         }
         match self {
-            Path::Ours(ciphers) => Some(ciphers.as_mut()),
+            Path::Ours(ciphers) => Some(ciphers),
             _ => None,
         }
     }
