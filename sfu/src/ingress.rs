@@ -268,6 +268,14 @@ impl Ingress {
             .position(|s| matches!(s.role, Role::Media(opens) if opens.mid == mid))
     }
 
+    /// The SSRCs of the media streams (not retransmissions) seen.
+    pub(crate) fn media_ssrcs(&self) -> impl Iterator<Item = u32> + '_ {
+        self.streams
+            .iter()
+            .filter(|s| matches!(s.role, Role::Media(_)))
+            .map(|s| s.ssrc)
+    }
+
     /// Whether any stream is ours (their RTCP is ours to read).
     pub(crate) fn has_streams(&self) -> bool {
         !self.streams.is_empty()

@@ -2197,27 +2197,13 @@ fn is_rtp(datagram: &[u8]) -> bool {
 }
 
 /// What the SSRC in `header` carries in `session`, whose media we open
-/// ([`ingress`]): media of the track published on the m-line its mid
-/// extension names, or retransmissions of it (an RTX payload type of that
-/// m-line's codecs); unknown without a mid, or before its media stream came.
-fn role_of(session: &Session, tracks: &FastMap<TrackId, Track>, header: &ingress::Header<'_>) -> ingress::Role {
+/// ([`ingress`]): media of the track published on its m-line (see
+/// [`mid_of`]), or retransmissions of it (an RTX payload type of that
+/// m-line's codecs); unknown before the m-line is known, or before its media
+/// stream came.
+fn role_of(session: &mut Session, tracks: &FastMap<TrackId, Track>, header: &ingress::Header<'_>) -> ingress::Role {
     let unknown = ingress::Role::Unknown;
-    // BUNDLE: one extension map for the transport; any published m-line has it.
-    let Some(any) = session.published.keys().next().copied() else {
-        return unknown;
-    };
-    let Some(mid_id) = session
-        .rtc
-        .media(any)
-        .and_then(|m| m.remote_extmap().id_of(Extension::RtpMid))
-    else {
-        return unknown;
-    };
-    let Some(mid) = header
-        .extension(mid_id)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(Mid::from)
-    else {
+    let Some(mid) = mid_of(session, header) else {
         return unknown;
     };
     let (Some(track), Some(media)) = (
@@ -2250,6 +2236,33 @@ fn role_of(session: &Session, tracks: &FastMap<TrackId, Track>, header: &ingress
         level_id: extensions.id_of(Extension::AudioLevel),
         orientation_id: extensions.id_of(Extension::VideoOrientation),
         nack: video,
+    })
+}
+
+/// The m-line a packet of `session` belongs to: its mid extension (RFC 8843
+/// §15), else its SSRC's `a=ssrc` line in the peer's SDP (str0m declares a
+/// stream for it), as a media SSRC or as the repair SSRC of one of ours.
+fn mid_of(session: &mut Session, header: &ingress::Header<'_>) -> Option<Mid> {
+    // BUNDLE: one extension map for the transport; any published m-line has it.
+    let any = session.published.keys().next().copied();
+    let mid_id = any
+        .and_then(|mid| session.rtc.media(mid))
+        .and_then(|media| media.remote_extmap().id_of(Extension::RtpMid));
+    if let Some(mid) = mid_id
+        .and_then(|id| header.extension(id))
+        .and_then(|value| std::str::from_utf8(value).ok())
+    {
+        return Some(Mid::from(mid));
+    }
+    let ssrc = Ssrc::from(header.ssrc);
+    let mut api = session.rtc.direct_api();
+    if let Some(rx) = api.stream_rx(&ssrc) {
+        return Some(rx.mid());
+    }
+    session.ingress.media_ssrcs().find_map(|main| {
+        api.stream_rx(&Ssrc::from(main))
+            .filter(|rx| rx.rtx() == Some(ssrc))
+            .map(|rx| rx.mid())
     })
 }
 

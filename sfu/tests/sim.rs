@@ -301,6 +301,40 @@ fn a_publishers_lost_video_is_asked_for_again_by_the_sfu_which_opens_it() {
 }
 
 #[test]
+fn callers_without_the_mid_extension_are_known_by_their_ssrc_lines() {
+    let mut world = World::new();
+    world.client_without_mid = true;
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    // Lost video comes back on alice's RTX SSRC, known by its ssrc-group only.
+    drop_every_20th_video_from(&mut world, alice);
+    world.run(Duration::from_secs(5));
+    world.loss = None;
+    world.clients[alice].sending = false;
+    world.run(Duration::from_secs(1));
+    assert!(
+        world.sfu.stats().packets_opened > 400,
+        "opened {}",
+        world.sfu.stats().packets_opened
+    );
+    let got = world.received_from(bob);
+    assert!(got[&(user("alice"), MediaKind::Audio)].packets.len() > 200);
+    let mut seqs: Vec<u64> = got[&(user("alice"), MediaKind::Video)]
+        .packets
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    assert!(seqs.len() > 100, "bob got {} video packets", seqs.len());
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(
+        seqs[seqs.len() - 1] - seqs[0] + 1,
+        seqs.len() as u64,
+        "every lost packet recovered"
+    );
+}
+
+#[test]
 fn publishers_that_estimate_their_uplink_get_transport_wide_feedback_from_the_sfu() {
     let mut world = World::new();
     world.client_bwe = true;

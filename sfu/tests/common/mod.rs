@@ -12,7 +12,7 @@ use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpWrite, VideoOrientation};
+use str0m::rtp::{Extension, ExtensionMap, ExtensionValues, RtpWrite, VideoOrientation};
 use str0m::stats::MediaEgressStats;
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 use switchboard_sfu::{OwnLines, Participant, RoomId, SessionId, Sfu, SfuConfig, SfuEvent, StreamInfo};
@@ -152,6 +152,9 @@ pub struct World {
     pub hold_offers: bool,
     /// The next joiners estimate their uplink bandwidth (from transport-wide feedback).
     pub client_bwe: bool,
+    /// The next joiners negotiate no mid header extension (their `a=ssrc` lines say
+    /// which m-line an SSRC is on).
+    pub client_without_mid: bool,
 }
 
 fn client_config() -> RtcConfig {
@@ -181,6 +184,7 @@ impl World {
             sfu_busy: Duration::ZERO,
             hold_offers: false,
             client_bwe: false,
+            client_without_mid: false,
         }
     }
 
@@ -210,6 +214,17 @@ impl World {
         let config = client_config();
         let config = if self.client_bwe {
             config.enable_bwe(Some(str0m::bwe::Bitrate::kbps(300)))
+        } else {
+            config
+        };
+        let config = if self.client_without_mid {
+            let mut extensions = ExtensionMap::empty();
+            for (id, extension) in ExtensionMap::standard().iter() {
+                if *extension != Extension::RtpMid {
+                    extensions.set(id, extension.clone());
+                }
+            }
+            config.set_extension_map(extensions)
         } else {
             config
         };
