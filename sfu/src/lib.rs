@@ -1117,9 +1117,15 @@ impl Sfu {
                 at
             }
             ingress::Route::New => {
-                // Transport-wide sequence numbers, if negotiated (BUNDLE: one id for all m-lines).
-                let twcc = session.published.keys().next().and_then(|mid| session.rtc.media(*mid));
-                if let Some(id) = twcc.and_then(|m| m.remote_extmap().id_of(Extension::TransportSequenceNumber)) {
+                // Transport-wide sequence numbers, if negotiated on any m-line (BUNDLE:
+                // one id for all; some peers negotiate them for video only).
+                let rtc = &session.rtc;
+                let twcc = session.published.keys().find_map(|mid| {
+                    rtc.media(*mid)?
+                        .remote_extmap()
+                        .id_of(Extension::TransportSequenceNumber)
+                });
+                if let Some(id) = twcc {
                     session.ingress.set_twcc(id, now);
                 }
                 let role = role_of(session, &self.tracks, &header);
