@@ -300,7 +300,7 @@ impl Ingress {
         self.streams.push(Stream {
             ssrc: header.ssrc,
             role,
-            receiver: Receiver::new(header.seq, nack),
+            receiver: Receiver::new(nack),
         });
         self.streams.len() - 1
     }
@@ -583,14 +583,15 @@ pub(crate) struct Receiver {
     /// Losses are asked for again.
     nack: bool,
     missing: VecDeque<Missing>,
+    /// When one of `missing` is next due.
+    nack_at: Option<Instant>,
 }
 
 impl Receiver {
-    fn new(first_seq: u16, nack: bool) -> Self {
+    fn new(nack: bool) -> Self {
         Self {
-            // A sender's first rollover counter is 0 (RFC 3711 §3.3.1).
-            base: u64::from(first_seq),
-            highest: u64::from(first_seq),
+            base: 0,
+            highest: 0,
             seen: 0,
             received: 0,
             expected_prior: 0,
@@ -601,18 +602,27 @@ impl Receiver {
             heard: false,
             nack,
             missing: VecDeque::new(),
+            nack_at: None,
         }
     }
 
     /// The index of a packet numbered `seq`: the one nearest the highest so
-    /// far (RFC 3711 Appendix A).
+    /// far (RFC 3711 Appendix A); before any packet authenticated, with a
+    /// rollover counter of 0 (§3.3.1: a sender's first), so a forged first
+    /// packet cannot set the stream's numbering.
     fn index(&self, seq: u16) -> u64 {
+        if self.seen == 0 {
+            return u64::from(seq);
+        }
         twcc::extend(Some(self.highest), seq)
     }
 
     /// Records an authentic packet's index: `false` for a replay, or one too
     /// old to tell (RFC 3711 §3.3.2).
     fn accept(&mut self, index: u64, now: Instant) -> bool {
+        if self.seen == 0 {
+            self.base = index;
+        }
         if index > self.highest || self.seen == 0 {
             let ahead = index.saturating_sub(self.highest);
             if self.nack && self.seen != 0 && ahead > 1 {
@@ -627,6 +637,7 @@ impl Receiver {
                             tries: 0,
                         });
                     }
+                    self.nack_at = Some(self.nack_at.map_or(now, |at| at.min(now)));
                     while self.missing.len() > MAX_MISSING {
                         self.missing.pop_front();
                     }
@@ -651,12 +662,11 @@ impl Receiver {
         true
     }
 
-    /// When a loss is next to be asked for again.
+    /// When a loss is next to be asked for again (kept, not searched for:
+    /// this is asked after every packet; a loss that came since may make it
+    /// early, harmlessly).
     fn next_nack(&self) -> Option<Instant> {
-        self.missing
-            .iter()
-            .map(|m| m.asked.map_or(m.since, |at| at + NACK_INTERVAL))
-            .min()
+        self.nack_at.filter(|_| !self.missing.is_empty())
     }
 
     /// The losses to ask for now (forgetting those asked for long enough).
@@ -671,6 +681,11 @@ impl Receiver {
                 due.push(missing.index as u16);
             }
         }
+        self.nack_at = self
+            .missing
+            .iter()
+            .map(|m| m.asked.map_or(m.since, |at| at + NACK_INTERVAL))
+            .min();
         due
     }
 
@@ -740,6 +755,18 @@ mod tests {
         ingress
     }
 
+    /// Deterministic noise: up to `max_len` bytes from xorshift state `x`
+    /// (`spread` varies how they are drawn from it).
+    fn noise(x: &mut u64, max_len: u64, spread: u32) -> Vec<u8> {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        let len = (*x % max_len) as usize;
+        (0..len)
+            .map(|i| (x.rotate_left(i as u32 * spread) as u8) ^ i as u8)
+            .collect()
+    }
+
     fn packet(seq: u16, extensions: &[u8]) -> Vec<u8> {
         let mut p = vec![0x80, 111];
         p.extend_from_slice(&seq.to_be_bytes());
@@ -782,13 +809,7 @@ mod tests {
         let mut x = 0x2545_f491_4f6c_dd1d_u64;
         let mut parsed = 0;
         for _ in 0..50_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = (x % 48) as usize;
-            let mut data: Vec<u8> = (0..len)
-                .map(|i| (x.rotate_left(i as u32 * 5) as u8) ^ i as u8)
-                .collect();
+            let mut data = noise(&mut x, 48, 5);
             if let Some(first) = data.first_mut() {
                 // Version 2 and at most one CSRC, so more of them get past the first checks.
                 *first = 0x80 | (*first & 0x31);
@@ -808,7 +829,7 @@ mod tests {
     #[test]
     fn the_index_follows_the_sequence_across_rollovers_and_reordering() {
         let now = Instant::now();
-        let mut r = Receiver::new(65_530, false);
+        let mut r = Receiver::new(false);
         assert_eq!(r.index(65_530), 65_530);
         assert!(r.accept(65_530, now));
         assert_eq!(r.index(5), 65_541, "past the rollover");
@@ -818,7 +839,7 @@ mod tests {
         assert!(!r.accept(65_535, now), "a replay");
         assert!(!r.accept(65_541 - 64, now), "too old to tell");
         assert_eq!(r.index(40_000), 40_000, "far behind: the roll before");
-        let fresh = Receiver::new(3, false);
+        let fresh = Receiver::new(false);
         assert_eq!(fresh.index(65_000), 65_000, "no roll below zero");
     }
 
@@ -853,15 +874,29 @@ mod tests {
     }
 
     #[test]
+    fn a_packet_that_fails_authentication_does_not_set_the_numbering() {
+        let now = Instant::now();
+        let r = Receiver::new(false);
+        // A forged first packet numbered 40,000 is opened under index 40,000,
+        // fails, and is never accepted: the real stream's 100 is still 100.
+        assert_eq!(r.index(40_000), 40_000);
+        assert_eq!(r.index(100), 100);
+        let mut r = r;
+        assert!(r.accept(100, now));
+        assert_eq!((r.base, r.highest), (100, 100));
+        assert_eq!(r.index(40_000), 40_000, "then relative to what was accepted");
+    }
+
+    #[test]
     fn jitter_follows_rfc_3550_a8() {
-        let mut r = Receiver::new(0, false);
+        let mut r = Receiver::new(false);
         r.note_arrival(1_000, 0);
         r.note_arrival(1_160 + 16, 160); // 16 units late
         assert!((r.jitter - 1.0).abs() < 1e-9);
         r.note_arrival(1_320 + 16, 320); // steady: decays
         assert!((r.jitter - 15.0 / 16.0).abs() < 1e-9);
         // Across the timestamp's wrap.
-        let mut w = Receiver::new(0, false);
+        let mut w = Receiver::new(false);
         w.note_arrival(100, u32::MAX - 59);
         w.note_arrival(260 + 32, 100);
         assert!((w.jitter - 2.0).abs() < 1e-9);
@@ -873,13 +908,7 @@ mod tests {
         let mut ingress = one_stream(1, now);
         let mut x = 0x9e37_79b9_7f4a_7c15_u64;
         for _ in 0..20_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = (x % 80) as usize;
-            let mut data: Vec<u8> = (0..len)
-                .map(|i| (x.rotate_left(i as u32 * 3) as u8) ^ i as u8)
-                .collect();
+            let mut data = noise(&mut x, 80, 3);
             // Mostly version 2 and small lengths, so packets get parsed past the first checks.
             for at in (0..data.len()).step_by(8) {
                 data[at] = 0x80 | (data[at] & 0x3f);
@@ -909,7 +938,7 @@ mod tests {
     #[test]
     fn video_losses_are_asked_for_again_until_they_come_or_time_runs_out() {
         let now = Instant::now();
-        let mut r = Receiver::new(10, true);
+        let mut r = Receiver::new(true);
         assert!(r.accept(10, now));
         assert!(r.accept(14, now), "11, 12 and 13 lost");
         assert_eq!(r.next_nack(), Some(now));
@@ -926,7 +955,7 @@ mod tests {
         assert!(r.accept(14 + MAX_MISSING as u64 + 2, now));
         assert!(r.nacks_due(now).is_empty());
         // Audio is not asked for.
-        let mut audio = Receiver::new(1, false);
+        let mut audio = Receiver::new(false);
         assert!(audio.accept(1, now) && audio.accept(5, now));
         assert!(audio.nacks_due(now).is_empty());
     }

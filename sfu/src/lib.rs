@@ -1059,17 +1059,16 @@ impl Sfu {
                 None => return self.out.stats.drop(DropReason::UnknownSource),
             },
         };
-        let Ok(receive) = Receive::new(Protocol::Udp, source, destination, data) else {
-            return self.out.stats.drop(DropReason::Malformed);
-        };
-        let input = Input::Receive(now, receive);
         let Some(session) = self.sessions.get_mut(&id) else {
             return self.out.stats.drop(DropReason::UnknownSource);
         };
         if known.is_none() {
             // STUN from a new address: only a request that authenticates with
             // this session's ICE password binds the address to it.
-            if !session.rtc.accepts(&input) {
+            let Ok(receive) = Receive::new(Protocol::Udp, source, destination, data) else {
+                return self.out.stats.drop(DropReason::Malformed);
+            };
+            if !session.rtc.accepts(&Input::Receive(now, receive)) {
                 return self.out.stats.drop(DropReason::BadStun);
             }
             session.addrs.push(source);
@@ -1083,6 +1082,11 @@ impl Sfu {
         } else if is_rtp(data) && self.open_media(now, arrived.min(now), id, data) {
             return self.process(now);
         }
+        // (Parsed for str0m only here: what we open never needs it.)
+        let Ok(receive) = Receive::new(Protocol::Udp, source, destination, data) else {
+            return self.out.stats.drop(DropReason::Malformed);
+        };
+        let input = Input::Receive(now, receive);
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
