@@ -694,6 +694,7 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
     let forwarded_before = stats["packets_forwarded"].as_u64().unwrap_or(0);
     let timeouts_before = stats["session_timeouts"].as_u64().unwrap_or(0);
     let ingress_before = stats["datagrams_in"].as_u64().unwrap_or(0);
+    let egress_datagrams_before = stats["datagrams_out"].as_u64().unwrap_or(0);
     let delay_before = delay_histogram(&stats["forwarding_delay"]);
     let cpu_before = proc_stat::cpu_time(server.pid).unwrap_or_default();
     let sent_before = shared.sent.load(Ordering::Relaxed);
@@ -717,10 +718,15 @@ async fn run_sfu(s: &Scenario, args: &Args) -> Result<Measured> {
         .as_u64()
         .unwrap_or(0)
         .saturating_sub(ingress_before);
+    let egress_datagrams = stats["datagrams_out"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(egress_datagrams_before);
     let server_delay = delay_quantiles(&delay_histogram(&stats["forwarding_delay"]).since(&delay_before));
     eprintln!(
-        "  (SFU: {:.0} datagrams in/s, {:.0} session timers/s)",
+        "  (SFU: {:.0} datagrams in/s, {:.0} out/s, {:.0} session timers/s)",
         ingress as f64 / (to - from).as_secs_f64(),
+        egress_datagrams as f64 / (to - from).as_secs_f64(),
         timeouts as f64 / (to - from).as_secs_f64()
     );
     let mut samples = Vec::new();
