@@ -11,9 +11,10 @@
 //! keeps ICE, DTLS, their RTCP and what the SFU sends through it.
 //!
 //! - **Streams.** Each SSRC gets a [`Receiver`] at its first packet, and a
-//!   [`Role`]: media of the m-line its mid extension names, retransmissions
-//!   of that media (an RTX payload type, RFC 4588), or unknown for now (no
-//!   mid yet: opened, fed back, not forwarded).
+//!   [`Role`]: media of the m-line its mid extension names (on the simulcast
+//!   layer its rid names, RFC 8852), retransmissions of that media (an RTX
+//!   payload type, RFC 4588), or unknown for now (no mid yet: opened, fed
+//!   back, not forwarded).
 //! - **Opening.** The SRTP index is guessed from the highest so far (RFC 3711
 //!   Appendix A), the packet decrypted with the peer's key (RFC 7714 §8), and
 //!   only an authentic packet moves the 64-packet replay window and the
@@ -138,6 +139,9 @@ impl<'a> Header<'a> {
 #[derive(Clone, Copy)]
 pub(crate) struct Opens {
     pub(crate) mid: Mid,
+    /// The simulcast layer it carries (its index in the track's layers; 0
+    /// without simulcast).
+    pub(crate) layer: usize,
     pub(crate) clock_rate: u32,
     pub(crate) level_id: Option<u8>,
     pub(crate) orientation_id: Option<u8>,
@@ -164,6 +168,7 @@ pub(crate) enum Role {
 pub(crate) struct Opened<'a> {
     pub(crate) ssrc: u32,
     pub(crate) mid: Mid,
+    pub(crate) layer: usize,
     /// The extended sequence number.
     pub(crate) seq: u64,
     pub(crate) pt: u8,
@@ -262,10 +267,10 @@ impl Ingress {
     }
 
     /// The index of the media stream on `mid`, if one was seen.
-    pub(crate) fn media_on(&self, mid: Mid) -> Option<usize> {
+    pub(crate) fn media_on(&self, mid: Mid, layer: usize) -> Option<usize> {
         self.streams
             .iter()
-            .position(|s| matches!(s.role, Role::Media(opens) if opens.mid == mid))
+            .position(|s| matches!(s.role, Role::Media(opens) if opens.mid == mid && opens.layer == layer))
     }
 
     /// The SSRCs of the media streams (not retransmissions) seen.
@@ -281,10 +286,10 @@ impl Ingress {
         !self.streams.is_empty()
     }
 
-    /// Asks for a keyframe of the media stream on `mid` with the next RTCP;
-    /// `false` if no such stream is ours.
-    pub(crate) fn request_keyframe(&mut self, mid: Mid) -> bool {
-        let Some(at) = self.media_on(mid) else {
+    /// Asks for a keyframe of the media stream of `layer` on `mid` with the
+    /// next RTCP; `false` if no such stream is ours.
+    pub(crate) fn request_keyframe(&mut self, mid: Mid, layer: usize) -> bool {
+        let Some(at) = self.media_on(mid, layer) else {
             return false;
         };
         let ssrc = self.streams[at].ssrc;
@@ -364,6 +369,7 @@ impl Ingress {
                 Opening::Opened(Opened {
                     ssrc,
                     mid: opens.mid,
+                    layer: opens.layer,
                     seq: index,
                     pt: header.pt,
                     level: header.audio_level(opens.level_id),
@@ -395,6 +401,7 @@ impl Ingress {
                 Opening::Opened(Opened {
                     ssrc: *ssrc,
                     mid: opens.mid,
+                    layer: opens.layer,
                     seq,
                     pt,
                     level: None,
@@ -737,6 +744,7 @@ mod tests {
     fn opens(clock_rate: u32) -> Opens {
         Opens {
             mid: Mid::from("0"),
+            layer: 0,
             clock_rate,
             level_id: None,
             orientation_id: None,
@@ -982,8 +990,8 @@ mod tests {
     fn keyframe_requests_go_out_with_the_next_rtcp() {
         let now = Instant::now();
         let mut ingress = one_stream(1, now);
-        assert!(!ingress.request_keyframe(Mid::from("9")), "no stream there");
-        assert!(ingress.request_keyframe(Mid::from("0")));
+        assert!(!ingress.request_keyframe(Mid::from("9"), 0), "no stream there");
+        assert!(ingress.request_keyframe(Mid::from("0"), 0));
         assert!(ingress.next_rtcp().is_some_and(|at| at <= now));
         let (compounds, _) = ingress.poll_rtcp(now);
         assert_eq!(

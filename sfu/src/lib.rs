@@ -1170,7 +1170,7 @@ impl Sfu {
                     },
                     payload: Arc::from(opened.payload),
                     arrival: now,
-                    track: Some((track, 0)),
+                    track: Some((track, opened.layer)),
                 }),
             },
         };
@@ -1573,7 +1573,7 @@ impl Sfu {
         };
         let publisher_id = track.publisher;
         // A stream we open gets our PLI; str0m's its own.
-        if publisher.ingress.request_keyframe(track.mid) {
+        if publisher.ingress.request_keyframe(track.mid, layer) {
             track.last_keyframe_request = Some(now);
             self.out.stats.keyframe_requests += 1;
             schedule_rtcp(publisher_id, publisher, &mut self.out);
@@ -2208,9 +2208,10 @@ fn is_rtp(datagram: &[u8]) -> bool {
 
 /// What the SSRC in `header` carries in `session`, whose media we open
 /// ([`ingress`]): media of the track published on its m-line (see
-/// [`mid_of`]), or retransmissions of it (an RTX payload type of that
-/// m-line's codecs); unknown before the m-line is known, or before its media
-/// stream came.
+/// [`mid_of`]) on one of its simulcast layers (see [`layer_of`]), or
+/// retransmissions of such a stream (an RTX payload type of that m-line's
+/// codecs); unknown before the m-line is known, before its media stream
+/// came, or on a rid its m-line did not declare.
 fn role_of(session: &mut Session, tracks: &FastMap<TrackId, Track>, header: &ingress::Header<'_>) -> ingress::Role {
     let unknown = ingress::Role::Unknown;
     let Some(mid) = mid_of(session, header) else {
@@ -2222,12 +2223,20 @@ fn role_of(session: &mut Session, tracks: &FastMap<TrackId, Track>, header: &ing
     ) else {
         return unknown;
     };
+    let extensions = media.remote_extmap();
+    let [rid_id, repaired_id, level_id, orientation_id] = [
+        Extension::RtpStreamId,
+        Extension::RepairedRtpStreamId,
+        Extension::AudioLevel,
+        Extension::VideoOrientation,
+    ]
+    .map(|extension| extensions.id_of(extension));
+    let rid = |id: Option<u8>| Some(Rid::from(std::str::from_utf8(header.extension(id?)?).ok()?));
     if let Some((_, main)) = track.codecs.iter().find(|(_, p)| p.resend() == Some(header.pt.into())) {
-        return match session.ingress.media_on(mid) {
-            Some(main_at) => ingress::Role::Rtx {
-                main: main_at,
-                pt: *main.pt(),
-            },
+        let pt = *main.pt();
+        let layer = layer_of(track, rid(repaired_id));
+        return match layer.and_then(|layer| session.ingress.media_on(mid, layer)) {
+            Some(main) => ingress::Role::Rtx { main, pt },
             None => unknown,
         };
     }
@@ -2239,14 +2248,34 @@ fn role_of(session: &mut Session, tracks: &FastMap<TrackId, Track>, header: &ing
         .find(|(pt, _)| **pt == header.pt)
         .or_else(|| track.codecs.iter().find(|(_, p)| p.spec().codec.is_audio() != video))
         .map_or(if video { 90_000 } else { 48_000 }, |(_, p)| p.spec().clock_rate.get());
-    let extensions = media.remote_extmap();
+    // Its rid: the extension, else the `a=ssrc` stream str0m declared.
+    let declared = || {
+        session
+            .rtc
+            .direct_api()
+            .stream_rx(&Ssrc::from(header.ssrc))
+            .and_then(|rx| rx.rid())
+    };
+    let Some(layer) = layer_of(track, rid(rid_id).or_else(declared)) else {
+        return unknown; // not a layer its m-line declared
+    };
     ingress::Role::Media(ingress::Opens {
         mid,
+        layer,
         clock_rate,
-        level_id: extensions.id_of(Extension::AudioLevel),
-        orientation_id: extensions.id_of(Extension::VideoOrientation),
+        level_id,
+        orientation_id,
         nack: video,
     })
+}
+
+/// The index of the simulcast layer `rid` names among `track`'s layers (the
+/// m-line's declared rids); the only one of a track without simulcast.
+fn layer_of(track: &Track, rid: Option<Rid>) -> Option<usize> {
+    if track.layers.len() < 2 {
+        return Some(0);
+    }
+    track.layers.iter().position(|l| l.rid.is_some() && l.rid == rid)
 }
 
 /// The m-line a packet of `session` belongs to: its mid extension (RFC 8843

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{World, is_rtp_with_pt};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use str0m::media::MediaKind;
 use switchboard_sfu::{DropReason, OwnLines, SfuEvent, ShardStats};
 
@@ -749,6 +749,67 @@ fn simulcast_layer_switches_keep_sequence_numbers_continuous() {
         world.clients[alice].keyframe_requests >= 2,
         "each switch asked for a keyframe"
     );
+}
+
+#[test]
+fn simulcast_sent_on_a_session_we_open_is_forwarded_one_layer_at_a_time() {
+    // Alice joined a room without simulcast: the SFU opens what she sends
+    // itself. Then she adds a video m-line with two simulcast layers (by
+    // renegotiation): bob must get one layer of it as one stream, not both
+    // layers' packets interleaved under one numbering; and what the SFU asks
+    // her to resend must come back into the layer it was lost from.
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    world.run(Duration::from_secs(2));
+    world.add_simulcast_video(alice);
+    world.run(Duration::from_secs(2)); // (its layers' bitrates measured)
+    let lossy = world.now;
+    // Every 19th of her video datagrams lost: the layers' packets alternate,
+    // so both lose some.
+    let (sfu, addr) = (world.sfu_addr, world.clients[alice].addr);
+    let mut count = 0u64;
+    world.loss = Some(Box::new(move |src, dst, data| {
+        if src == addr && dst == sfu && is_rtp_with_pt(data, 96) {
+            count += 1;
+            return count.is_multiple_of(19);
+        }
+        false
+    }));
+    world.run(Duration::from_secs(4));
+    let until = world.now;
+    world.loss = None;
+    world.clients[alice].sending = false;
+    world.run(Duration::from_secs(1));
+    // (Its "h" layer is filled with 0x55, its "l" layer is 200 bytes a packet;
+    // her camera's packets carry her index there.)
+    let simulcast = |p: &(u64, Instant, Vec<u8>, usize)| p.3 == 200 || p.2.get(10) == Some(&0x55);
+    let screen = world.clients[bob]
+        .received
+        .values()
+        .find(|r| r.kind == Some(MediaKind::Video) && r.packets.iter().any(simulcast))
+        .cloned()
+        .expect("bob receives alice's simulcast video");
+    assert!(screen.packets.iter().all(simulcast), "on a stream of its own");
+    let sizes: Vec<usize> = screen
+        .packets
+        .iter()
+        .filter(|p| p.1 > lossy && p.1 < until)
+        .map(|p| p.3)
+        .collect();
+    assert!(sizes.len() > 30, "video flows: {}", sizes.len());
+    assert!(
+        sizes.iter().all(|&n| n == sizes[0]),
+        "one layer at a time: {:?}",
+        &sizes[..sizes.len().min(40)]
+    );
+    // (Counted from where the loss started: a packet lost just before a
+    // layer switch is not forwarded after it, as the old layer's.)
+    let seqs: Vec<u64> = screen.packets.iter().filter(|p| p.1 > lossy).map(|p| p.0).collect();
+    let all = seqs.len();
+    let (seqs, missing) = holes(seqs);
+    assert_eq!(seqs.len(), all, "none twice");
+    assert_eq!(missing, 0, "one numbering, every lost packet recovered");
 }
 
 #[test]

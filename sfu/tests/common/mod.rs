@@ -386,6 +386,35 @@ impl World {
         self.pump_sfu();
     }
 
+    /// The client adds a video m-line sending two simulcast layers ("h" and
+    /// "l") in a renegotiation offer, and sends its video there from now on.
+    pub fn add_simulcast_video(&mut self, index: usize) -> Mid {
+        let session = self.clients[index].session.expect("session");
+        let mut layers = Simulcast::new();
+        layers.add_send_layer(SimulcastLayer::new("h"));
+        layers.add_send_layer(SimulcastLayer::new("l"));
+        let stream = format!("{}-screen", self.clients[index].name);
+        let mut api = self.clients[index].rtc.sdp_api();
+        let mid = api.add_media(MediaKind::Video, Direction::SendOnly, Some(stream), None, Some(layers));
+        let (offer, pending) = api.apply().expect("an offer");
+        let answer = self
+            .sfu
+            .accept_offer(self.now, session, &offer.to_sdp_string())
+            .expect("the SFU answers");
+        self.clients[index]
+            .rtc
+            .sdp_api()
+            .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("answer"))
+            .expect("the client accepts");
+        let client = &mut self.clients[index];
+        client.video = mid;
+        client.simulcast = true;
+        client.keyframe_due = true;
+        self.drain_client(index);
+        self.pump_sfu();
+        mid
+    }
+
     /// The client starts sending its video on `mid`, one of the SFU's
     /// m-lines it only received on, as a browser's `addTrack` reuses a
     /// transceiver that never sent: it offers that m-line both ways.
