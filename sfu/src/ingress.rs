@@ -270,7 +270,8 @@ impl Ingress {
     pub(crate) fn media_on(&self, mid: Mid, layer: usize) -> Option<usize> {
         self.streams
             .iter()
-            .position(|s| matches!(s.role, Role::Media(opens) if opens.mid == mid && opens.layer == layer))
+            // The newest: a stream that replaced another on its m-line.
+            .rposition(|s| matches!(s.role, Role::Media(opens) if opens.mid == mid && opens.layer == layer))
     }
 
     /// The SSRCs of the media streams (not retransmissions) seen.
@@ -999,5 +1000,28 @@ mod tests {
             vec![vec![0x81, 206, 0, 2, 0, 0, 0x5e, 0xed, 0xde, 0xad, 0xbe, 0xef]]
         );
         assert_eq!(ingress.next_rtcp(), None, "nothing else due");
+    }
+
+    #[test]
+    fn keyframe_requests_go_to_the_layers_newest_stream() {
+        let now = Instant::now();
+        let mut ingress = one_stream(1, now);
+        let mut add = |ssrc: u32, layer: usize| {
+            let mut data = packet(1, &[]);
+            data[8..12].copy_from_slice(&ssrc.to_be_bytes());
+            let header = Header::parse(&data).expect("a header");
+            let opens = Opens { layer, ..opens(90_000) };
+            ingress.add(&header, Role::Media(opens))
+        };
+        add(0x0000_0001, 1); // another simulcast layer
+        add(0x0000_0002, 0); // the first layer's stream, replaced
+        let pli_for = |ingress: &mut Ingress, layer: usize| {
+            assert!(ingress.request_keyframe(Mid::from("0"), layer));
+            let (compounds, _) = ingress.poll_rtcp(now);
+            compounds[0][8..12].to_vec()
+        };
+        assert_eq!(pli_for(&mut ingress, 0), [0, 0, 0, 2]);
+        assert_eq!(pli_for(&mut ingress, 1), [0, 0, 0, 1]);
+        assert!(!ingress.request_keyframe(Mid::from("0"), 2), "no such layer");
     }
 }
