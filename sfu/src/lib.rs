@@ -1630,7 +1630,11 @@ impl Sfu {
             let Some(track) = self.tracks.get_mut(&track_id) else {
                 return self.out.stats.drop(DropReason::NoTrack);
             };
-            if let Some(meter) = track.layers.get_mut(layer) {
+            // Layers are measured to choose between them (a cache miss per
+            // packet that a track without simulcast has no use for).
+            if track.layers.len() > 1
+                && let Some(meter) = track.layers.get_mut(layer)
+            {
                 meter.add(now, packet.payload.len());
             }
             match packet.ext.audio_level {
