@@ -47,9 +47,13 @@ pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// From a session's first stream of ours to its first report.
 const FIRST_REPORT: Duration = Duration::from_secs(1);
 
-/// SSRCs a session keeps a decision for (a caller sends from one or two);
-/// past that, new ones go to str0m undecided.
+/// SSRCs a session keeps a decision for (a caller sends from a few: its
+/// tracks, their retransmissions and simulcast layers). A new one takes the
+/// place of one that never sent an authentic packet (forged, from a spoofed
+/// source), else of one silent for [`IDLE_STREAM`] (streams replaced over a
+/// long call), else is dropped.
 const MAX_STREAMS: usize = 16;
+const IDLE_STREAM: Duration = Duration::from_secs(30);
 
 /// The fixed RTP header, CSRCs and header extensions of a packet (RFC 3550
 /// §5.1, RFC 8285), as it arrived: in the clear, SRTP's associated data.
@@ -222,6 +226,8 @@ struct Stream {
     ssrc: u32,
     role: Role,
     receiver: Receiver,
+    /// When its last authentic packet came (none yet: its place is free).
+    last: Option<Instant>,
 }
 
 /// Losses asked for again every this long while they stay lost ...
@@ -254,12 +260,22 @@ impl Ingress {
         }
     }
 
-    pub(crate) fn route(&self, ssrc: u32) -> Route {
+    pub(crate) fn route(&self, ssrc: u32, now: Instant) -> Route {
         match self.streams.iter().position(|s| s.ssrc == ssrc) {
             Some(at) => Route::Ours(at),
-            None if self.streams.len() == MAX_STREAMS => Route::Full,
-            None => Route::New,
+            None if self.streams.len() < MAX_STREAMS || self.idle(now).is_some() => Route::New,
+            None => Route::Full,
         }
+    }
+
+    /// A stream whose place a new one may take: one that never sent an
+    /// authentic packet, else the one silent longest if for [`IDLE_STREAM`].
+    fn idle(&self, now: Instant) -> Option<usize> {
+        let (at, stream) = self.streams.iter().enumerate().min_by_key(|(_, s)| s.last)?;
+        stream
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= IDLE_STREAM)
+            .then_some(at)
     }
 
     pub(crate) fn role(&self, at: usize) -> Option<Role> {
@@ -300,15 +316,33 @@ impl Ingress {
         true
     }
 
-    /// A new SSRC (after [`Ingress::route`] said `New`) in `role`; its index.
-    pub(crate) fn add(&mut self, header: &Header<'_>, role: Role) -> usize {
+    /// A new SSRC (after [`Ingress::route`] said `New`) in `role`; its index
+    /// (`None` if there is no room for it).
+    pub(crate) fn add(&mut self, header: &Header<'_>, role: Role, now: Instant) -> Option<usize> {
         let nack = matches!(role, Role::Media(opens) if opens.nack);
-        self.streams.push(Stream {
+        let stream = Stream {
             ssrc: header.ssrc,
             role,
             receiver: Receiver::new(nack),
-        });
-        self.streams.len() - 1
+            last: None,
+        };
+        let free = self.streams.iter().position(|s| s.last.is_none());
+        let at = match free {
+            None if self.streams.len() < MAX_STREAMS => {
+                self.streams.push(stream);
+                return Some(self.streams.len() - 1);
+            }
+            None => self.idle(now)?,
+            Some(at) => at,
+        };
+        self.streams[at] = stream;
+        // Retransmissions of what was there are to be learnt again.
+        for other in &mut self.streams {
+            if matches!(other.role, Role::Rtx { main, .. } if main == at) {
+                other.role = Role::Unknown;
+            }
+        }
+        Some(at)
     }
 
     /// A stream's role, learnt later.
@@ -351,6 +385,7 @@ impl Ingress {
         if !receiver.accept(index, now) {
             return Opening::Rejected;
         }
+        stream.last = Some(now);
         if let Some((id, twcc)) = &mut self.twcc
             && let Some(&[a, b, ..]) = header.extension(*id)
         {
@@ -391,6 +426,7 @@ impl Ingress {
                     ssrc,
                     role: Role::Media(opens),
                     receiver,
+                    last,
                 }) = self.streams.get_mut(main)
                 else {
                     return Opening::Consumed;
@@ -399,6 +435,7 @@ impl Ingress {
                 if !receiver.accept(seq, now) {
                     return Opening::Consumed; // came already, or too old
                 }
+                *last = Some(now);
                 Opening::Opened(Opened {
                     ssrc: *ssrc,
                     mid: opens.mid,
@@ -758,9 +795,10 @@ mod tests {
         let mut ingress = Ingress::new(0x5eed, now);
         let packet = packet(first, &[]);
         let header = Header::parse(&packet).expect("a header");
-        assert!(matches!(ingress.route(header.ssrc), Route::New));
-        assert_eq!(ingress.add(&header, Role::Media(opens(48_000))), 0);
-        assert!(matches!(ingress.route(header.ssrc), Route::Ours(0)));
+        assert!(matches!(ingress.route(header.ssrc, now), Route::New));
+        assert_eq!(ingress.add(&header, Role::Media(opens(48_000)), now), Some(0));
+        ingress.streams[0].last = Some(now); // (as if a packet was opened)
+        assert!(matches!(ingress.route(header.ssrc, now), Route::Ours(0)));
         ingress
     }
 
@@ -1011,7 +1049,8 @@ mod tests {
             data[8..12].copy_from_slice(&ssrc.to_be_bytes());
             let header = Header::parse(&data).expect("a header");
             let opens = Opens { layer, ..opens(90_000) };
-            ingress.add(&header, Role::Media(opens))
+            let at = ingress.add(&header, Role::Media(opens), now).expect("room");
+            ingress.streams[at].last = Some(now);
         };
         add(0x0000_0001, 1); // another simulcast layer
         add(0x0000_0002, 0); // the first layer's stream, replaced
@@ -1023,5 +1062,69 @@ mod tests {
         assert_eq!(pli_for(&mut ingress, 0), [0, 0, 0, 2]);
         assert_eq!(pli_for(&mut ingress, 1), [0, 0, 0, 1]);
         assert!(!ingress.request_keyframe(Mid::from("0"), 2), "no such layer");
+    }
+
+    /// A header of a packet from `ssrc`.
+    fn from_ssrc(ssrc: u32) -> Vec<u8> {
+        let mut data = packet(1, &[]);
+        data[8..12].copy_from_slice(&ssrc.to_be_bytes());
+        data
+    }
+
+    #[test]
+    fn a_stream_that_never_sent_an_authentic_packet_gives_its_place_up() {
+        let now = Instant::now();
+        let mut ingress = one_stream(1, now);
+        // Forged SSRCs (from a spoofed source) take one place in turn, not a place each.
+        for ssrc in 1..100u32 {
+            let data = from_ssrc(ssrc);
+            let header = Header::parse(&data).expect("a header");
+            assert!(matches!(ingress.route(ssrc, now), Route::New));
+            assert_eq!(ingress.add(&header, Role::Unknown, now), Some(1));
+        }
+        assert_eq!(ingress.streams.len(), 2);
+        assert!(
+            matches!(ingress.route(0xdead_beef, now), Route::Ours(0)),
+            "the real one stays"
+        );
+    }
+
+    #[test]
+    fn a_new_stream_takes_the_place_of_one_silent_for_a_while_when_all_are_taken() {
+        let now = Instant::now();
+        let mut ingress = one_stream(1, now);
+        for ssrc in 1..MAX_STREAMS as u32 {
+            let data = from_ssrc(ssrc);
+            let header = Header::parse(&data).expect("a header");
+            let role = if ssrc == 5 {
+                Role::Rtx { main: 3, pt: 96 }
+            } else {
+                Role::Media(opens(90_000))
+            };
+            let at = ingress.add(&header, role, now).expect("room");
+            ingress.streams[at].last = Some(now);
+        }
+        let data = from_ssrc(1_000);
+        let header = Header::parse(&data).expect("a header");
+        let soon = now + Duration::from_secs(5);
+        assert!(
+            matches!(ingress.route(1_000, soon), Route::Full),
+            "none silent for long"
+        );
+        assert_eq!(ingress.add(&header, Role::Unknown, soon), None);
+        // All but the stream at 3 go on sending.
+        let later = now + IDLE_STREAM;
+        for (at, stream) in ingress.streams.iter_mut().enumerate() {
+            if at != 3 {
+                stream.last = Some(later);
+            }
+        }
+        assert!(matches!(ingress.route(1_000, later), Route::New));
+        assert_eq!(ingress.add(&header, Role::Media(opens(90_000)), later), Some(3));
+        assert!(matches!(ingress.route(1_000, later), Route::Ours(3)));
+        assert!(
+            matches!(ingress.role(5), Some(Role::Unknown)),
+            "what resent the replaced stream is learnt again"
+        );
     }
 }

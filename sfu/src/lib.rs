@@ -1112,7 +1112,7 @@ impl Sfu {
             self.out.stats.drop(DropReason::Malformed);
             return true;
         };
-        let at = match session.ingress.route(header.ssrc) {
+        let at = match session.ingress.route(header.ssrc, now) {
             ingress::Route::Ours(at) => {
                 if matches!(session.ingress.role(at), Some(ingress::Role::Unknown)) {
                     let role = role_of(session, &self.tracks, &header);
@@ -1133,7 +1133,13 @@ impl Sfu {
                     session.ingress.set_twcc(id, now);
                 }
                 let role = role_of(session, &self.tracks, &header);
-                session.ingress.add(&header, role)
+                match session.ingress.add(&header, role, now) {
+                    Some(at) => at,
+                    None => {
+                        self.out.stats.drop(DropReason::NoTrack);
+                        return true;
+                    }
+                }
             }
             ingress::Route::Full => {
                 self.out.stats.drop(DropReason::NoTrack);

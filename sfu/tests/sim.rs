@@ -813,6 +813,42 @@ fn simulcast_sent_on_a_session_we_open_is_forwarded_one_layer_at_a_time() {
 }
 
 #[test]
+fn forged_streams_from_a_spoofed_source_do_not_keep_a_callers_new_streams_out() {
+    // Someone who knows alice's address sends RTP from it under 40 SSRCs of
+    // their own (failing authentication); then alice adds a simulcast video
+    // m-line: its layers and their retransmissions must still find a place.
+    let mut world = World::new();
+    let alice = world.join("alice");
+    let bob = world.join("bob");
+    world.run(Duration::from_secs(2));
+    let from = world.clients[alice].addr;
+    for ssrc in 0..40u32 {
+        let mut forged = vec![0x80, 96, 0, 1, 0, 0, 0, 1];
+        forged.extend_from_slice(&(0x7000_0000 + ssrc).to_be_bytes());
+        forged.extend_from_slice(&[0x55; 60]);
+        world.inject(from, &forged);
+    }
+    let stats = world.sfu.stats();
+    let dropped = stats.drops(DropReason::Rejected) + stats.drops(DropReason::NoTrack);
+    assert!(dropped >= 40, "all dropped: {dropped}");
+    world.add_simulcast_video(alice);
+    world.run(Duration::from_secs(3));
+    let layered = world.clients[bob]
+        .received
+        .values()
+        .filter(|r| r.kind == Some(MediaKind::Video))
+        .map(|r| {
+            r.packets
+                .iter()
+                .filter(|p| p.3 == 200 || p.2.get(10) == Some(&0x55))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(layered > 40, "bob gets alice's new video: {layered} packets");
+}
+
+#[test]
 fn forwarded_video_is_not_held_back_by_pacing() {
     // Four participants each sending ~1 Mbit/s of video: every subscriber gets
     // ~3 Mbit/s, far above the initial bandwidth estimate. An SFU relays as
