@@ -58,7 +58,7 @@ pub struct Args {
     /// Runs of each scenario, the SFU's and the baseline's alternated: the
     /// ratio is then over their sums (one run's baseline figure moves by
     /// ±10 % or more at low load), with the spread of the runs' ratios.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
 }
 
