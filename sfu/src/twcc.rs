@@ -15,7 +15,7 @@
 //! them in the other) makes the next feedback start again from it, as
 //! libwebrtc's receiver does; reported twice, a packet is still one packet.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// How often a session sends feedback while packets arrive (libwebrtc's
@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 pub(crate) const INTERVAL: Duration = Duration::from_millis(100);
 
 /// Sequence numbers one feedback covers at most (≤ ~2.3 bytes each: the
-/// packet stays under 1,000 bytes); arrivals kept at most; how far behind
-/// the next feedback's start a late arrival is still told.
+/// packet stays under 1,000 bytes); the span of sequence numbers whose
+/// arrivals are kept at most; how far behind the next feedback's start a late
+/// arrival is still told.
 const MAX_COVERED: u64 = 400;
 const MAX_KEPT: usize = 4_096;
 const LATE_WINDOW: u64 = 500;
@@ -36,7 +37,7 @@ const REFERENCE_US: u64 = 64_000;
 pub(crate) struct TwccFeedback {
     /// Arrivals by extended sequence number: those not reported yet, and
     /// up to [`LATE_WINDOW`] reported ones before them.
-    arrivals: BTreeMap<u64, Instant>,
+    arrivals: Arrivals,
     /// The highest sequence number seen (to extend the next).
     highest: Option<u64>,
     /// The first sequence number the next feedback covers.
@@ -62,10 +63,90 @@ pub(crate) fn extend(highest: Option<u64>, seq: u16) -> u64 {
     }
 }
 
+/// Arrival times by extended sequence number, for a span of sequence numbers
+/// from `start`: a ring of slots (nothing allocated per packet once it has
+/// grown to the span a session keeps), each the arrival in microseconds
+/// after `origin` plus one, or 0 where nothing arrived.
+struct Arrivals {
+    slots: VecDeque<u64>,
+    start: u64,
+    origin: Instant,
+}
+
+impl Arrivals {
+    fn new(epoch: Instant) -> Self {
+        Self {
+            slots: VecDeque::new(),
+            start: 0,
+            // (Kernel arrival times may come a little before the epoch.)
+            origin: epoch.checked_sub(Duration::from_secs(60)).unwrap_or(epoch),
+        }
+    }
+
+    fn get(&self, seq: u64) -> Option<Instant> {
+        let slot = *self.slots.get(usize::try_from(seq.checked_sub(self.start)?).ok()?)?;
+        (slot != 0).then(|| self.origin + Duration::from_micros(slot - 1))
+    }
+
+    /// Notes an arrival: `false` if one is noted for `seq` already. The span
+    /// kept stays under [`MAX_KEPT`]: a later number drops the earliest
+    /// arrivals, an earlier one is not noted.
+    fn insert(&mut self, seq: u64, at: Instant) -> bool {
+        let micros = at.saturating_duration_since(self.origin).as_micros() as u64 + 1;
+        if self.slots.is_empty() {
+            self.start = seq;
+        }
+        if seq < self.start {
+            let before = self.start - seq;
+            if before + self.slots.len() as u64 > MAX_KEPT as u64 {
+                return false;
+            }
+            for _ in 0..before {
+                self.slots.push_front(0);
+            }
+            self.start = seq;
+        }
+        let beyond = (seq - self.start + 1).saturating_sub(MAX_KEPT as u64);
+        self.retain_from(self.start + beyond);
+        if self.slots.is_empty() {
+            self.start = seq;
+        }
+        let at = (seq - self.start) as usize;
+        if at >= self.slots.len() {
+            self.slots.resize(at + 1, 0);
+        }
+        if self.slots[at] != 0 {
+            return false;
+        }
+        self.slots[at] = micros;
+        true
+    }
+
+    /// The first arrival at or after `seq`.
+    fn first_from(&self, seq: u64) -> Option<(u64, Instant)> {
+        let from = seq.saturating_sub(self.start).min(self.slots.len() as u64);
+        (from..self.slots.len() as u64)
+            .find(|&at| self.slots[at as usize] != 0)
+            .and_then(|at| Some((self.start + at, self.get(self.start + at)?)))
+    }
+
+    /// The highest sequence number noted (the last slot is always an arrival).
+    fn last(&self) -> Option<u64> {
+        (!self.slots.is_empty()).then(|| self.start + self.slots.len() as u64 - 1)
+    }
+
+    /// Forgets what came before `seq`.
+    fn retain_from(&mut self, seq: u64) {
+        while self.start < seq && self.slots.pop_front().is_some() {
+            self.start += 1;
+        }
+    }
+}
+
 impl TwccFeedback {
     pub(crate) fn new(epoch: Instant) -> Self {
         Self {
-            arrivals: BTreeMap::new(),
+            arrivals: Arrivals::new(epoch),
             highest: None,
             next: None,
             count: 0,
@@ -76,35 +157,26 @@ impl TwccFeedback {
     /// An authentic packet numbered `seq` arrived at `at`.
     pub(crate) fn record(&mut self, seq: u16, at: Instant) {
         let seq = extend(self.highest, seq);
-        if self.arrivals.len() >= MAX_KEPT || self.arrivals.contains_key(&seq) {
-            return; // a flood, or a duplicate (the first arrival counts)
+        if self.next.is_some_and(|next| seq + LATE_WINDOW < next) || !self.arrivals.insert(seq, at) {
+            return; // too late to tell, or a duplicate (the first arrival counts)
         }
-        if let Some(next) = self.next
-            && seq < next
-        {
-            if seq + LATE_WINDOW < next {
-                return; // too late to tell
-            }
+        if self.next.is_some_and(|next| seq < next) {
             self.next = Some(seq); // reported as lost: report again from here
         }
         self.highest = Some(self.highest.map_or(seq, |h| h.max(seq)));
-        self.arrivals.insert(seq, at);
     }
 
     /// Arrivals wait to be reported.
     pub(crate) fn pending(&self) -> bool {
-        match self.next {
-            Some(next) => self.arrivals.range(next..).next().is_some(),
-            None => !self.arrivals.is_empty(),
-        }
+        self.arrivals.first_from(self.next.unwrap_or(0)).is_some()
     }
 
     /// The feedback packet (RTPFB, FMT 15) on what arrived since the last,
     /// from `sender_ssrc` about the media of `media_ssrc`.
     pub(crate) fn feedback(&mut self, sender_ssrc: u32, media_ssrc: u32) -> Option<Vec<u8>> {
-        let (&first, &first_at) = self.arrivals.range(self.next.unwrap_or(0)..).next()?;
+        let (first, first_at) = self.arrivals.first_from(self.next.unwrap_or(0))?;
         let base = self.next.unwrap_or(first);
-        let highest = *self.arrivals.last_key_value()?.0;
+        let highest = self.arrivals.last()?;
         let mut last = highest.min(base + MAX_COVERED - 1);
         let reference = first_at.saturating_duration_since(self.epoch).as_micros() as u64 / REFERENCE_US;
         // Deltas run from the reference time over the ticks already told, so
@@ -113,7 +185,7 @@ impl TwccFeedback {
         let mut symbols: Vec<u8> = Vec::with_capacity((last - base + 1) as usize);
         let mut deltas = Vec::new();
         for seq in base..=last {
-            let Some(at) = self.arrivals.get(&seq).copied() else {
+            let Some(at) = self.arrivals.get(seq) else {
                 symbols.push(0);
                 continue;
             };
@@ -146,7 +218,7 @@ impl TwccFeedback {
         symbols.truncate((last - base + 1) as usize);
         self.next = Some(last + 1);
         let keep_from = (last + 1).saturating_sub(LATE_WINDOW);
-        self.arrivals = self.arrivals.split_off(&keep_from);
+        self.arrivals.retain_from(keep_from);
         let mut packet = Vec::with_capacity(20 + 2 * symbols.len().div_ceil(7) + deltas.len() + 4);
         packet.extend_from_slice(&[0x80 | 15, 205, 0, 0]);
         packet.extend_from_slice(&sender_ssrc.to_be_bytes());
@@ -276,6 +348,32 @@ mod tests {
         assert!(error < 250, "{error} µs off");
         assert_eq!(extend(Some(65_535), 1), 65_537);
         assert_eq!(extend(Some(65_537), 65_535), 65_535);
+    }
+
+    #[test]
+    fn the_span_kept_is_bounded_and_the_latest_arrivals_win() {
+        let epoch = Instant::now();
+        let mut twcc = TwccFeedback::new(epoch);
+        let at = |seq: u64| epoch + Duration::from_micros(seq * 100);
+        for seq in 0..10u16 {
+            twcc.record(seq, at(u64::from(seq)));
+        }
+        let mut told = parsed(&twcc.feedback(1, 2).expect("feedback"), epoch).len();
+        twcc.record(10, at(10));
+        // A jump far past the span: the earliest give way, the new one is kept.
+        twcc.record(20_000, at(20_000));
+        assert!(twcc.arrivals.slots.len() <= MAX_KEPT);
+        assert_eq!(twcc.arrivals.get(20_000), Some(at(20_000)));
+        assert_eq!(twcc.arrivals.get(10), None);
+        // Feedback goes on from where it was, within what one packet may say.
+        while let Some(packet) = twcc.feedback(1, 2) {
+            let got = parsed(&packet, epoch);
+            assert!(got.len() as u64 <= MAX_COVERED);
+            told += got.len();
+            assert!(told <= 20_001, "no end");
+        }
+        assert_eq!(told, 20_001, "every number from 0 to 20,000 told once");
+        assert!(!twcc.pending());
     }
 
     #[test]
