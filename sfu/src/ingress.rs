@@ -195,6 +195,13 @@ pub(crate) enum Opening<'a> {
     NoKeys,
 }
 
+/// An authentic packet's SRTP index and payload length (see [`Ingress::authenticate`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Authentic {
+    index: u64,
+    len: usize,
+}
+
 /// Who opens an SSRC's packets.
 pub(crate) enum Route {
     /// We do: the index of its receiver.
@@ -269,13 +276,33 @@ impl Ingress {
     }
 
     /// A stream whose place a new one may take: one that never sent an
-    /// authentic packet, else the one silent longest if for [`IDLE_STREAM`].
+    /// authentic packet; else, of those silent for [`IDLE_STREAM`], first
+    /// one of unknown role or of retransmissions, then media another stream
+    /// of its m-line and layer replaced, then the media silent longest.
     fn idle(&self, now: Instant) -> Option<usize> {
-        let (at, stream) = self.streams.iter().enumerate().min_by_key(|(_, s)| s.last)?;
-        stream
-            .last
-            .is_none_or(|last| now.saturating_duration_since(last) >= IDLE_STREAM)
-            .then_some(at)
+        let rank = |stream: &Stream| match stream.role {
+            Role::Unknown | Role::Rtx { .. } => 0,
+            Role::Media(opens)
+                if self
+                    .media_on(opens.mid, opens.layer)
+                    .is_some_and(|at| self.streams[at].ssrc != stream.ssrc) =>
+            {
+                1
+            }
+            Role::Media(_) => 2,
+        };
+        if let Some(free) = self.streams.iter().position(|s| s.last.is_none()) {
+            return Some(free);
+        }
+        self.streams
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.last
+                    .is_some_and(|last| now.saturating_duration_since(last) >= IDLE_STREAM)
+            })
+            .min_by_key(|(_, s)| (rank(s), s.last))
+            .map(|(at, _)| at)
     }
 
     pub(crate) fn role(&self, at: usize) -> Option<Role> {
@@ -284,10 +311,14 @@ impl Ingress {
 
     /// The index of the media stream on `mid`, if one was seen.
     pub(crate) fn media_on(&self, mid: Mid, layer: usize) -> Option<usize> {
+        // The one that sent last (a stream that replaced another on its m-line).
         self.streams
             .iter()
-            // The newest: a stream that replaced another on its m-line.
-            .rposition(|s| matches!(s.role, Role::Media(opens) if opens.mid == mid && opens.layer == layer))
+            .enumerate()
+            .filter(|(_, s)| matches!(s.role, Role::Media(opens) if opens.mid == mid && opens.layer == layer))
+            .filter_map(|(at, s)| Some((s.last?, at)))
+            .max()
+            .map(|(_, at)| at)
     }
 
     /// The SSRCs of the media streams (not retransmissions) seen.
@@ -354,24 +385,28 @@ impl Ingress {
     }
 
     /// Opens a packet of our stream `at` (from [`Ingress::route`]) that
-    /// arrived at `arrived` (the kernel's time stamp).
-    pub(crate) fn open<'s>(
-        &'s mut self,
+    /// arrived at `arrived` (the kernel's time stamp): its payload goes into
+    /// the ingress's buffer for [`Ingress::take`], which forwards it as its
+    /// stream's role says (learnt, if it is unknown, only from an authentic
+    /// packet: nothing a forged one says sticks). The error is what happened
+    /// to it otherwise.
+    pub(crate) fn authenticate(
+        &mut self,
         at: usize,
         sealer: &mut Sealer,
         data: &[u8],
         header: &Header<'_>,
         now: Instant,
         arrived: Instant,
-    ) -> Opening<'s> {
+    ) -> Result<Authentic, Opening<'static>> {
         let Some(stream) = self.streams.get_mut(at) else {
-            return Opening::Consumed;
+            return Err(Opening::Consumed);
         };
         let receiver = &mut stream.receiver;
         let index = receiver.index(header.seq);
         match sealer.open_rtp(data, header.len, header.ssrc, index, &mut self.plain) {
-            None => return Opening::NoKeys,
-            Some(false) => return Opening::Rejected,
+            None => return Err(Opening::NoKeys),
+            Some(false) => return Err(Opening::Rejected),
             Some(true) => {}
         }
         let mut len = self.plain.len();
@@ -379,11 +414,11 @@ impl Ingress {
             // RFC 3550 §5.1: the last byte counts the padding, itself included.
             match self.plain.last().map(|&n| usize::from(n)) {
                 Some(n) if n > 0 && n <= len => len -= n,
-                _ => return Opening::Rejected,
+                _ => return Err(Opening::Rejected),
             }
         }
         if !receiver.accept(index, now) {
-            return Opening::Rejected;
+            return Err(Opening::Rejected);
         }
         stream.last = Some(now);
         if let Some((id, twcc)) = &mut self.twcc
@@ -394,6 +429,23 @@ impl Ingress {
                 self.next_twcc = Some(now + twcc::INTERVAL);
             }
         }
+        Ok(Authentic { index, len })
+    }
+
+    /// What the authentic packet [`Ingress::authenticate`] opened carries, by
+    /// its stream's role: media to forward (a retransmission restored), or
+    /// nothing (padding, what came already, a stream of unknown role).
+    pub(crate) fn take<'s>(
+        &'s mut self,
+        at: usize,
+        header: &Header<'_>,
+        Authentic { index, len }: Authentic,
+        now: Instant,
+        arrived: Instant,
+    ) -> Opening<'s> {
+        let Some(stream) = self.streams.get_mut(at) else {
+            return Opening::Consumed;
+        };
         let role = stream.role;
         let ssrc = stream.ssrc;
         match role {
@@ -1126,5 +1178,65 @@ mod tests {
             matches!(ingress.role(5), Some(Role::Unknown)),
             "what resent the replaced stream is learnt again"
         );
+    }
+
+    #[test]
+    fn the_stream_of_a_layer_is_the_one_that_sent_last_and_only_an_authentic_one() {
+        let now = Instant::now();
+        let mut ingress = one_stream(1, now); // 0xdeadbeef at slot 0, authentic at `now`
+        let data = from_ssrc(2);
+        let header = Header::parse(&data).expect("a header");
+        let at = ingress.add(&header, Role::Media(opens(48_000)), now).expect("room");
+        assert_eq!(
+            ingress.media_on(Mid::from("0"), 0),
+            Some(0),
+            "one that never sent: not it"
+        );
+        ingress.streams[at].last = Some(now + Duration::from_secs(1));
+        assert_eq!(ingress.media_on(Mid::from("0"), 0), Some(at));
+        ingress.streams[0].last = Some(now + Duration::from_secs(2));
+        assert_eq!(
+            ingress.media_on(Mid::from("0"), 0),
+            Some(0),
+            "a lower slot that sent later"
+        );
+    }
+
+    #[test]
+    fn of_the_silent_streams_retransmissions_and_replaced_media_give_way_first() {
+        let now = Instant::now();
+        let mut ingress = one_stream(1, now); // media on "0" at slot 0
+        fn add(ingress: &mut Ingress, ssrc: u32, role: Role, last: Instant) -> usize {
+            let data = from_ssrc(ssrc);
+            let header = Header::parse(&data).expect("a header");
+            let at = ingress.add(&header, role, last).expect("room");
+            ingress.streams[at].last = Some(last);
+            at
+        }
+        let media = |mid: &str| {
+            Role::Media(Opens {
+                mid: Mid::from(mid),
+                ..opens(90_000)
+            })
+        };
+        let early = now;
+        let later = now + Duration::from_secs(5);
+        let replaced = add(&mut ingress, 1, media("1"), early);
+        let _replacement = add(&mut ingress, 2, media("1"), later);
+        let rtx = add(&mut ingress, 3, Role::Rtx { main: 0, pt: 97 }, later);
+        while ingress.streams.len() < MAX_STREAMS {
+            let ssrc = 100 + ingress.streams.len() as u32;
+            add(&mut ingress, ssrc, media("9"), later + Duration::from_secs(60));
+        }
+        let data = from_ssrc(1_000);
+        let header = Header::parse(&data).expect("a header");
+        let quiet = later + IDLE_STREAM;
+        // Silent long enough: the media on "0" (the longest), the replaced one
+        // on "1", the retransmissions. The last go first, then the replaced.
+        assert_eq!(ingress.add(&header, Role::Unknown, quiet), Some(rtx));
+        ingress.streams[rtx].last = Some(quiet);
+        let data = from_ssrc(1_001);
+        let header = Header::parse(&data).expect("a header");
+        assert_eq!(ingress.add(&header, Role::Unknown, quiet), Some(replaced));
     }
 }

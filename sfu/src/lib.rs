@@ -1113,13 +1113,7 @@ impl Sfu {
             return true;
         };
         let at = match session.ingress.route(header.ssrc, now) {
-            ingress::Route::Ours(at) => {
-                if matches!(session.ingress.role(at), Some(ingress::Role::Unknown)) {
-                    let role = role_of(session, &self.tracks, &header);
-                    session.ingress.set_role(at, role);
-                }
-                at
-            }
+            ingress::Route::Ours(at) => at,
             ingress::Route::New => {
                 // Transport-wide sequence numbers, if negotiated on any m-line (BUNDLE:
                 // one id for all; some peers negotiate them for video only).
@@ -1132,8 +1126,7 @@ impl Sfu {
                 if let Some(id) = twcc {
                     session.ingress.set_twcc(id, now);
                 }
-                let role = role_of(session, &self.tracks, &header);
-                match session.ingress.add(&header, role, now) {
+                match session.ingress.add(&header, ingress::Role::Unknown, now) {
                     Some(at) => at,
                     None => {
                         self.out.stats.drop(DropReason::NoTrack);
@@ -1146,9 +1139,20 @@ impl Sfu {
                 return true;
             }
         };
-        let opening = session
+        let authentic = session
             .ingress
-            .open(at, &mut session.sealer, data, &header, now, arrived);
+            .authenticate(at, &mut session.sealer, data, &header, now, arrived);
+        // What an SSRC carries is learnt from an authentic packet only.
+        let opening = match authentic {
+            Ok(authentic) => {
+                if matches!(session.ingress.role(at), Some(ingress::Role::Unknown)) {
+                    let role = role_of(session, &self.tracks, &header);
+                    session.ingress.set_role(at, role);
+                }
+                session.ingress.take(at, &header, authentic, now, arrived)
+            }
+            Err(otherwise) => otherwise,
+        };
         let packet = match opening {
             ingress::Opening::NoKeys => return false,
             ingress::Opening::Rejected => {
@@ -1288,6 +1292,15 @@ impl Sfu {
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.flush();
         self.out.transmits.pop_front()
+    }
+
+    /// Hands back a datagram that was sent: its buffer carries a later one
+    /// (nothing allocated per forwarded packet once the shard is warm).
+    pub fn recycle(&mut self, transmit: Transmit) {
+        let buffer = Vec::from(transmit.contents);
+        if self.out.spare.len() < SPARE_BUFFERS && buffer.capacity() <= SPARE_CAPACITY {
+            self.out.spare.push(buffer);
+        }
     }
 
     /// Datagrams queued to send (those sealed by the SFU itself, and what
@@ -1754,7 +1767,7 @@ impl Sfu {
                     },
                     payload: &packet.payload,
                 };
-                if let Some(transmit) = subscriber.sealer.seal(now, stream, forwarded) {
+                if let Some(transmit) = subscriber.sealer.seal(now, stream, forwarded, &mut self.out.spare) {
                     subscriber.stats.packets_out += 1;
                     subscriber.stats.datagrams_out += 1;
                     subscriber.stats.bytes_out += transmit.contents.len() as u64;
@@ -2150,7 +2163,14 @@ struct Outputs {
     /// RTCP of ours due (see [`ingress`]): (due, session), as `timers`,
     /// the live entry being the session's `rtcp_at`.
     rtcp: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    /// Buffers of sent datagrams (see [`Sfu::recycle`]).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Buffers of sent datagrams a shard keeps for the next ones (a burst's
+/// worth), and the largest it keeps (one MTU-sized datagram).
+const SPARE_BUFFERS: usize = 512;
+const SPARE_CAPACITY: usize = 2_048;
 
 /// The peer's RTCP (an SRTCP datagram str0m reads as well), where it is
 /// ours to read: sender reports on streams we open ([`ingress`]), and NACKs
@@ -2183,7 +2203,7 @@ fn read_rtcp(now: Instant, session: &mut Session, datagram: &[u8], out: &mut Out
         let Some(stream) = stream.as_deref_mut() else {
             continue;
         };
-        if let Some(transmit) = session.sealer.resend(now, stream, seq) {
+        if let Some(transmit) = session.sealer.resend(now, stream, seq, &mut out.spare) {
             session.stats.datagrams_out += 1;
             session.stats.bytes_out += transmit.contents.len() as u64;
             out.stats.datagrams_out += 1;

@@ -490,24 +490,31 @@ impl Sealer {
     /// once-a-second packet for str0m's sender reports (not remembered here:
     /// str0m's header differs from ours; str0m resends it where RTX is
     /// negotiated). A video stream remembers the rest for NACKs.
-    pub(crate) fn seal(&mut self, now: Instant, stream: &mut DirectStream, packet: Forwarded<'_>) -> Option<Transmit> {
+    /// (`spare`: buffers of sent datagrams, one taken for this one.)
+    pub(crate) fn seal(
+        &mut self,
+        now: Instant,
+        stream: &mut DirectStream,
+        packet: Forwarded<'_>,
+        spare: &mut Vec<Vec<u8>>,
+    ) -> Option<Transmit> {
         self.route?;
         self.path.ciphers(&self.keys)?;
         if now >= stream.str0m_due {
             stream.str0m_due = now + STR0M_EVERY;
             return None;
         }
-        let transmit = self.seal_now(stream, &packet)?;
+        let transmit = self.seal_now(stream, &packet, spare.pop().unwrap_or_default())?;
         if let Some(history) = &mut stream.history {
             history.remember(Sent::new(packet.head, packet.payload.clone()));
         }
         Some(transmit)
     }
 
-    fn seal_now(&mut self, stream: &DirectStream, packet: &Forwarded<'_>) -> Option<Transmit> {
+    fn seal_now(&mut self, stream: &DirectStream, packet: &Forwarded<'_>, buffer: Vec<u8>) -> Option<Transmit> {
         let (source, destination) = self.route?;
         let ciphers = self.path.ciphers(&self.keys)?;
-        let mut datagram = stream.header(packet);
+        let mut datagram = stream.header(packet, buffer);
         ciphers
             .sender
             .seal(&mut datagram, &packet.payload[..], stream.ssrc, packet.head.seq)
@@ -563,7 +570,13 @@ impl Sealer {
 
     /// The packets of `stream` a NACK asks for (see [`nack`]), sealed again
     /// under their sequence numbers: what is remembered and not just resent.
-    pub(crate) fn resend(&mut self, now: Instant, stream: &mut DirectStream, seq: u16) -> Option<Transmit> {
+    pub(crate) fn resend(
+        &mut self,
+        now: Instant,
+        stream: &mut DirectStream,
+        seq: u16,
+        spare: &mut Vec<Vec<u8>>,
+    ) -> Option<Transmit> {
         let sent = stream.history.as_mut()?.resend(now, seq)?;
         let (head, payload) = (sent.head, sent.payload.clone());
         self.seal_now(
@@ -572,6 +585,7 @@ impl Sealer {
                 head,
                 payload: &payload,
             },
+            spare.pop().unwrap_or_default(),
         )
     }
 }
@@ -648,8 +662,11 @@ impl DirectStream {
 
     /// The RTP header (RFC 3550 §5.1) of a packet, in a buffer with room for
     /// the payload and tag.
-    fn header(&self, forwarded: &Forwarded<'_>) -> Vec<u8> {
-        let mut packet = Vec::with_capacity(12 + 4 + 20 + forwarded.payload.len() + TAG_LEN);
+    /// The RTP header for `forwarded` in `packet` (emptied first), with room
+    /// for the payload and tag.
+    fn header(&self, forwarded: &Forwarded<'_>, mut packet: Vec<u8>) -> Vec<u8> {
+        packet.clear();
+        packet.reserve(12 + 4 + 20 + forwarded.payload.len() + TAG_LEN);
         let head = &forwarded.head;
         let level = self.audio_level.zip(head.level);
         let orientation = self.orientation.zip(head.orientation);
@@ -919,18 +936,24 @@ mod tests {
         let payload = Arc::from(vec![0xfc, 1, 2, 3, 4]);
         let peer: SocketAddr = "127.0.0.1:50000".parse().expect("address");
         assert!(
-            sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
+            sealer
+                .seal(now, &mut stream, forwarded(1, &payload), &mut Vec::new())
+                .is_none(),
             "no route yet"
         );
         // STUN answers whoever checks: not the route. DTLS (22) goes to the nominated pair.
         sealer.saw_transmit(&transmit(1, "127.0.0.1:1".parse().expect("address")));
         assert!(
-            sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
+            sealer
+                .seal(now, &mut stream, forwarded(1, &payload), &mut Vec::new())
+                .is_none(),
             "no route yet"
         );
         sealer.saw_transmit(&transmit(22, peer));
         assert!(
-            sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
+            sealer
+                .seal(now, &mut stream, forwarded(1, &payload), &mut Vec::new())
+                .is_none(),
             "no keys yet"
         );
         let material: Vec<u8> = (0..2 * 16 + 2 * 12).map(|i: u8| i.wrapping_mul(7)).collect();
@@ -942,12 +965,20 @@ mod tests {
         let (master, master_salt) = keying.half::<16>(false).expect("128-bit material");
         assert!(keys.0.keys.set(keying).is_ok());
         assert!(
-            sealer.seal(now, &mut stream, forwarded(1, &payload)).is_none(),
+            sealer
+                .seal(now, &mut stream, forwarded(1, &payload), &mut Vec::new())
+                .is_none(),
             "the first is str0m's"
         );
         let at = now + std::time::Duration::from_millis(20);
-        let sealed = sealer.seal(at, &mut stream, forwarded(2, &payload)).expect("sealed");
+        // In a buffer of an earlier datagram (what is left in it must not show).
+        let mut spare = vec![vec![0xee; 1_500]];
+        let sealed = sealer
+            .seal(at, &mut stream, forwarded(2, &payload), &mut spare)
+            .expect("sealed");
+        assert!(spare.is_empty(), "the spare buffer was taken");
         assert_eq!(sealed.destination, peer);
+        assert_eq!(sealed.contents.len(), 12 + 8 + payload.len() + TAG_LEN);
         // Header: V=2 with extensions, PT 111, seq 2, timestamp, SSRC, then the
         // one-byte extensions: mid "1" (id 4 in str0m's standard map) and the
         // audio level (id 1): voice, 30 dB below overload.
@@ -981,13 +1012,23 @@ mod tests {
             .decrypt(&iv, &[&bytes[..20]], &bytes[20..], &mut plain)
             .expect("authentic");
         assert_eq!(&plain[..n], &payload[..]);
-        assert!(sealer.seal(at, &mut stream, forwarded(3, &payload)).is_some());
+        assert!(
+            sealer
+                .seal(at, &mut stream, forwarded(3, &payload), &mut Vec::new())
+                .is_some()
+        );
         let second = now + STR0M_EVERY;
         assert!(
-            sealer.seal(second, &mut stream, forwarded(52, &payload)).is_none(),
+            sealer
+                .seal(second, &mut stream, forwarded(52, &payload), &mut Vec::new())
+                .is_none(),
             "str0m's again"
         );
-        assert!(sealer.seal(second, &mut stream, forwarded(53, &payload)).is_some());
+        assert!(
+            sealer
+                .seal(second, &mut stream, forwarded(53, &payload), &mut Vec::new())
+                .is_some()
+        );
     }
 
     /// An SRTCP packet (RFC 7714 §9) of `compound` under `key`/`salt`, index `index`.
@@ -1069,7 +1110,12 @@ mod tests {
             let at = now + std::time::Duration::from_millis(20 * seq);
             assert!(
                 sealer
-                    .seal(at, &mut stream, forwarded(seq, &Arc::from(vec![1, 2, 3])))
+                    .seal(
+                        at,
+                        &mut stream,
+                        forwarded(seq, &Arc::from(vec![1, 2, 3])),
+                        &mut Vec::new()
+                    )
                     .is_none()
             );
         }

@@ -177,6 +177,52 @@ fn late_joiner_gets_a_keyframe_promptly() {
 }
 
 #[test]
+fn forged_packets_naming_a_callers_m_line_do_not_take_its_keyframe_requests() {
+    // Someone who knows alice's address sends RTP from it under an SSRC of
+    // their own, with her video m-line's mid (the header is not encrypted,
+    // and fails authentication). Keyframe requests for her video must still
+    // reach her stream, not the forged one.
+    let mut world = World::new();
+    let alice = world.join("alice");
+    world.join("bob");
+    world.clients[alice].keyframe_every = 0;
+    world.run(Duration::from_secs(3));
+    let from = world.clients[alice].addr;
+    let video = world.clients[alice].own_mids.1.to_string();
+    for n in 0..20u16 {
+        // Mid in str0m's standard extension map: id 4.
+        let mut forged = vec![0x90, 96];
+        forged.extend_from_slice(&n.to_be_bytes());
+        forged.extend_from_slice(&[0, 0, 0, 1, 0x0b, 0xad, 0xf0, 0x0d, 0xbe, 0xde, 0, 0]);
+        let start = forged.len();
+        forged.push((4 << 4) | (video.len() as u8 - 1));
+        forged.extend_from_slice(video.as_bytes());
+        while (forged.len() - start) % 4 != 0 {
+            forged.push(0);
+        }
+        let words = ((forged.len() - start) / 4) as u16;
+        forged[start - 2..start].copy_from_slice(&words.to_be_bytes());
+        forged.extend_from_slice(&[0x55; 100]);
+        world.inject(from, &forged);
+        world.run(Duration::from_millis(5));
+    }
+    let requests_before = world.clients[alice].keyframe_requests;
+    let carol = world.join("carol");
+    world.run(Duration::from_secs(2));
+    assert!(
+        world.clients[alice].keyframe_requests > requests_before,
+        "the SFU asked alice (not the forged stream) for a keyframe"
+    );
+    let video = world.received_from(carol);
+    assert!(
+        video
+            .get(&(user("alice"), MediaKind::Video))
+            .is_some_and(|v| v.packets.len() > 20),
+        "carol sees alice"
+    );
+}
+
+#[test]
 fn a_participant_leaving_is_removed_from_the_others() {
     let mut world = World::new();
     let alice = world.join("alice");

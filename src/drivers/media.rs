@@ -252,6 +252,9 @@ impl Egress {
                 (&t.contents[..], t.destination)
             })
             .await;
+            for transmit in self.outgoing.drain(..) {
+                sfu.recycle(transmit);
+            }
         }
         let sent = SystemTime::now();
         for arrival in self.arrivals.drain(..) {
