@@ -227,6 +227,10 @@ pub(crate) struct Ingress {
     keyframes: Vec<u32>,
     /// The last packet opened.
     plain: Vec<u8>,
+    /// What media streams that gave their place up carried, latest last: a
+    /// stream that comes back may carry no mid or rid any more (libwebrtc
+    /// stops sending them once our reports acknowledged its SSRC).
+    forgotten: VecDeque<(u32, Opens)>,
 }
 
 struct Stream {
@@ -257,6 +261,7 @@ impl Ingress {
             next_twcc: None,
             keyframes: Vec::new(),
             plain: Vec::new(),
+            forgotten: VecDeque::new(),
         }
     }
 
@@ -366,7 +371,13 @@ impl Ingress {
             None => self.idle(now)?,
             Some(at) => at,
         };
-        self.streams[at] = stream;
+        let gone = std::mem::replace(&mut self.streams[at], stream);
+        if let (Role::Media(opens), Some(_)) = (gone.role, gone.last) {
+            if self.forgotten.len() == MAX_STREAMS {
+                self.forgotten.pop_front();
+            }
+            self.forgotten.push_back((gone.ssrc, opens));
+        }
         // Retransmissions of what was there are to be learnt again.
         for other in &mut self.streams {
             if matches!(other.role, Role::Rtx { main, .. } if main == at) {
@@ -374,6 +385,15 @@ impl Ingress {
             }
         }
         Some(at)
+    }
+
+    /// What `ssrc` carried when it gave its place up, if it was media.
+    pub(crate) fn forgotten(&self, ssrc: u32) -> Option<Role> {
+        self.forgotten
+            .iter()
+            .rev()
+            .find(|(s, _)| *s == ssrc)
+            .map(|(_, opens)| Role::Media(*opens))
     }
 
     /// A stream's role, learnt later.
@@ -1178,6 +1198,9 @@ mod tests {
             matches!(ingress.role(5), Some(Role::Unknown)),
             "what resent the replaced stream is learnt again"
         );
+        // Should the replaced stream come back (without a mid by now), what it carried is known.
+        assert!(matches!(ingress.forgotten(3), Some(Role::Media(opens)) if opens.mid == Mid::from("0")));
+        assert!(ingress.forgotten(1_000).is_none());
     }
 
     #[test]

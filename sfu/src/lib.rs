@@ -1146,7 +1146,12 @@ impl Sfu {
         let opening = match authentic {
             Ok(authentic) => {
                 if matches!(session.ingress.role(at), Some(ingress::Role::Unknown)) {
-                    let role = role_of(session, &self.tracks, &header);
+                    let role = match role_of(session, &self.tracks, &header) {
+                        ingress::Role::Unknown => {
+                            session.ingress.forgotten(header.ssrc).unwrap_or(ingress::Role::Unknown)
+                        }
+                        role => role,
+                    };
                     session.ingress.set_role(at, role);
                 }
                 session.ingress.take(at, &header, authentic, now, arrived)
