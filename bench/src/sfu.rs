@@ -55,8 +55,8 @@ pub struct Args {
     /// its own work and queueing, not time the load generator held its CPU.
     #[arg(long)]
     pin: bool,
-    /// Runs of each scenario, the SFU's and the baseline's alternated: the
-    /// ratio is then over their sums (one run's baseline figure moves by
+    /// Runs of each scenario, the SFU's and the baseline's alternated (the
+    /// baseline first every other round): the ratio is then over their sums (one run's baseline figure moves by
     /// ±10 % or more at low load), with the spread of the runs' ratios.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -880,14 +880,28 @@ fn report(s: &Scenario, who: &str, m: &Measured) {
 pub async fn run(args: Args) -> Result<()> {
     for scenario in scenarios(&args)? {
         let mut runs = Vec::new();
-        for _ in 0..args.rounds.max(1) {
+        for round in 0..args.rounds.max(1) {
+            // Every other round the baseline first: a drift of the machine
+            // over the rounds favours neither.
+            let baseline_first = round % 2 == 1;
+            let mut baseline = None;
+            if baseline_first {
+                baseline = Some(
+                    run_baseline(&scenario, &args)
+                        .await
+                        .with_context(|| format!("baseline run of {}", scenario.name))?,
+                );
+            }
             let sfu = run_sfu(&scenario, &args)
                 .await
                 .with_context(|| format!("SFU run of {}", scenario.name))?;
+            let baseline = match baseline {
+                Some(baseline) => baseline,
+                None => run_baseline(&scenario, &args)
+                    .await
+                    .with_context(|| format!("baseline run of {}", scenario.name))?,
+            };
             report(&scenario, "sfu", &sfu);
-            let baseline = run_baseline(&scenario, &args)
-                .await
-                .with_context(|| format!("baseline run of {}", scenario.name))?;
             report(&scenario, "baseline", &baseline);
             runs.push((sfu, baseline));
         }
