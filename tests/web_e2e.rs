@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 10] = [
     "one-to-one",
     "declined",
     "relay-unavailable",
@@ -22,6 +22,8 @@ const SCENARIOS: [&str; 8] = [
     "unreachable",
     "camera-denied",
     "conference",
+    "lossy-conference",
+    "simulcast-added",
     "js-sdk-conference",
 ];
 

@@ -25,6 +25,7 @@ const ALL = [
   "camera-denied",
   "conference",
   "lossy-conference",
+  "simulcast-added",
   "js-sdk-conference",
 ];
 const CHROMIUM = process.env.CHROMIUM_BIN || "/usr/bin/chromium";
@@ -643,6 +644,7 @@ async function lossyConference(ctx) {
       `the NAT dropped ${last.dropped} of ${last.video} video packets to the browsers and ${last.droppedUpstream} of ` +
         `${last.upstream} from them; browsers: ${JSON.stringify(last.seen)}; the SFU resent ${last.resent}`,
     );
+    await Promise.all(users.map((u) => u.shot("lossy-conference")));
     for (const u of users) await u.page.click("#hangup");
   } finally {
     for (const u of users) await u.page.context().close().catch(() => {});
@@ -650,6 +652,105 @@ async function lossyConference(ctx) {
     nat.close();
     rmSync(server.dataDir, { recursive: true, force: true });
   }
+}
+
+/**
+ * A caller in a conference without simulcast adds a video track sent as two
+ * simulcast layers (rids "h" and "l"), offering it in `m.call.negotiate`. Her
+ * session's media is opened by the SFU itself (sfu/src/ingress.rs): each
+ * layer's SSRC must be known by its rid, so the other gets one layer at a time
+ * as one stream (Chrome decodes it and counts few losses; forwarded as one
+ * stream of interleaved layers it counted thousands).
+ */
+async function simulcastAdded(ctx) {
+  const [ivy, jack] = await ctx.users("ivy", "jack");
+  await ivy.createRoom("Layers", [jack.id], true);
+  await jack.acceptInvite("Layers");
+  for (const u of [ivy, jack]) await u.page.click("#join-conference");
+  await Promise.all([ivy, jack].map((u) => u.waitConnected()));
+  await ivy.seesTiles([jack.id]);
+  await jack.seesTiles([ivy.id]);
+  await jack.decodesVideo(1);
+  const offered = await ivy.page.evaluate(async () => {
+    const call = window.switchboard.call;
+    const pc = call.pc;
+    // A 1280×720 source (the fake camera's is too small for Chrome to send
+    // a second layer), drawn 30 times a second.
+    const canvas = Object.assign(document.createElement("canvas"), { width: 1280, height: 720 });
+    const draw = canvas.getContext("2d");
+    let frame = 0;
+    window.simulcastSource = setInterval(() => {
+      frame += 1;
+      draw.fillStyle = `hsl(${(frame * 7) % 360}, 80%, 50%)`;
+      draw.fillRect(0, 0, 1280, 720);
+      draw.fillStyle = "#fff";
+      draw.fillRect((frame * 16) % 1280, 200, 160, 320);
+    }, 33);
+    const track = canvas.captureStream(30).getVideoTracks()[0];
+    pc.addTransceiver(track, {
+      direction: "sendonly",
+      streams: [new MediaStream([track])],
+      sendEncodings: [{ rid: "h" }, { rid: "l", scaleResolutionDownBy: 2 }],
+    });
+    await pc.setLocalDescription(await pc.createOffer());
+    const sdp = pc.localDescription.sdp;
+    await call.send("m.call.negotiate", {
+      description: { type: "offer", sdp },
+      lifetime: 10000,
+      sdp_stream_metadata: call.ownMetadata(),
+    });
+    return { simulcast: /a=simulcast:send h;l/.test(sdp), rids: (sdp.match(/a=rid:/g) || []).length };
+  });
+  if (!offered.simulcast) throw new Error(`Chrome offered no simulcast: ${JSON.stringify(offered)}`);
+  await until("ivy to take the SFU's answer", () =>
+    ivy.page.evaluate(() => window.switchboard.call.pc.signalingState === "stable"),
+  );
+  const layers = () =>
+    ivy.page.evaluate(async () => {
+      const stats = await window.switchboard.call.pc.getStats();
+      return [...stats.values()]
+        .filter((s) => s.type === "outbound-rtp" && s.kind === "video" && s.rid)
+        .map((s) => ({ rid: s.rid, sent: s.packetsSent, width: s.frameWidth }));
+    });
+  let sending;
+  await until("ivy to send both layers", async () => (sending = await layers()).filter((l) => l.sent > 50).length === 2)
+    .catch((e) => {
+      throw new Error(`${e.message}: ${JSON.stringify(sending)}`);
+    });
+  // Jack gets a second video stream from her, and decodes both.
+  await jack.decodesVideo(2);
+  const received = () =>
+    jack.page.evaluate(async () => {
+      const stats = await window.switchboard.call.pc.getStats();
+      return [...stats.values()]
+        .filter((s) => s.type === "inbound-rtp" && s.kind === "video")
+        .map((s) => ({ ssrc: s.ssrc, received: s.packetsReceived, lost: s.packetsLost, frames: s.framesDecoded, width: s.frameWidth }));
+    });
+  const before = await received();
+  await until("jack to decode 60 more frames of each", async () => {
+    const now = await received();
+    return now.length >= 2 && now.every((s) => s.frames > (before.find((b) => b.ssrc === s.ssrc)?.frames || 0) + 60);
+  });
+  const after = await received();
+  for (const s of after) {
+    if (s.lost > Math.max(20, s.received / 20)) {
+      throw new Error(`jack lost ${s.lost} of ${s.received} video packets of one stream: ${JSON.stringify(after)}`);
+    }
+  }
+  const metrics = await (await fetch(`${new URL(ctx.url).origin}/metrics`)).text();
+  const opened = Number(metrics.match(/^switchboard_sfu_packets_opened_total(?:\{[^}]*\})? (\d+)/m)?.[1] || 0);
+  if (opened === 0) throw new Error("the SFU opened nothing itself");
+  // The layer not forwarded is skipped as another layer's, not dropped as a
+  // late packet of the one forwarded (as when both were taken for one stream).
+  const late = [...metrics.matchAll(/^switchboard_sfu_drops_total\{[^}]*reason="before_switch"[^}]*\} (\d+)/gm)]
+    .reduce((n, m) => n + Number(m[1]), 0);
+  if (late > 50) throw new Error(`the SFU dropped ${late} packets as from before a layer switch`);
+  log(
+    `ivy sends ${JSON.stringify(await layers())}; jack decodes ${JSON.stringify(after)}; ` +
+      `the SFU opened ${opened} packets, dropped ${late} as from before a switch`,
+  );
+  await Promise.all([ivy, jack].map((u) => u.shot("simulcast-added")));
+  for (const u of [ivy, jack]) await u.page.click("#hangup");
 }
 
 /**
@@ -944,6 +1045,7 @@ const SCENARIOS = {
   "camera-denied": cameraDenied,
   conference,
   "lossy-conference": lossyConference,
+  "simulcast-added": simulcastAdded,
   "js-sdk-conference": jsSdkConference,
 };
 
