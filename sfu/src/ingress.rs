@@ -352,14 +352,14 @@ impl Ingress {
         true
     }
 
-    /// A new SSRC (after [`Ingress::route`] said `New`) in `role`; its index
+    /// A new SSRC (after [`Ingress::route`] said `New`), of a role learnt
+    /// from its first authentic packet ([`Ingress::set_role`]); its index
     /// (`None` if there is no room for it).
-    pub(crate) fn add(&mut self, header: &Header<'_>, role: Role, now: Instant) -> Option<usize> {
-        let nack = matches!(role, Role::Media(opens) if opens.nack);
+    pub(crate) fn add(&mut self, ssrc: u32, now: Instant) -> Option<usize> {
         let stream = Stream {
-            ssrc: header.ssrc,
-            role,
-            receiver: Receiver::new(nack),
+            ssrc,
+            role: Role::Unknown,
+            receiver: Receiver::new(false),
             last: None,
         };
         let free = self.streams.iter().position(|s| s.last.is_none());
@@ -862,13 +862,20 @@ mod tests {
         }
     }
 
+    /// A new stream of `header`'s SSRC in `role`.
+    fn added(ingress: &mut Ingress, header: &Header<'_>, role: Role, now: Instant) -> Option<usize> {
+        let at = ingress.add(header.ssrc, now)?;
+        ingress.set_role(at, role);
+        Some(at)
+    }
+
     /// An ingress with one media stream (SSRC 0xdeadbeef, first seq `first`).
     fn one_stream(first: u16, now: Instant) -> Ingress {
         let mut ingress = Ingress::new(0x5eed, now);
         let packet = packet(first, &[]);
         let header = Header::parse(&packet).expect("a header");
         assert!(matches!(ingress.route(header.ssrc, now), Route::New));
-        assert_eq!(ingress.add(&header, Role::Media(opens(48_000)), now), Some(0));
+        assert_eq!(added(&mut ingress, &header, Role::Media(opens(48_000)), now), Some(0));
         ingress.streams[0].last = Some(now); // (as if a packet was opened)
         assert!(matches!(ingress.route(header.ssrc, now), Route::Ours(0)));
         ingress
@@ -1121,7 +1128,7 @@ mod tests {
             data[8..12].copy_from_slice(&ssrc.to_be_bytes());
             let header = Header::parse(&data).expect("a header");
             let opens = Opens { layer, ..opens(90_000) };
-            let at = ingress.add(&header, Role::Media(opens), now).expect("room");
+            let at = added(&mut ingress, &header, Role::Media(opens), now).expect("room");
             ingress.streams[at].last = Some(now);
         };
         add(0x0000_0001, 1); // another simulcast layer
@@ -1152,7 +1159,7 @@ mod tests {
             let data = from_ssrc(ssrc);
             let header = Header::parse(&data).expect("a header");
             assert!(matches!(ingress.route(ssrc, now), Route::New));
-            assert_eq!(ingress.add(&header, Role::Unknown, now), Some(1));
+            assert_eq!(added(&mut ingress, &header, Role::Unknown, now), Some(1));
         }
         assert_eq!(ingress.streams.len(), 2);
         assert!(
@@ -1173,7 +1180,7 @@ mod tests {
             } else {
                 Role::Media(opens(90_000))
             };
-            let at = ingress.add(&header, role, now).expect("room");
+            let at = added(&mut ingress, &header, role, now).expect("room");
             ingress.streams[at].last = Some(now);
         }
         let data = from_ssrc(1_000);
@@ -1183,7 +1190,7 @@ mod tests {
             matches!(ingress.route(1_000, soon), Route::Full),
             "none silent for long"
         );
-        assert_eq!(ingress.add(&header, Role::Unknown, soon), None);
+        assert_eq!(added(&mut ingress, &header, Role::Unknown, soon), None);
         // All but the stream at 3 go on sending.
         let later = now + IDLE_STREAM;
         for (at, stream) in ingress.streams.iter_mut().enumerate() {
@@ -1192,7 +1199,7 @@ mod tests {
             }
         }
         assert!(matches!(ingress.route(1_000, later), Route::New));
-        assert_eq!(ingress.add(&header, Role::Media(opens(90_000)), later), Some(3));
+        assert_eq!(added(&mut ingress, &header, Role::Media(opens(90_000)), later), Some(3));
         assert!(matches!(ingress.route(1_000, later), Route::Ours(3)));
         assert!(
             matches!(ingress.role(5), Some(Role::Unknown)),
@@ -1209,7 +1216,7 @@ mod tests {
         let mut ingress = one_stream(1, now); // 0xdeadbeef at slot 0, authentic at `now`
         let data = from_ssrc(2);
         let header = Header::parse(&data).expect("a header");
-        let at = ingress.add(&header, Role::Media(opens(48_000)), now).expect("room");
+        let at = added(&mut ingress, &header, Role::Media(opens(48_000)), now).expect("room");
         assert_eq!(
             ingress.media_on(Mid::from("0"), 0),
             Some(0),
@@ -1232,7 +1239,7 @@ mod tests {
         fn add(ingress: &mut Ingress, ssrc: u32, role: Role, last: Instant) -> usize {
             let data = from_ssrc(ssrc);
             let header = Header::parse(&data).expect("a header");
-            let at = ingress.add(&header, role, last).expect("room");
+            let at = added(ingress, &header, role, last).expect("room");
             ingress.streams[at].last = Some(last);
             at
         }
@@ -1256,10 +1263,10 @@ mod tests {
         let quiet = later + IDLE_STREAM;
         // Silent long enough: the media on "0" (the longest), the replaced one
         // on "1", the retransmissions. The last go first, then the replaced.
-        assert_eq!(ingress.add(&header, Role::Unknown, quiet), Some(rtx));
+        assert_eq!(added(&mut ingress, &header, Role::Unknown, quiet), Some(rtx));
         ingress.streams[rtx].last = Some(quiet);
         let data = from_ssrc(1_001);
         let header = Header::parse(&data).expect("a header");
-        assert_eq!(ingress.add(&header, Role::Unknown, quiet), Some(replaced));
+        assert_eq!(added(&mut ingress, &header, Role::Unknown, quiet), Some(replaced));
     }
 }

@@ -1126,7 +1126,7 @@ impl Sfu {
                 if let Some(id) = twcc {
                     session.ingress.set_twcc(id, now);
                 }
-                match session.ingress.add(&header, ingress::Role::Unknown, now) {
+                match session.ingress.add(header.ssrc, now) {
                     Some(at) => at,
                     None => {
                         self.out.stats.drop(DropReason::NoTrack);
