@@ -8,7 +8,7 @@ use mixer::codec::{MAX_PACKET_BYTES, MAX_PACKET_SAMPLES, OpusDecoder, OpusEncode
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::change::{SdpAnswer, SdpApi, SdpOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
@@ -367,35 +367,36 @@ impl World {
     /// The client offers again with these m-lines in these directions (its
     /// view); the SFU answers and the client takes the answer.
     pub fn reoffer(&mut self, index: usize, directions: [(Mid, Direction); 2]) {
-        let session = self.clients[index].session.expect("session");
-        let mut api = self.clients[index].rtc.sdp_api();
-        for (mid, direction) in directions {
-            api.set_direction(mid, direction);
-        }
-        let (offer, pending) = api.apply().expect("an offer");
-        let answer = self
-            .sfu
-            .accept_offer(self.now, session, &offer.to_sdp_string())
-            .expect("the SFU answers");
-        self.clients[index]
-            .rtc
-            .sdp_api()
-            .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("answer"))
-            .expect("the client accepts");
-        self.drain_client(index);
-        self.pump_sfu();
+        self.offer_change(index, |api| {
+            for (mid, direction) in directions {
+                api.set_direction(mid, direction);
+            }
+        });
     }
 
     /// The client adds a video m-line sending two simulcast layers ("h" and
     /// "l") in a renegotiation offer, and sends its video there from now on.
     pub fn add_simulcast_video(&mut self, index: usize) -> Mid {
-        let session = self.clients[index].session.expect("session");
         let mut layers = Simulcast::new();
         layers.add_send_layer(SimulcastLayer::new("h"));
         layers.add_send_layer(SimulcastLayer::new("l"));
         let stream = format!("{}-screen", self.clients[index].name);
+        let mid = self.offer_change(index, |api| {
+            api.add_media(MediaKind::Video, Direction::SendOnly, Some(stream), None, Some(layers))
+        });
+        let client = &mut self.clients[index];
+        client.video = mid;
+        client.simulcast = true;
+        client.keyframe_due = true;
+        mid
+    }
+
+    /// The client offers what `change` makes of its m-lines; the SFU answers
+    /// and the client takes the answer.
+    fn offer_change<T>(&mut self, index: usize, change: impl FnOnce(&mut SdpApi<'_>) -> T) -> T {
+        let session = self.clients[index].session.expect("session");
         let mut api = self.clients[index].rtc.sdp_api();
-        let mid = api.add_media(MediaKind::Video, Direction::SendOnly, Some(stream), None, Some(layers));
+        let made = change(&mut api);
         let (offer, pending) = api.apply().expect("an offer");
         let answer = self
             .sfu
@@ -406,13 +407,9 @@ impl World {
             .sdp_api()
             .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).expect("answer"))
             .expect("the client accepts");
-        let client = &mut self.clients[index];
-        client.video = mid;
-        client.simulcast = true;
-        client.keyframe_due = true;
         self.drain_client(index);
         self.pump_sfu();
-        mid
+        made
     }
 
     /// The client starts sending its video on `mid`, one of the SFU's
