@@ -141,7 +141,7 @@ mod tests {
         let t0 = Instant::now();
         let mut f = Forwarder::new(90_000, true);
         assert_eq!(f.forward(pkt(50, 9000, t0, false)), Err(Skip::WaitingForKeyframe));
-        let first = f.forward(pkt(51, 12000, t0, true)).unwrap();
+        let first = f.forward(pkt(51, 12000, t0, true)).expect("forwarded");
         assert_eq!(
             first,
             OutPacket {
@@ -149,10 +149,19 @@ mod tests {
                 timestamp: 12000
             }
         );
-        assert_eq!(f.forward(pkt(52, 12000, t0, false)).unwrap().seq, FIRST_SEQ + 1);
+        assert_eq!(
+            f.forward(pkt(52, 12000, t0, false)).expect("forwarded").seq,
+            FIRST_SEQ + 1
+        );
         // Reordered (e.g. recovered by NACK): same mapping, no gap created.
-        assert_eq!(f.forward(pkt(54, 15000, t0, false)).unwrap().seq, FIRST_SEQ + 3);
-        assert_eq!(f.forward(pkt(53, 15000, t0, false)).unwrap().seq, FIRST_SEQ + 2);
+        assert_eq!(
+            f.forward(pkt(54, 15000, t0, false)).expect("forwarded").seq,
+            FIRST_SEQ + 3
+        );
+        assert_eq!(
+            f.forward(pkt(53, 15000, t0, false)).expect("forwarded").seq,
+            FIRST_SEQ + 2
+        );
         assert_eq!(f.forward(pkt(50, 9000, t0, false)), Err(Skip::BeforeSwitch));
 
         // Switch to another source with unrelated numbering: continues at last + 1,
@@ -160,7 +169,7 @@ mod tests {
         f.switch_source();
         let t1 = t0 + Duration::from_millis(100);
         assert_eq!(f.forward(pkt(7000, 500, t1, false)), Err(Skip::WaitingForKeyframe));
-        let switched = f.forward(pkt(7001, 600, t1, true)).unwrap();
+        let switched = f.forward(pkt(7001, 600, t1, true)).expect("forwarded");
         assert_eq!(
             switched,
             OutPacket {
@@ -168,7 +177,7 @@ mod tests {
                 timestamp: 15000 + 9000
             }
         );
-        let next = f.forward(pkt(7002, 3600, t1, false)).unwrap();
+        let next = f.forward(pkt(7002, 3600, t1, false)).expect("forwarded");
         assert_eq!(
             next,
             OutPacket {
@@ -182,10 +191,10 @@ mod tests {
     fn audio_needs_no_keyframe_and_wraps_timestamps() {
         let t0 = Instant::now();
         let mut f = Forwarder::new(48_000, false);
-        let a = f.forward(pkt(70_000, u32::MAX - 100, t0, false)).unwrap();
+        let a = f.forward(pkt(70_000, u32::MAX - 100, t0, false)).expect("forwarded");
         let b = f
             .forward(pkt(70_001, (u32::MAX - 100).wrapping_add(960), t0, false))
-            .unwrap();
+            .expect("forwarded");
         assert_eq!(b.seq, a.seq + 1);
         assert_eq!(b.timestamp, a.timestamp.wrapping_add(960));
         assert!(a.seq < 1 << 15, "first output seq keeps the SRTP ROC at 0");
